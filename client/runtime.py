@@ -1,0 +1,185 @@
+"""What a Ferry client does, as plain functions the Flower ClientApp calls (and tests call).
+
+Private (never leaves this process): raw examples, their features, per-example gradients,
+preprocessing statistics. Released per round: the trained head's arrays, train metrics
+(example count, mean loss, accuracy: aggregate statistics of the local training set that are
+*not* covered by the DP guarantee), the privacy report, and evaluation metrics on the local
+held-out split (also not covered by DP).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.backbone_cache import BackboneCache
+from client.dp_trainer import DPTrainConfig, evaluate_head, round_plan, train_head
+from client.feature_cache import FeatureCache, feature_key
+from client.privacy_state import PrivacyState
+from common.config import RunConfig
+from common.data.datasets import DataSpec, Partition, load_partition
+from common.errors import FerryError
+from common.heads import build_head
+from common.privacy.accounting import noise_multiplier_for_target
+
+UNIT_OF_PRIVACY = "one example (record) at one institution"
+ACCOUNTANT = "prv"
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Institution-side settings: who it is, where its state and caches live, its data."""
+
+    institution: str
+    state_dir: Path
+    cache_dir: Path
+    partition_id: int
+    num_partitions: int
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """What the server asks of one client in one round (decoded from the message)."""
+
+    run: RunConfig
+    round: int
+    backbone_sha256: str
+    num_classes: int
+    run_id: str = ""
+
+
+def settings_for_simulation(node_config: dict, state_root: str, cache_root: str, scenario: str) -> ClientSettings:
+    pid = int(node_config["partition-id"])
+    institution = f"{scenario.split('-')[0]}-{pid:03d}"
+    return ClientSettings(
+        institution,
+        Path(state_root) / institution,
+        Path(cache_root) / institution,
+        pid,
+        int(node_config["num-partitions"]),
+    )
+
+
+def request_from_record(record: dict) -> RoundRequest:
+    known = {f.name.replace("_", "-") for f in fields(RunConfig)}
+    run = RunConfig.from_mapping({k: v for k, v in record.items() if k in known})
+    return RoundRequest(
+        run,
+        int(record.get("round", 0)),
+        str(record["backbone-sha256"]),
+        int(record["num-classes"]),
+        str(record.get("run-id", "")),
+    )
+
+
+def has_backbone(settings: ClientSettings, sha256: str) -> bool:
+    return BackboneCache(settings.cache_dir).has(sha256)
+
+
+def store_backbone(settings: ClientSettings, manifest: dict, tensors: dict, sha256: str) -> None:
+    BackboneCache(settings.cache_dir).store(manifest, tensors, sha256)
+
+
+def _local_data(settings: ClientSettings, req: RoundRequest) -> tuple[Partition, dict, dict]:
+    """This institution's partition and its cached trunk features (train and test)."""
+    artifact, trunk = BackboneCache(settings.cache_dir).load(req.backbone_sha256)
+    spec = DataSpec(
+        data=req.run.data,
+        examples=req.run.examples,
+        num_partitions=settings.num_partitions,
+        alpha=req.run.alpha,
+        test_fraction=req.run.test_fraction,
+        seed=req.run.seed,
+        input_shape=tuple(artifact.manifest["input_shape"]),
+    )
+    part = load_partition(spec, settings.partition_id)
+    pre = artifact.manifest["preprocessing"]
+    key = feature_key(req.backbone_sha256, part.fingerprint, pre)
+    feats = FeatureCache(settings.cache_dir).get(
+        key, trunk, pre, {"train": part.train_x, "test": part.test_x}
+    )
+    return part, feats, artifact.manifest
+
+
+def _head(req: RoundRequest, manifest: dict, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
+    head = build_head(req.run.head, int(manifest["feature_dim"]), req.num_classes)
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    got = {k: tuple(np.shape(v)) for k, v in arrays.items()}
+    if expected != got:
+        raise FerryError(f"head arrays {got} do not fit head {req.run.head!r} {expected}")
+    head.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()})
+    return head
+
+
+def noise_for(req: RoundRequest, num_examples: int) -> float:
+    """The run's noise multiplier: given, or derived so that all planned rounds stay within
+    the run's (epsilon, delta) for this institution's sample rate and step count."""
+    run = req.run
+    if not run.derive_noise:
+        return float(run.noise_multiplier)
+    if run.non_private:
+        return 0.0
+    q, steps = round_plan(num_examples, run.batch_size, run.local_epochs)
+    return noise_multiplier_for_target(run.epsilon, run.delta, q, steps * run.rounds, ACCOUNTANT)
+
+
+def train_round(settings: ClientSettings, req: RoundRequest, arrays: dict) -> tuple[dict, dict, dict]:
+    """One DP training round: (head arrays, train metrics, privacy report)."""
+    part, feats, manifest = _local_data(settings, req)
+    n = part.num_train
+    if n == 0:
+        raise FerryError(f"{settings.institution} has no training examples")
+    if not req.run.non_private and req.run.delta >= 1.0 / n:
+        raise FerryError(
+            f"delta {req.run.delta:g} >= 1/n = {1.0 / n:.3g} for {settings.institution} "
+            f"({n} examples) gives no meaningful guarantee: use --delta below {1.0 / n:.1g}"
+        )
+    state = PrivacyState.open(settings.state_dir, settings.institution)
+    cfg = DPTrainConfig(
+        noise_multiplier=noise_for(req, n),
+        max_grad_norm=req.run.max_grad_norm,
+        batch_size=req.run.batch_size,
+        local_epochs=req.run.local_epochs,
+        lr=req.run.lr,
+        non_private=req.run.non_private,
+        seed=req.run.seed * 100_003 + req.round * 1_009 + settings.partition_id,
+    )
+    outcome = train_head(_head(req, manifest, arrays), feats["train"], part.train_y, cfg)
+    report = {
+        "institution": settings.institution,
+        "unit": UNIT_OF_PRIVACY,
+        "delta": req.run.delta,
+        "max-grad-norm": req.run.max_grad_norm,
+        "non-private": outcome.segment is None,
+        "accountant": ACCOUNTANT,
+    }
+    if outcome.segment is not None:
+        # Write-ahead: the spend is on disk before the update can leave this process.
+        state.record(outcome.segment, round=req.round, run=req.run_id)
+        report.update(
+            {
+                "noise-multiplier": outcome.segment.noise_multiplier,
+                "sample-rate": outcome.segment.sample_rate,
+                "steps": outcome.segment.steps,
+                "epsilon": state.epsilon(req.run.delta, ACCOUNTANT),
+                "rounds": state.rounds(),
+            }
+        )
+    else:
+        report.update({"noise-multiplier": 0.0, "sample-rate": 1.0, "steps": 0, "epsilon": math.inf})
+    metrics = {
+        "num-examples": n,
+        "train-loss": outcome.loss,
+        "train-accuracy": outcome.accuracy,
+    }
+    return outcome.head_state, metrics, report
+
+
+def evaluate_round(settings: ClientSettings, req: RoundRequest, arrays: dict) -> dict:
+    part, feats, manifest = _local_data(settings, req)
+    loss, acc = evaluate_head(_head(req, manifest, arrays), feats["test"], part.test_y)
+    return {"num-examples": len(part.test_y), "loss": loss, "accuracy": acc}

@@ -1,0 +1,1 @@
+"""Ferry's shared layer: backbones, heads, data, privacy accounting, serialization."""

@@ -1,0 +1,33 @@
+"""``ferry-cnn``: a small convolutional trunk for 1x32x32 images, 64 features.
+
+Small enough to pretrain in seconds on two CPU cores, large enough that pretraining on the
+synthetic source task gives features a linear head can use on the target task. Its
+BatchNorm layers are part of the frozen trunk and always run in eval mode on clients.
+"""
+
+from torch import nn
+
+from common.backbones.registry import register_backbone
+
+PREPROCESSING = {"grayscale": True, "size": 32, "mean": 0.5, "std": 0.25}
+
+
+def _block(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+@register_backbone(
+    "ferry-cnn", feature_dim=64, input_shape=(1, 32, 32), preprocessing=PREPROCESSING
+)
+def build_ferry_cnn() -> nn.Module:
+    return nn.Sequential(
+        *_block(1, 16),
+        nn.MaxPool2d(2),
+        *_block(16, 32),
+        nn.MaxPool2d(2),
+        *_block(32, 64),
+        nn.MaxPool2d(2),
+        *_block(64, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )

@@ -1,0 +1,141 @@
+"""The ``ferry`` command: one front door for pretraining and simulation.
+
+Errors the user can fix print one line (``ferry: error: ...``) and exit 2; ``--debug`` shows
+the traceback. Every option can also come from a TOML file (``--config FILE``, keys spelled
+like the options without dashes in front); the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+from common.config import RunConfig
+from common.errors import FerryError
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    defaults = RunConfig()
+    helps = {
+        "scenario": "scenario preset",
+        "data": "image folder (one subfolder per class); default: the scenario's synthetic data",
+        "clients": "number of virtual institutions",
+        "rounds": "federated rounds",
+        "fraction_train": "fraction of clients sampled per round",
+        "epsilon": "target ε per institution for the whole run",
+        "delta": "δ (must be below 1/n for every institution)",
+        "noise_multiplier": "σ; default: derived per institution from --epsilon/--delta",
+        "max_grad_norm": "per-example clipping norm C",
+        "non_private": "allow σ = 0 and mark the run non-private (no DP guarantee)",
+        "local_epochs": "local epochs per round",
+        "batch_size": "expected (Poisson) batch size",
+        "lr": "head learning rate (SGD)",
+        "head": "trainable head: linear or mlp",
+        "backbone": "backbone architecture",
+        "weights": "pretrained backbone (a `ferry pretrain` output), or 'random'",
+        "alpha": "Dirichlet label-skew concentration (smaller = more non-IID)",
+        "examples": "synthetic examples in total",
+        "test_fraction": "held-out fraction per institution, for federated evaluation",
+        "seed": "random seed",
+        "out": "output directory (default runs/sim-<time>)",
+    }
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if f.type == "bool":
+            p.add_argument(flag, action="store_const", const=True, default=None, help=helps[f.name])
+        else:
+            kind = {"int": int, "float": float, "float | None": float}.get(f.type, str)
+            p.add_argument(
+                flag, type=kind, default=None, metavar=f.name.upper(),
+                help=f"{helps[f.name]} (default: {default if default not in ('', None) else 'see text'})",
+            )
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    values: dict = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            values.update(tomllib.loads(path.read_text()))
+        except OSError as exc:
+            raise FerryError(f"cannot read config file {path} ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise FerryError(f"config file {path} is not valid TOML ({exc})") from None
+    for f in fields(RunConfig):
+        value = getattr(args, f.name)
+        if value is not None:
+            values[f.name] = value
+    if "noise_multiplier" in values and float(values["noise_multiplier"]) < 0:
+        raise FerryError(
+            f"--noise-multiplier {values['noise_multiplier']} is negative: use a value >= 0, or "
+            "leave it out to derive it from --epsilon"
+        )
+    return RunConfig.from_mapping(values).validate()
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from common.paths import default_pretrained_dir
+    from server.pretrain import PretrainConfig, pretrain
+
+    out = args.out or str(default_pretrained_dir(args.arch))
+    cfg = PretrainConfig(arch=args.arch, data=args.data or "", epochs=args.epochs,
+                         examples=args.examples, seed=args.seed, out=out)
+    from common.backbones.registry import backbone_spec
+
+    backbone_spec(cfg.arch)
+    print(f"pretraining {cfg.arch} on {'the synthetic source task' if not cfg.data else cfg.data}")
+    artifact = pretrain(cfg)
+    print(f"backbone {artifact.sha256[:12]} written to {out}/ (backbone.safetensors, manifest.json)")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.runner import simulate
+
+    simulate(_run_config(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ferry", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="train a backbone on a source task")
+    p.add_argument("--arch", default="ferry-cnn", help="backbone architecture")
+    p.add_argument("--data", help="image folder for the source task (default: synthetic)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--examples", type=int, default=8000, help="synthetic source examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output directory (default: $FERRY_HOME/pretrained/ARCH)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("simulate", help="simulate a federation of virtual institutions")
+    p.add_argument("--config", help="TOML file with any of the options below")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FerryError as exc:
+        if args.debug:
+            raise
+        print(f"ferry: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("ferry: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

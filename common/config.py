@@ -1,0 +1,124 @@
+"""Typed run configuration, validated once at the edge.
+
+The same :class:`RunConfig` comes from the ``ferry`` command line (and ``--config FILE``), from
+``[tool.flwr.app.config]`` under ``flwr run .``, and travels to clients as a flat Flower
+ConfigRecord. Keys use the dashed spelling of the command-line options.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from common.errors import FerryError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    scenario: str = "hospital-imaging"
+    data: str = ""  # "" = the scenario's built-in synthetic data
+    clients: int = 10
+    rounds: int = 5
+    fraction_train: float = 1.0
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    noise_multiplier: float | None = None  # None = derive from (epsilon, delta) per client
+    max_grad_norm: float = 1.0
+    non_private: bool = False
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1.0
+    head: str = "linear"
+    backbone: str = "ferry-cnn"
+    weights: str = ""  # pretrain output dir; "random" = no pretraining; "" = default location
+    alpha: float = 0.5
+    examples: int = 4000
+    test_fraction: float = 0.2
+    seed: int = 0
+    out: str = ""
+
+    @property
+    def derive_noise(self) -> bool:
+        return self.noise_multiplier is None
+
+    def validate(self) -> RunConfig:
+        """Return self, or raise :class:`FerryError` naming the field, the value and the fix."""
+
+        def bad(name: str, value: object, fix: str) -> FerryError:
+            return FerryError(f"--{name.replace('_', '-')} {value!r} is invalid: {fix}")
+
+        if self.clients < 1:
+            raise bad("clients", self.clients, "give at least 1 client")
+        if self.rounds < 1:
+            raise bad("rounds", self.rounds, "give at least 1 round")
+        if not 0 < self.fraction_train <= 1:
+            raise bad("fraction_train", self.fraction_train, "use a fraction in (0, 1]")
+        if not self.non_private and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise bad("epsilon", self.epsilon, "use a positive, finite epsilon (e.g. 3)")
+        if not 0 < self.delta < 1:
+            raise bad("delta", self.delta, "use 0 < delta < 1/n, e.g. 1e-5")
+        if not self.derive_noise:
+            if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
+                raise bad(
+                    "noise_multiplier",
+                    self.noise_multiplier,
+                    "a noise multiplier must be >= 0; leave it out to derive it from --epsilon",
+                )
+            if self.noise_multiplier == 0 and not self.non_private:
+                raise bad(
+                    "noise_multiplier",
+                    0,
+                    "0 gives no privacy; mark the run non-private with --non-private",
+                )
+        if self.max_grad_norm <= 0:
+            raise bad("max_grad_norm", self.max_grad_norm, "use a positive clipping norm")
+        if self.local_epochs < 1:
+            raise bad("local_epochs", self.local_epochs, "use at least 1")
+        if self.batch_size < 1:
+            raise bad("batch_size", self.batch_size, "use at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise bad("lr", self.lr, "use a positive learning rate")
+        if self.alpha <= 0:
+            raise bad("alpha", self.alpha, "the Dirichlet concentration must be > 0")
+        if not 0 < self.test_fraction < 1:
+            raise bad("test_fraction", self.test_fraction, "use a fraction in (0, 1)")
+        if self.examples < 2 * self.clients:
+            raise bad("examples", self.examples, f"give at least 2 per client ({2 * self.clients})")
+        return self
+
+    def to_record(self) -> dict[str, bool | int | float | str]:
+        """Flat dict with dashed keys (Flower ConfigRecord / run_config shape)."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_mapping(cls, mapping: dict) -> RunConfig:
+        """Build from dashed or underscored keys; unknown keys are an error naming them."""
+        names = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, value in mapping.items():
+            name = str(key).replace("-", "_")
+            if name not in names:
+                raise FerryError(
+                    f"unknown setting {key!r}: known settings are "
+                    f"{', '.join(n.replace('_', '-') for n in names)}"
+                )
+            kind = {"bool": bool, "int": int, "float": float}.get(
+                str(names[name].type).split(" ")[0], str
+            )
+            values[name] = _coerce(key, value, kind)
+        return cls(**values)
+
+
+def _coerce(key: str, value: object, kind: type) -> object:
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise FerryError(f"setting {key!r} must be a {kind.__name__}, got {value!r}") from None

@@ -1,0 +1,2 @@
+"""Ferry's server side: backbone pretraining and distribution, the ServerApp round loop,
+aggregation, outputs."""

@@ -1,0 +1,1 @@
+"""Scenario presets, the simulation runner, benchmarks."""
