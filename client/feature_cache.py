@@ -28,7 +28,9 @@ def feature_key(backbone_sha256: str, data_fingerprint: str, preprocessing: dict
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def extract(trunk: nn.Module, images: np.ndarray, preprocessing: dict, batch: int = 256) -> np.ndarray:
+def extract(
+    trunk: nn.Module, images: np.ndarray, preprocessing: dict, batch: int = 256
+) -> np.ndarray:
     """Trunk features of ``images``; the trunk stays in eval mode, no gradients."""
     global trunk_examples
     trunk.eval()

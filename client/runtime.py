@@ -52,7 +52,9 @@ class RoundRequest:
     run_id: str = ""
 
 
-def settings_for_simulation(node_config: dict, state_root: str, cache_root: str, scenario: str) -> ClientSettings:
+def settings_for_simulation(
+    node_config: dict, state_root: str, cache_root: str, scenario: str
+) -> ClientSettings:
     pid = int(node_config["partition-id"])
     institution = f"{scenario.split('-')[0]}-{pid:03d}"
     return ClientSettings(
@@ -111,7 +113,9 @@ def _head(req: RoundRequest, manifest: dict, arrays: dict[str, np.ndarray]) -> t
     got = {k: tuple(np.shape(v)) for k, v in arrays.items()}
     if expected != got:
         raise FerryError(f"head arrays {got} do not fit head {req.run.head!r} {expected}")
-    head.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()})
+    head.load_state_dict(
+        {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()}
+    )
     return head
 
 
@@ -127,7 +131,9 @@ def noise_for(req: RoundRequest, num_examples: int) -> float:
     return noise_multiplier_for_target(run.epsilon, run.delta, q, steps * run.rounds, ACCOUNTANT)
 
 
-def train_round(settings: ClientSettings, req: RoundRequest, arrays: dict) -> tuple[dict, dict, dict]:
+def train_round(
+    settings: ClientSettings, req: RoundRequest, arrays: dict
+) -> tuple[dict, dict, dict]:
     """One DP training round: (head arrays, train metrics, privacy report)."""
     part, feats, manifest = _local_data(settings, req)
     n = part.num_train
@@ -170,7 +176,9 @@ def train_round(settings: ClientSettings, req: RoundRequest, arrays: dict) -> tu
             }
         )
     else:
-        report.update({"noise-multiplier": 0.0, "sample-rate": 1.0, "steps": 0, "epsilon": math.inf})
+        report.update(
+            {"noise-multiplier": 0.0, "sample-rate": 1.0, "steps": 0, "epsilon": math.inf}
+        )
     metrics = {
         "num-examples": n,
         "train-loss": outcome.loss,

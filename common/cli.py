@@ -51,7 +51,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         else:
             kind = {"int": int, "float": float, "float | None": float}.get(f.type, str)
             p.add_argument(
-                flag, type=kind, default=None, metavar=f.name.upper(),
+                flag,
+                type=kind,
+                default=None,
+                metavar=f.name.upper(),
                 help=f"{helps[f.name]} (default: {default if default not in ('', None) else 'see text'})",
             )
 
@@ -83,14 +86,22 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from server.pretrain import PretrainConfig, pretrain
 
     out = args.out or str(default_pretrained_dir(args.arch))
-    cfg = PretrainConfig(arch=args.arch, data=args.data or "", epochs=args.epochs,
-                         examples=args.examples, seed=args.seed, out=out)
+    cfg = PretrainConfig(
+        arch=args.arch,
+        data=args.data or "",
+        epochs=args.epochs,
+        examples=args.examples,
+        seed=args.seed,
+        out=out,
+    )
     from common.backbones.registry import backbone_spec
 
     backbone_spec(cfg.arch)
     print(f"pretraining {cfg.arch} on {'the synthetic source task' if not cfg.data else cfg.data}")
     artifact = pretrain(cfg)
-    print(f"backbone {artifact.sha256[:12]} written to {out}/ (backbone.safetensors, manifest.json)")
+    print(
+        f"backbone {artifact.sha256[:12]} written to {out}/ (backbone.safetensors, manifest.json)"
+    )
     return 0
 
 

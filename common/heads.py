@@ -22,4 +22,6 @@ def build_head(name: str, feature_dim: int, num_classes: int) -> nn.Module:
     try:
         return _HEADS[name](feature_dim, num_classes)
     except KeyError:
-        raise FerryError(f"unknown head {name!r}: choose one of {', '.join(known_heads())}") from None
+        raise FerryError(
+            f"unknown head {name!r}: choose one of {', '.join(known_heads())}"
+        ) from None

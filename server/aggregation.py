@@ -30,6 +30,8 @@ def fedavg(updates: Sequence[tuple[Arrays, float]]) -> Arrays:
     total = float(sum(w for _, w in updates))
     keys = updates[0][0].keys()
     return {
-        k: (sum(a[k].astype(np.float64) * w for a, w in updates) / total).astype(updates[0][0][k].dtype)
+        k: (sum(a[k].astype(np.float64) * w for a, w in updates) / total).astype(
+            updates[0][0][k].dtype
+        )
         for k in keys
     }

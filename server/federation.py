@@ -84,7 +84,9 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
-def _send(grid: Grid, plan: FederationPlan, messages: list[Message], traffic: Traffic) -> list[Message]:
+def _send(
+    grid: Grid, plan: FederationPlan, messages: list[Message], traffic: Traffic
+) -> list[Message]:
     if not messages:
         return []
     traffic.sent += sum(payload_bytes(m.content) for m in messages)
@@ -119,14 +121,23 @@ def _run_record(plan: FederationPlan, rnd: int, **extra) -> ConfigRecord:
 
 
 def ensure_backbone(
-    grid: Grid, plan: FederationPlan, state: FederationState, nodes: Iterable[int], rnd: int, traffic: Traffic
+    grid: Grid,
+    plan: FederationPlan,
+    state: FederationState,
+    nodes: Iterable[int],
+    rnd: int,
+    traffic: Traffic,
 ) -> None:
     """First contact: ship the backbone to sampled nodes that do not hold its hash."""
     unknown = [n for n in nodes if n not in state.holders]
     offer = _run_record(plan, rnd, sha256=plan.artifact.sha256)
     messages = [
-        Message(RecordDict({"run": offer}), dst_node_id=n, message_type="query.backbone_offer",
-                group_id=str(rnd))
+        Message(
+            RecordDict({"run": offer}),
+            dst_node_id=n,
+            message_type="query.backbone_offer",
+            group_id=str(rnd),
+        )
         for n in unknown
     ]
     replies = _send(grid, plan, messages, traffic)
@@ -147,8 +158,12 @@ def ensure_backbone(
         plan, rnd, sha256=plan.artifact.sha256, manifest=json.dumps(plan.artifact.manifest)
     )
     messages = [
-        Message(RecordDict({"backbone": backbone, "run": ship_cfg}), dst_node_id=n,
-                message_type="query.backbone_ship", group_id=str(rnd))
+        Message(
+            RecordDict({"backbone": backbone, "run": ship_cfg}),
+            dst_node_id=n,
+            message_type="query.backbone_ship",
+            group_id=str(rnd),
+        )
         for n in need
     ]
     before = traffic.sent
@@ -170,12 +185,25 @@ def sample_nodes(node_ids: list[int], fraction: float, rng: np.random.Generator)
     return sorted(node_ids[i] for i in rng.choice(len(node_ids), size=k, replace=False))
 
 
-def train_round(grid: Grid, plan: FederationPlan, state: FederationState, nodes: list[int], rnd: int, traffic: Traffic) -> dict:
+def train_round(
+    grid: Grid,
+    plan: FederationPlan,
+    state: FederationState,
+    nodes: list[int],
+    rnd: int,
+    traffic: Traffic,
+) -> dict:
     head = array_record(state.arrays)
     run = _run_record(plan, rnd)
     messages = [
-        Message(RecordDict({"head": head, "run": run}), dst_node_id=n, message_type="train", group_id=str(rnd))
-        for n in nodes if n in state.holders
+        Message(
+            RecordDict({"head": head, "run": run}),
+            dst_node_id=n,
+            message_type="train",
+            group_id=str(rnd),
+        )
+        for n in nodes
+        if n in state.holders
     ]
     updates, rejected = [], {}
     train_loss, train_n = 0.0, 0
@@ -213,14 +241,25 @@ def train_round(grid: Grid, plan: FederationPlan, state: FederationState, nodes:
         reasons = "; ".join(sorted(set(rejected.values()))) or "no replies"
         raise FerryError(f"round {rnd}: no client returned a usable update ({reasons})")
     state.arrays = aggregate("fedavg", updates)
-    return {"participants": len(updates), "rejected": rejected, "train_loss": train_loss / max(train_n, 1)}
+    return {
+        "participants": len(updates),
+        "rejected": rejected,
+        "train_loss": train_loss / max(train_n, 1),
+    }
 
 
-def evaluate_round(grid: Grid, plan: FederationPlan, state: FederationState, rnd: int, traffic: Traffic) -> dict:
+def evaluate_round(
+    grid: Grid, plan: FederationPlan, state: FederationState, rnd: int, traffic: Traffic
+) -> dict:
     head = array_record(state.arrays)
     run = _run_record(plan, rnd)
     messages = [
-        Message(RecordDict({"head": head, "run": run}), dst_node_id=n, message_type="evaluate", group_id=str(rnd))
+        Message(
+            RecordDict({"head": head, "run": run}),
+            dst_node_id=n,
+            message_type="evaluate",
+            group_id=str(rnd),
+        )
         for n in sorted(state.holders)
     ]
     loss = correct = n_total = 0.0
@@ -289,7 +328,9 @@ def run_federation(grid: Grid, plan: FederationPlan) -> dict:
         }
         state.rounds.append(record)
         append_metrics(plan.out, record)
-        backbone = f" (backbone {_fmt_bytes(traffic.backbone_sent)})" if traffic.backbone_sent else ""
+        backbone = (
+            f" (backbone {_fmt_bytes(traffic.backbone_sent)})" if traffic.backbone_sent else ""
+        )
         plan.log(
             f"round {rnd}/{cfg.rounds}  acc {evaluated['accuracy']:.3f}  loss {evaluated['loss']:.3f}"
             f"  max ε {record['max_epsilon']:.2f}  clients {trained['participants']}/{len(nodes)}"

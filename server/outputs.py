@@ -20,7 +20,9 @@ def prepare_out_dir(out: str | os.PathLike) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise FerryError(f"cannot create output directory {out} ({exc.strerror}): choose another --out") from None
+        raise FerryError(
+            f"cannot create output directory {out} ({exc.strerror}): choose another --out"
+        ) from None
     return out
 
 

@@ -25,7 +25,9 @@ from server.outputs import prepare_out_dir
 from simulations.scenarios import get_scenario
 
 
-def plan_simulation(settings: dict | RunConfig, num_clients: int | None = None, log=print) -> FederationPlan:
+def plan_simulation(
+    settings: dict | RunConfig, num_clients: int | None = None, log=print
+) -> FederationPlan:
     cfg = settings if isinstance(settings, RunConfig) else RunConfig.from_mapping(settings)
     if num_clients is not None:
         cfg = dataclasses.replace(cfg, clients=num_clients)

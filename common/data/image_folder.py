@@ -19,7 +19,9 @@ def load_image_folder(
 
     root = Path(root)
     if not root.is_dir():
-        raise FerryError(f"data path {root} is not a directory: give a folder with one subfolder per class")
+        raise FerryError(
+            f"data path {root} is not a directory: give a folder with one subfolder per class"
+        )
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     channels, height, width = input_shape
     images, labels = [], []
@@ -43,5 +45,7 @@ def load_image_folder(
             f"(suffixes {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     if len(set(labels)) < 2:
-        raise FerryError(f"{root} holds a single class ({classes[labels[0]]}): give at least two class subfolders")
+        raise FerryError(
+            f"{root} holds a single class ({classes[labels[0]]}): give at least two class subfolders"
+        )
     return np.stack(images).astype(np.float32), np.asarray(labels, dtype=np.int64), classes

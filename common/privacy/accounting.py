@@ -90,9 +90,7 @@ def epsilon_for_history(
 
 
 @functools.lru_cache(maxsize=4096)
-def _epsilon_cached(
-    compact: tuple[MechanismSegment, ...], delta: float, accountant: str
-) -> float:
+def _epsilon_cached(compact: tuple[MechanismSegment, ...], delta: float, accountant: str) -> float:
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
