@@ -55,7 +55,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                 type=kind,
                 default=None,
                 metavar=f.name.upper(),
-                help=f"{helps[f.name]} (default: {default if default not in ('', None) else 'see text'})",
+                help=f"{helps[f.name]} (default: {default if default not in ('', None) else '-'})",
             )
 
 

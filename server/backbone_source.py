@@ -26,6 +26,7 @@ def resolve_backbone(backbone: str, weights: str, seed: int = 0) -> BackboneArti
     arch = artifact.manifest.get("architecture")
     if arch != backbone:
         raise FerryError(
-            f"weights at {path} are for architecture {arch!r}, not {backbone!r}: pass --backbone {arch}"
+            f"weights at {path} are for architecture {arch!r}, not {backbone!r}: "
+            f"pass --backbone {arch}"
         )
     return artifact

@@ -47,10 +47,16 @@ class FederationPlan:
 
 @dataclass
 class Traffic:
+    """Bytes one round moved. ``*_arrays`` count model arrays only (backbone or head);
+    ``sent``/``received`` add the config and metrics records around them."""
+
     sent: int = 0
     received: int = 0
+    sent_arrays: int = 0
+    received_arrays: int = 0
     backbone_sent: int = 0
     backbones_shipped: int = 0
+    largest_message_arrays: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -66,6 +72,16 @@ class FederationState:
 
 def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def array_bytes(content: RecordDict) -> int:
+    """Bytes of raw array data (no headers) in a message's ArrayRecords."""
+    return sum(
+        int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+        for rec in content.values()
+        if isinstance(rec, ArrayRecord)
+        for arr in rec.values()
+    )
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -90,8 +106,12 @@ def _send(
     if not messages:
         return []
     traffic.sent += sum(payload_bytes(m.content) for m in messages)
+    sizes = [array_bytes(m.content) for m in messages]
+    traffic.sent_arrays += sum(sizes)
+    traffic.largest_message_arrays = max(traffic.largest_message_arrays, *sizes)
     replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout))
     traffic.received += sum(payload_bytes(r.content) for r in replies if r.has_content())
+    traffic.received_arrays += sum(array_bytes(r.content) for r in replies if r.has_content())
     return replies
 
 
@@ -166,9 +186,9 @@ def ensure_backbone(
         )
         for n in need
     ]
-    before = traffic.sent
+    before = traffic.sent_arrays
     replies = _send(grid, plan, messages, traffic)
-    traffic.backbone_sent += traffic.sent - before
+    traffic.backbone_sent += traffic.sent_arrays - before
     for reply in replies:
         node = reply.metadata.src_node_id
         problem = _problem(reply, "reply")
@@ -332,7 +352,8 @@ def run_federation(grid: Grid, plan: FederationPlan) -> dict:
             f" (backbone {_fmt_bytes(traffic.backbone_sent)})" if traffic.backbone_sent else ""
         )
         plan.log(
-            f"round {rnd}/{cfg.rounds}  acc {evaluated['accuracy']:.3f}  loss {evaluated['loss']:.3f}"
+            f"round {rnd}/{cfg.rounds}  acc {evaluated['accuracy']:.3f}"
+            f"  loss {evaluated['loss']:.3f}"
             f"  max ε {record['max_epsilon']:.2f}  clients {trained['participants']}/{len(nodes)}"
             f"  sent {_fmt_bytes(traffic.sent)}{backbone}  received {_fmt_bytes(traffic.received)}"
             f"  {record['seconds']:.1f}s"
@@ -361,6 +382,12 @@ def run_federation(grid: Grid, plan: FederationPlan) -> dict:
         "clients": state.clients,
         "bytes": {
             "head_bytes": head_bytes,
+            "full_backbone_bytes": plan.artifact.nbytes,
+            # The largest array payload of any one message after round 1: head-sized once
+            # every client holds the backbone.
+            "largest_message_arrays_after_round_1": max(
+                (r["bytes"]["largest_message_arrays"] for r in state.rounds[1:]), default=0
+            ),
             "sent_total": sum(r["bytes"]["sent"] for r in state.rounds),
             "received_total": sum(r["bytes"]["received"] for r in state.rounds),
             "backbone_sent_total": sum(r["bytes"]["backbone_sent"] for r in state.rounds),

@@ -111,9 +111,11 @@ def simulate(cfg: RunConfig, log=print) -> dict:
         raise FerryError(f"the simulation ended without a summary; see {plan.out}/metrics.jsonl")
     summary = json.loads(summary_path.read_text())
     final = summary["final"]
+    max_eps = summary["privacy"]["max_epsilon"]  # a number, or "inf" for a non-private run
+    max_eps = f"{max_eps:.3f}" if isinstance(max_eps, int | float) else max_eps
     log(
         f"done in {summary['wall_time_s']:.0f}s: federated accuracy {final['accuracy']:.3f} "
-        f"after {final['round']} rounds, max ε {summary['privacy']['max_epsilon']}\n"
+        f"after {final['round']} rounds, max ε {max_eps}\n"
         f"outputs: {plan.out}/metrics.jsonl, {plan.out}/summary.json"
     )
     return summary

@@ -2,7 +2,8 @@
 
 Small enough to pretrain in seconds on two CPU cores, large enough that pretraining on the
 synthetic source task gives features a linear head can use on the target task. Its
-BatchNorm layers are part of the frozen trunk and always run in eval mode on clients.
+BatchNorm layers are part of the frozen trunk and always run in eval mode on clients: their
+statistics come from pretraining, never from an institution's data.
 """
 
 from torch import nn
@@ -30,4 +31,7 @@ def build_ferry_cnn() -> nn.Module:
         *_block(64, 64),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
+        # Standardises features with statistics of the pretraining data (frozen on clients),
+        # so a DP head sees unit-scale inputs whatever the source task's feature scale.
+        nn.BatchNorm1d(64, affine=False),
     )

@@ -46,6 +46,7 @@ def load_image_folder(
         )
     if len(set(labels)) < 2:
         raise FerryError(
-            f"{root} holds a single class ({classes[labels[0]]}): give at least two class subfolders"
+            f"{root} holds a single class ({classes[labels[0]]}): "
+            "give at least two class subfolders"
         )
     return np.stack(images).astype(np.float32), np.asarray(labels, dtype=np.int64), classes

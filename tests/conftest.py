@@ -1,0 +1,92 @@
+"""Shared fixtures: an isolated FERRY_HOME, fresh per-process caches, a small backbone.
+
+Every test gets its own ``$FERRY_HOME`` and starts with empty in-memory caches
+(:mod:`client.backbone_cache` keeps verified trunks, :mod:`client.feature_cache` keeps
+features per process), so no test passes because an earlier one warmed a cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import client.backbone_cache as backbone_cache
+import client.feature_cache as feature_cache
+from client.runtime import ClientSettings, RoundRequest
+from common.config import RunConfig
+from common.heads import build_head
+from common.serialization import BackboneArtifact, save_artifact
+from server.pretrain import random_artifact
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Opacus warns on every make_private (secure RNG off; full backward hooks on a head whose
+    # inputs need no gradient): expected in tests, noise in the summary.
+    config.addinivalue_line("filterwarnings", "ignore:Secure RNG turned off:UserWarning")
+    config.addinivalue_line("filterwarnings", "ignore:Full backward hook:UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def isolated_ferry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "ferry-home"
+    monkeypatch.setenv("FERRY_HOME", str(home))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setattr(backbone_cache, "_LOADED", {})
+    monkeypatch.setattr(feature_cache, "_MEMORY", {})
+    return home
+
+
+@pytest.fixture
+def restart_process(monkeypatch: pytest.MonkeyPatch):
+    """Call it to forget what a client process keeps in memory (as a new worker would)."""
+
+    def restart() -> None:
+        monkeypatch.setattr(backbone_cache, "_LOADED", {})
+        monkeypatch.setattr(feature_cache, "_MEMORY", {})
+
+    return restart
+
+
+@pytest.fixture
+def artifact() -> BackboneArtifact:
+    """A randomly initialised ferry-cnn backbone (instant; no pretraining)."""
+    return random_artifact("ferry-cnn", seed=0)
+
+
+@pytest.fixture
+def artifact_dir(tmp_path: Path, artifact: BackboneArtifact) -> Path:
+    return save_artifact(artifact, tmp_path / "backbone")
+
+
+class Client:
+    """One institution of a tiny federation, driven through :mod:`client.runtime`."""
+
+    def __init__(self, root: Path, artifact: BackboneArtifact, run: RunConfig, pid: int = 0):
+        self.artifact = artifact
+        self.run = run
+        self.settings = ClientSettings(
+            f"hospital-{pid:03d}", root / "state", root / "cache", pid, run.clients
+        )
+        backbone_cache.BackboneCache(self.settings.cache_dir).store(
+            artifact.manifest, artifact.tensors, artifact.sha256
+        )
+
+    def request(self, rnd: int, run_id: str = "run-a") -> RoundRequest:
+        return RoundRequest(self.run, rnd, self.artifact.sha256, 4, run_id)
+
+    def initial_head(self) -> dict:
+        head = build_head(self.run.head, int(self.artifact.manifest["feature_dim"]), 4)
+        return {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
+
+
+@pytest.fixture
+def small_run() -> RunConfig:
+    """400 synthetic examples over 2 clients, 3 planned rounds: a client round takes ~0.3 s."""
+    return RunConfig(examples=400, clients=2, rounds=3)
+
+
+@pytest.fixture
+def client(tmp_path: Path, artifact: BackboneArtifact, small_run: RunConfig) -> Client:
+    """Partition 0 of ``small_run``, its cache already holding ``artifact``."""
+    return Client(tmp_path / "hospital-000", artifact, small_run)
