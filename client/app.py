@@ -27,9 +27,7 @@ def _settings(msg: Message, context: Context) -> runtime.ClientSettings:
     run = msg.content["run"]
     if "partition-id" in context.node_config:  # a virtual institution in simulation
         torch.set_num_threads(1)
-        return runtime.settings_for_simulation(
-            context.node_config, run["state-root"], run["cache-root"], run["scenario"]
-        )
+        return runtime.settings_for_simulation(context.node_config, dict(run))
     raise FerryError("this client has no partition-id: deployment settings are not configured")
 
 
@@ -38,7 +36,10 @@ def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def _refuse(msg: Message, exc: FerryError) -> Message:
-    return Message(RecordDict({"refusal": ConfigRecord({"reason": str(exc)})}), reply_to=msg)
+    kind = getattr(exc, "kind", "error")
+    return Message(
+        RecordDict({"refusal": ConfigRecord({"reason": str(exc), "kind": kind})}), reply_to=msg
+    )
 
 
 @app.query("backbone_offer")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from client.backbone_cache import BackboneCache
+from client.budget_guard import Budget, can_afford_another, check_round
 from client.dp_trainer import DPTrainConfig, evaluate_head, round_plan, train_head
 from client.feature_cache import FeatureCache, feature_key
 from client.privacy_state import PrivacyState
@@ -24,9 +25,9 @@ from common.config import RunConfig
 from common.data.datasets import DataSpec, Partition, load_partition
 from common.errors import FerryError
 from common.heads import build_head
-from common.privacy.accounting import noise_multiplier_for_target
+from common.privacy import UNIT_OF_PRIVACY
+from common.privacy.accounting import MechanismSegment, noise_multiplier_for_target
 
-UNIT_OF_PRIVACY = "one example (record) at one institution"
 ACCOUNTANT = "prv"
 
 
@@ -39,6 +40,7 @@ class ClientSettings:
     cache_dir: Path
     partition_id: int
     num_partitions: int
+    budget: Budget | None = None  # None: no budget (only allowed for non-private runs)
 
 
 @dataclass(frozen=True)
@@ -52,17 +54,24 @@ class RoundRequest:
     run_id: str = ""
 
 
-def settings_for_simulation(
-    node_config: dict, state_root: str, cache_root: str, scenario: str
-) -> ClientSettings:
+def settings_for_simulation(node_config: dict, run: dict) -> ClientSettings:
+    """A virtual institution's settings: partition from the node config, its state and cache
+    under the simulation's roots, its budget from the simulation's per-institution setting."""
     pid = int(node_config["partition-id"])
-    institution = f"{scenario.split('-')[0]}-{pid:03d}"
+    institution = f"{str(run['scenario']).split('-')[0]}-{pid:03d}"
+    budget = None
+    if "budget-epsilon" in run or not run.get("non-private", False):
+        budget = Budget(
+            float(run.get("budget-epsilon", run["epsilon"])),
+            float(run.get("budget-delta", run["delta"])),
+        )
     return ClientSettings(
         institution,
-        Path(state_root) / institution,
-        Path(cache_root) / institution,
+        Path(str(run["state-root"])) / institution,
+        Path(str(run["cache-root"])) / institution,
         pid,
         int(node_config["num-partitions"]),
+        budget,
     )
 
 
@@ -154,6 +163,12 @@ def train_round(
         non_private=req.run.non_private,
         seed=req.run.seed * 100_003 + req.round * 1_009 + settings.partition_id,
     )
+    cfg.validate()
+    q, steps = round_plan(n, cfg.batch_size, cfg.local_epochs)
+    planned = MechanismSegment(cfg.noise_multiplier, q, steps)
+    if settings.budget is not None:
+        # Before any training: refuse a round that would take us over budget.
+        check_round(state.history, planned, req.run.delta, settings.budget, ACCOUNTANT)
     outcome = train_head(_head(req, manifest, arrays), feats["train"], part.train_y, cfg)
     report = {
         "institution": settings.institution,
@@ -162,8 +177,15 @@ def train_round(
         "max-grad-norm": req.run.max_grad_norm,
         "non-private": outcome.segment is None,
         "accountant": ACCOUNTANT,
+        "accountant-library": f"opacus {_opacus_version()}",
+        "sampling": "poisson",
     }
+    if settings.budget is not None:
+        report["budget-epsilon"] = settings.budget.epsilon
+        report["budget-delta"] = settings.budget.delta
     if outcome.segment is not None:
+        if outcome.segment != planned:
+            raise FerryError(f"Opacus ran {outcome.segment}, not the planned {planned}")
         # Write-ahead: the spend is on disk before the update can leave this process.
         state.record(outcome.segment, round=req.round, run=req.run_id)
         report.update(
@@ -173,6 +195,8 @@ def train_round(
                 "steps": outcome.segment.steps,
                 "epsilon": state.epsilon(req.run.delta, ACCOUNTANT),
                 "rounds": state.rounds(),
+                "budget-left-for-another-round": settings.budget is None
+                or can_afford_another(state.history, planned, req.run.delta, settings.budget),
             }
         )
     else:
@@ -185,6 +209,12 @@ def train_round(
         "train-accuracy": outcome.accuracy,
     }
     return outcome.head_state, metrics, report
+
+
+def _opacus_version() -> str:
+    import opacus
+
+    return opacus.__version__
 
 
 def evaluate_round(settings: ClientSettings, req: RoundRequest, arrays: dict) -> dict:

@@ -25,6 +25,11 @@ class RunConfig:
     noise_multiplier: float | None = None  # None = derive from (epsilon, delta) per client
     max_grad_norm: float = 1.0
     non_private: bool = False
+    # Each virtual institution's own budget (simulation); None = the run's epsilon / delta.
+    # Deployed institutions set theirs in their client config; no server can override it.
+    budget_epsilon: float | None = None
+    budget_delta: float | None = None
+    min_clients: int = 1  # end the run when fewer institutions with budget left remain
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 1.0
@@ -70,6 +75,12 @@ class RunConfig:
                     0,
                     "0 gives no privacy; mark the run non-private with --non-private",
                 )
+        if self.budget_epsilon is not None and not self.budget_epsilon > 0:
+            raise bad("budget_epsilon", self.budget_epsilon, "use a positive budget")
+        if self.budget_delta is not None and not 0 < self.budget_delta < 1:
+            raise bad("budget_delta", self.budget_delta, "use 0 < budget delta < 1")
+        if not 1 <= self.min_clients <= self.clients:
+            raise bad("min_clients", self.min_clients, f"use 1 to --clients ({self.clients})")
         if self.max_grad_norm <= 0:
             raise bad("max_grad_norm", self.max_grad_norm, "use a positive clipping norm")
         if self.local_epochs < 1:

@@ -24,9 +24,12 @@ from flwr.serverapp import Grid
 from common.config import RunConfig
 from common.errors import FerryError
 from common.heads import build_head
+from common.privacy import UNIT_OF_PRIVACY
 from common.serialization import BackboneArtifact
 from server.aggregation import aggregate
-from server.outputs import append_metrics, write_summary
+from server.client_reports import ledger_trained, update_client_summary
+from server.ledger import Ledger
+from server.outputs import append_metrics, build_summary, write_summary
 from server.validation import check_metrics, check_update
 
 
@@ -43,6 +46,7 @@ class FederationPlan:
     run_id: str = ""
     round_timeout: float | None = None
     log: Callable[[str], None] = print
+    ledger: Ledger | None = None  # opened by run_federation in ``out``
 
 
 @dataclass
@@ -66,6 +70,8 @@ class Traffic:
 class FederationState:
     arrays: dict[str, np.ndarray]
     holders: set[int] = field(default_factory=set)
+    institutions: dict[int, str] = field(default_factory=dict)  # node id -> institution
+    exhausted: dict[int, str] = field(default_factory=dict)  # node id -> why not selected
     clients: dict[str, dict] = field(default_factory=dict)
     rounds: list[dict] = field(default_factory=list)
 
@@ -197,6 +203,14 @@ def ensure_backbone(
         else:
             state.holders.add(node)
             traffic.backbones_shipped += 1
+            plan.ledger.append(
+                "backbone_shipped",
+                run_id=plan.run_id,
+                round=rnd,
+                node_id=str(node),
+                backbone_sha256=plan.artifact.sha256,
+                bytes=plan.artifact.nbytes,
+            )
 
 
 def sample_nodes(node_ids: list[int], fraction: float, rng: np.random.Generator) -> list[int]:
@@ -213,6 +227,7 @@ def train_round(
     rnd: int,
     traffic: Traffic,
 ) -> dict:
+    """Send the head to ``nodes``, log every reply in the ledger, aggregate the usable ones."""
     head = array_record(state.arrays)
     run = _run_record(plan, rnd)
     messages = [
@@ -225,45 +240,71 @@ def train_round(
         for n in nodes
         if n in state.holders
     ]
-    updates, rejected = [], {}
+    updates, rejected, participants, refused = [], {}, [], {}
     train_loss, train_n = 0.0, 0
     for reply in _send(grid, plan, messages, traffic):
         node = reply.metadata.src_node_id
+        inst = state.institutions.get(node)
+        if not reply.has_error() and "refusal" in reply.content:
+            refusal = reply.content["refusal"]
+            kind, reason = str(refusal.get("kind", "error")), str(refusal["reason"])
+            plan.ledger.append(
+                "client_refused",
+                run_id=plan.run_id,
+                round=rnd,
+                institution=inst,
+                node_id=str(node),
+                reason=reason,
+                kind=kind,
+            )
+            refused[str(node)] = reason
+            plan.log(f"  {inst or f'node {node}'} refused: {reason}")
+            if kind == "budget":
+                state.exhausted[node] = reason
+            continue
         problem = _problem(reply, "head", "metrics", "privacy")
-        arrays = metrics = None
         if not problem:
-            arrays = {k: v.numpy() for k, v in reply.content["head"].items()}
+            report = dict(reply.content["privacy"])
             metrics = dict(reply.content["metrics"])
+            examples = int(metrics.get("num-examples", 0) or 0)
+            # The client spent privacy whether or not its update is usable: log it first.
+            ledger_trained(plan.ledger, plan.run_id, rnd, node, report, examples)
+            inst = update_client_summary(state.clients, node, report, examples)
+            state.institutions[node] = inst
+            if report.get("budget-left-for-another-round") is False:
+                state.exhausted[node] = f"budget spent (ε={report.get('epsilon', 0):.3f})"
+                plan.log(f"  {inst} has spent its budget: not selected again")
+            arrays = {k: v.numpy() for k, v in reply.content["head"].items()}
             problem = check_update(state.arrays, arrays) or check_metrics(metrics)
         if problem:
+            plan.ledger.append(
+                "update_rejected",
+                run_id=plan.run_id,
+                round=rnd,
+                institution=inst,
+                node_id=str(node),
+                reason=problem,
+            )
             rejected[str(node)] = problem
-            plan.log(f"  node {node}: update rejected ({problem})")
+            plan.log(f"  {inst or f'node {node}'}: update rejected ({problem})")
             continue
-        report = dict(reply.content["privacy"])
-        inst = str(report.get("institution", node))
-        updates.append((arrays, float(metrics["num-examples"])))
-        train_loss += float(metrics["train-loss"]) * metrics["num-examples"]
-        train_n += int(metrics["num-examples"])
-        client = state.clients.setdefault(inst, {"node_id": node, "rounds": 0})
-        client.update(
-            rounds=client["rounds"] + 1,
-            examples=int(metrics["num-examples"]),
-            epsilon=float(report.get("epsilon", math.inf)),
-            delta=float(report.get("delta", plan.cfg.delta)),
-            noise_multiplier=float(report.get("noise-multiplier", 0.0)),
-            sample_rate=float(report.get("sample-rate", 1.0)),
-            max_grad_norm=float(report.get("max-grad-norm", plan.cfg.max_grad_norm)),
-            steps=client.get("steps", 0) + int(report.get("steps", 0)),
-            accountant=str(report.get("accountant", "")),
-            client_reported_rounds=int(report.get("rounds", 0)),
-        )
-    if not updates:
-        reasons = "; ".join(sorted(set(rejected.values()))) or "no replies"
-        raise FerryError(f"round {rnd}: no client returned a usable update ({reasons})")
-    state.arrays = aggregate("fedavg", updates)
+        updates.append((arrays, float(examples)))
+        participants.append(inst)
+        train_loss += float(metrics["train-loss"]) * examples
+        train_n += examples
+    if updates:
+        state.arrays = aggregate("fedavg", updates)
+    plan.ledger.append(
+        "round_aggregated",
+        run_id=plan.run_id,
+        round=rnd,
+        participants=participants,
+        payload_bytes={"sent": traffic.sent, "received": traffic.received},
+    )
     return {
         "participants": len(updates),
         "rejected": rejected,
+        "refused": refused,
         "train_loss": train_loss / max(train_n, 1),
     }
 
@@ -320,21 +361,51 @@ def wait_for_nodes(grid: Grid, wanted: int, log, timeout: float = 300.0) -> list
 
 
 def run_federation(grid: Grid, plan: FederationPlan) -> dict:
-    """Run every round; return (and write) the summary."""
+    """Run the rounds; return (and write) the summary. Every event goes to the ledger."""
     cfg = plan.cfg
     started = time.perf_counter()
+    plan.ledger = plan.ledger or Ledger(plan.out)
+    plan.ledger.append(
+        "run_started",
+        run_id=plan.run_id,
+        config=cfg.to_record(),
+        backbone_sha256=plan.artifact.sha256,
+        privacy={"unit": UNIT_OF_PRIVACY, "accountant": "prv", "delta": cfg.delta},
+    )
     node_ids = wait_for_nodes(grid, plan.cfg.clients, plan.log)
     torch.manual_seed(cfg.seed)
     head = build_head(cfg.head, int(plan.artifact.manifest["feature_dim"]), plan.num_classes)
     state = FederationState({k: v.detach().numpy().copy() for k, v in head.state_dict().items()})
-    head_bytes = sum(int(v.nbytes) for v in state.arrays.values())
     rng = np.random.default_rng(cfg.seed)
+    end_reason = f"all {cfg.rounds} rounds completed"
     for rnd in range(1, cfg.rounds + 1):
+        eligible = [n for n in node_ids if n not in state.exhausted]
+        if len(eligible) < cfg.min_clients:
+            end_reason = (
+                f"stopped before round {rnd}: {len(eligible)} institution(s) with budget left, "
+                f"fewer than --min-clients {cfg.min_clients}"
+            )
+            plan.log(end_reason)
+            break
         t0 = time.perf_counter()
         traffic = Traffic()
-        nodes = sample_nodes(node_ids, cfg.fraction_train, rng)
+        nodes = sample_nodes(eligible, cfg.fraction_train, rng)
         ensure_backbone(grid, plan, state, nodes, rnd, traffic)
         trained = train_round(grid, plan, state, nodes, rnd, traffic)
+        if not trained["participants"]:
+            problems = {**trained["rejected"], **trained["refused"]}
+            if problems and all(n in state.exhausted for n in map(int, problems)):
+                end_reason = f"stopped in round {rnd}: every sampled institution's budget is spent"
+                plan.log(end_reason)
+                break
+            reasons = "; ".join(sorted(set(problems.values()))) or "no replies"
+            plan.ledger.append(
+                "run_finished",
+                run_id=plan.run_id,
+                rounds_completed=len(state.rounds),
+                reason=f"failed in round {rnd}: {reasons}",
+            )
+            raise FerryError(f"round {rnd}: no client returned a usable update ({reasons})")
         evaluated = evaluate_round(grid, plan, state, rnd, traffic)
         eps = [c["epsilon"] for c in state.clients.values()]
         record = {
@@ -358,42 +429,9 @@ def run_federation(grid: Grid, plan: FederationPlan) -> dict:
             f"  sent {_fmt_bytes(traffic.sent)}{backbone}  received {_fmt_bytes(traffic.received)}"
             f"  {record['seconds']:.1f}s"
         )
-    last = state.rounds[-1]
-    summary = {
-        "run": {**cfg.to_record(), "run_id": plan.run_id},
-        "privacy": {
-            "unit": "one example (record) at one institution",
-            "mechanism": "PoissonSampled(q, Gaussian(noise_multiplier)) per step, per-example "
-            "clipping to max_grad_norm, composed over every round a client took part in",
-            "accountant": "PRV (Opacus)",
-            "delta": cfg.delta,
-            "non_private": cfg.non_private,
-            "max_epsilon": last["max_epsilon"],
-            "not_covered": "train metrics (count, loss, accuracy) and evaluation metrics on "
-            "held-out splits are released without DP",
-        },
-        "backbone": {
-            "sha256": plan.artifact.sha256,
-            "architecture": plan.artifact.manifest["architecture"],
-            "bytes": plan.artifact.nbytes,
-            "pretraining": plan.artifact.manifest.get("pretraining", {}),
-        },
-        "final": {"round": last["round"], "accuracy": last["accuracy"], "loss": last["loss"]},
-        "clients": state.clients,
-        "bytes": {
-            "head_bytes": head_bytes,
-            "full_backbone_bytes": plan.artifact.nbytes,
-            # The largest array payload of any one message after round 1: head-sized once
-            # every client holds the backbone.
-            "largest_message_arrays_after_round_1": max(
-                (r["bytes"]["largest_message_arrays"] for r in state.rounds[1:]), default=0
-            ),
-            "sent_total": sum(r["bytes"]["sent"] for r in state.rounds),
-            "received_total": sum(r["bytes"]["received"] for r in state.rounds),
-            "backbone_sent_total": sum(r["bytes"]["backbone_sent"] for r in state.rounds),
-            "per_round": [{"round": r["round"], **r["bytes"]} for r in state.rounds],
-        },
-        "wall_time_s": round(time.perf_counter() - started, 2),
-    }
+    plan.ledger.append(
+        "run_finished", run_id=plan.run_id, rounds_completed=len(state.rounds), reason=end_reason
+    )
+    summary = build_summary(plan, state, end_reason, time.perf_counter() - started)
     write_summary(plan.out, summary)
     return summary

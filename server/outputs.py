@@ -50,3 +50,53 @@ def write_summary(out: Path, summary: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out / "summary.json")
+
+
+def build_summary(plan, state, end_reason: str, wall_time_s: float) -> dict:
+    """``summary.json``: final metrics, per-institution privacy, traffic, wall time."""
+    cfg = plan.cfg
+    rounds = state.rounds
+    last = rounds[-1] if rounds else {"round": 0, "accuracy": None, "loss": None}
+    eps = [c["epsilon"] for c in state.clients.values()]
+    return {
+        "run": {**cfg.to_record(), "run_id": plan.run_id},
+        "rounds_completed": len(rounds),
+        "end_reason": end_reason,
+        "privacy": {
+            "unit": "one example (record) at one institution",
+            "mechanism": "PoissonSampled(q, Gaussian(noise_multiplier)) per step, per-example "
+            "clipping to max_grad_norm, composed over every round a client took part in",
+            "accountant": "PRV (Opacus)",
+            "delta": cfg.delta,
+            "non_private": cfg.non_private,
+            "max_epsilon": max(eps) if eps else 0.0,
+            "not_covered": "train metrics (count, loss, accuracy) and evaluation metrics on "
+            "held-out splits are released without DP",
+            "ledger": "ledger.jsonl (verify with `ferry audit`)",
+        },
+        "backbone": {
+            "sha256": plan.artifact.sha256,
+            "architecture": plan.artifact.manifest["architecture"],
+            "bytes": plan.artifact.nbytes,
+            "pretraining": plan.artifact.manifest.get("pretraining", {}),
+        },
+        "final": {"round": last["round"], "accuracy": last["accuracy"], "loss": last["loss"]},
+        "clients": state.clients,
+        "not_selected": {
+            state.institutions.get(node, str(node)): why for node, why in state.exhausted.items()
+        },
+        "bytes": {
+            "head_bytes": sum(int(v.nbytes) for v in state.arrays.values()),
+            "full_backbone_bytes": plan.artifact.nbytes,
+            # The largest array payload of any one message after round 1: head-sized once
+            # every client holds the backbone.
+            "largest_message_arrays_after_round_1": max(
+                (r["bytes"]["largest_message_arrays"] for r in rounds[1:]), default=0
+            ),
+            "sent_total": sum(r["bytes"]["sent"] for r in rounds),
+            "received_total": sum(r["bytes"]["received"] for r in rounds),
+            "backbone_sent_total": sum(r["bytes"]["backbone_sent"] for r in rounds),
+            "per_round": [{"round": r["round"], **r["bytes"]} for r in rounds],
+        },
+        "wall_time_s": round(wall_time_s, 2),
+    }

@@ -7,7 +7,10 @@ from common.privacy.accounting import (
     noise_multiplier_for_target,
 )
 
+UNIT_OF_PRIVACY = "one example (record) at one institution"
+
 __all__ = [
+    "UNIT_OF_PRIVACY",
     "MechanismSegment",
     "compact_history",
     "epsilon_for_history",

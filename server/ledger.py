@@ -1,0 +1,168 @@
+"""The server's privacy ledger: append-only, hash-chained JSON Lines.
+
+One record per event, one line per record, keys sorted, UTF-8. Every record holds
+
+* ``seq``: 0, 1, 2, ... (its position);
+* ``prev``: the sha256 (hex) of the previous record's line bytes (without the newline);
+  ``"0" * 64`` for the first record;
+* ``time`` (UTC, ISO 8601) and ``event``, plus the event's own fields.
+
+The chain head (``seq`` and sha256 of the last line) is also written to ``ledger.head`` after
+every append, so deleting or editing the *last* line is detected too. Each append is flushed
+and fsynced before it returns; a crash mid-write leaves at most one incomplete last line,
+which :func:`read_ledger` reports (``incomplete_tail``) instead of failing.
+
+Events (fields besides seq/prev/time/event):
+
+``run_started``      run_id, config, backbone_sha256, privacy (unit, accountant)
+``backbone_shipped`` run_id, round, node_id, backbone_sha256, bytes
+``client_trained``   run_id, round, institution, node_id, dp_event (see
+                     :mod:`common.privacy.dp_events`), sampling ("poisson"), noise_multiplier,
+                     sample_rate, steps, max_grad_norm, delta, accountant,
+                     accountant_library, epsilon_reported, client_rounds (the client's
+                     cumulative count of rounds, this one included), budget_epsilon,
+                     budget_delta, examples
+``client_refused``   run_id, round, institution (or null), node_id, reason, kind
+                     ("budget" when the institution's budget would be exceeded)
+``update_rejected``  run_id, round, institution (or null), node_id, reason
+``round_aggregated`` run_id, round, participants (institution ids), payload_bytes
+``run_finished``     run_id, rounds_completed, reason
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+GENESIS = "0" * 64
+LEDGER_FILE = "ledger.jsonl"
+HEAD_FILE = "ledger.head"
+
+
+def line_hash(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+def encode(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+class LedgerError(Exception):
+    """The ledger cannot be read (``tampered`` False) or its chain is broken (True)."""
+
+    def __init__(self, message: str, tampered: bool, line: int | None = None):
+        super().__init__(message)
+        self.tampered = tampered
+        self.line = line
+
+
+@dataclass
+class LedgerContents:
+    records: list[dict] = field(default_factory=list)
+    incomplete_tail: str | None = None  # what a crash mid-write left, if anything
+    head_hash: str = GENESIS
+
+
+def read_ledger(path: str | os.PathLike, check_head: bool = True) -> LedgerContents:
+    """Read and verify the chain. Raises :class:`LedgerError` naming the first bad line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LedgerError(f"cannot read {path} ({exc.strerror})", tampered=False) from None
+    if not data.strip():
+        raise LedgerError(f"{path} is empty: no ledger records", tampered=False)
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    contents = LedgerContents()
+    if tail:
+        contents.incomplete_tail = tail[:200].decode(errors="replace")
+    prev = GENESIS
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            if number == 1:
+                raise LedgerError(
+                    f"{path} is not a ledger: line 1 is not JSON ({exc})", False, 1
+                ) from None
+            raise LedgerError(f"line {number} is not a JSON record ({exc})", True, number) from None
+        if record.get("seq") != number - 1:
+            raise LedgerError(
+                f"line {number}: seq {record.get('seq')!r}, expected {number - 1} "
+                "(a record was deleted, inserted or moved)",
+                True,
+                number,
+            )
+        if record.get("prev") != prev:
+            raise LedgerError(
+                f"line {number}: prev hash does not match line {number - 1} "
+                "(line edited, deleted or reordered)",
+                True,
+                number,
+            )
+        prev = line_hash(line)
+        contents.records.append(record)
+    if not contents.records:
+        raise LedgerError(f"{path} holds no complete record", tampered=False)
+    contents.head_hash = prev
+    head_path = path.with_name(HEAD_FILE)
+    if check_head and head_path.exists():
+        head = json.loads(head_path.read_text() or "{}")
+        if head.get("seq") != len(contents.records) - 1 or head.get("sha256") != prev:
+            raise LedgerError(
+                f"line {len(lines)}: the ledger's last record does not match {head_path.name} "
+                f"(seq {head.get('seq')}): the last line was edited or records were removed",
+                True,
+                len(lines),
+            )
+    return contents
+
+
+class Ledger:
+    """Appends records to ``<out>/ledger.jsonl``; reopening continues the verified chain."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / LEDGER_FILE
+        self.head_path = self.path.with_name(HEAD_FILE)
+        self.seq, self.prev = 0, GENESIS
+        if self.path.exists() and self.path.stat().st_size:
+            contents = read_ledger(self.path)
+            if contents.incomplete_tail is not None:
+                self._truncate_tail()
+            self.seq, self.prev = len(contents.records), contents.head_hash
+
+    def _truncate_tail(self) -> None:
+        data = self.path.read_bytes()
+        with open(self.path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append(self, event: str, **fields: object) -> dict:
+        record = {
+            **fields,
+            "seq": self.seq,
+            "prev": self.prev,
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "event": event,
+        }
+        line = encode(record)
+        with open(self.path, "ab") as f:
+            f.write(line + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.seq, self.prev = self.seq + 1, line_hash(line)
+        tmp = self.head_path.with_name(HEAD_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"seq": self.seq - 1, "sha256": self.prev}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.head_path)
+        return record
