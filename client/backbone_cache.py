@@ -1,9 +1,10 @@
 """The client's backbone cache: verified artifacts stored by sha256.
 
-``<cache_dir>/backbones/<sha256>/{backbone.safetensors,manifest.json}``. Every load verifies
-the content hash again; an entry that fails is moved aside (``.corrupt-*``) and reported as
-absent, so the server re-ships it. Verified trunks are kept in memory per process, so a
-simulation worker serving many rounds loads each backbone once.
+``<cache_dir>/backbones/<sha256>/{backbone.safetensors,manifest.json}``. Every load from disk
+verifies the content hash again; an entry that fails is moved aside (``.corrupt-*``) and
+reported as absent, so the server re-ships it. Verified trunks are kept in memory per
+process (a simulation worker serving many rounds loads each backbone once); the in-memory
+copy is the verified one, so later changes to the files only matter to a new process.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class PrivacyState:
         try:
             data = json.loads(path.read_text())
             entries = list(data["entries"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FerryError(
                 f"privacy state {path} is unreadable ({exc}); it is the only record of this "
                 "institution's spend: restore it from backup rather than deleting it"

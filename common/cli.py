@@ -76,11 +76,6 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, f.name)
         if value is not None:
             values[f.name] = value
-    if "noise_multiplier" in values and float(values["noise_multiplier"]) < 0:
-        raise FerryError(
-            f"--noise-multiplier {values['noise_multiplier']} is negative: use a value >= 0, or "
-            "leave it out to derive it from --epsilon"
-        )
     return RunConfig.from_mapping(values).validate()
 
 
@@ -115,6 +110,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from server.audit import run_audit
+
+    return run_audit(args.path, as_json=args.json, plot=not args.no_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -133,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file with any of the options below")
     _add_run_options(p)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
+        "audit", help="verify a run's privacy ledger and replay it with an independent accountant"
+    )
+    p.add_argument("path", help="run directory holding ledger.jsonl, or the ledger file")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--no-plot", action="store_true", help="skip the ε-per-round plot")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 

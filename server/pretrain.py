@@ -18,6 +18,7 @@ from torch import nn
 from common.backbones.registry import backbone_spec, build_backbone
 from common.data.preprocess import preprocess
 from common.data.synthetic import make_images
+from common.errors import FerryError
 from common.serialization import BackboneArtifact, make_artifact, save_artifact
 
 
@@ -32,8 +33,20 @@ class PretrainConfig:
     seed: int = 0
     out: str = ""
 
+    def validate(self) -> PretrainConfig:
+        if self.epochs < 1:
+            raise FerryError(f"--epochs {self.epochs} is invalid: pretrain for at least 1 epoch")
+        if not self.data and self.examples < 100:
+            raise FerryError(
+                f"--examples {self.examples} is too few to pretrain on: use at least 100"
+            )
+        if self.batch_size < 2 or not self.lr > 0:
+            raise FerryError("pretraining needs a batch size >= 2 and a positive learning rate")
+        return self
+
 
 def pretrain(cfg: PretrainConfig, log=print) -> BackboneArtifact:
+    cfg.validate()
     spec = backbone_spec(cfg.arch)
     if cfg.data:
         from common.data.image_folder import load_image_folder
@@ -62,6 +75,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> BackboneArtifact:
         total = 0.0
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
+            if len(idx) < 2:  # BatchNorm in train mode needs two examples per batch
+                continue
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()

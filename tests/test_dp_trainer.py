@@ -96,8 +96,15 @@ def test_client_derives_noise_for_all_planned_rounds_not_one():
 
     sigma = runtime.noise_for(req, 100)
 
-    assert sigma == noise_multiplier_for_target(3.0, DELTA, q, 4 * steps, "prv")
-    assert sigma > noise_multiplier_for_target(3.0, DELTA, q, steps, "prv")
+    four_rounds = epsilon_for_history([MechanismSegment(sigma, q, steps)] * 4, DELTA)
+    assert 0.95 * 3.0 <= four_rounds <= 3.0
+
+
+def test_given_noise_multiplier_is_used_as_is_and_non_private_derives_zero():
+    given = runtime.RoundRequest(RunConfig(noise_multiplier=0.7), 1, "0" * 64, 4)
+    non_private = runtime.RoundRequest(RunConfig(non_private=True), 1, "0" * 64, 4)
+    assert runtime.noise_for(given, 100) == 0.7
+    assert runtime.noise_for(non_private, 100) == 0.0
 
 
 # --- the trainer ------------------------------------------------------------------------
@@ -179,9 +186,7 @@ def test_zero_noise_runs_only_when_marked_non_private_and_reports_no_segment():
 # --- the client's privacy state across rounds and restarts ------------------------------
 
 
-def test_client_cumulative_epsilon_strictly_increases_and_survives_restart(
-    client, restart_process
-):
+def test_client_cumulative_epsilon_strictly_increases_and_survives_restart(client, restart_process):
     settings, run = client.settings, client.run
     head = client.initial_head()
     reported, stored = [], []

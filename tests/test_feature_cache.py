@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 from torch import nn
 
 import client.feature_cache as feature_cache
@@ -103,6 +104,26 @@ def test_damaged_feature_file_is_recomputed_not_trusted(
 
     assert feature_cache.trunk_examples - count == part.num_train + len(part.test_y)
     np.testing.assert_allclose(recomputed["train"], computed["train"], rtol=1e-6)
+
+
+def test_feature_file_with_other_splits_or_row_counts_is_recomputed(
+    client, tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    part = _partition(client)
+    _, trunk = BackboneCache(client.settings.cache_dir).load(client.artifact.sha256)
+    pre = client.artifact.manifest["preprocessing"]
+    splits = {"train": part.train_x, "test": part.test_x}
+    key = feature_key(client.artifact.sha256, part.fingerprint, pre)
+    cache = FeatureCache(tmp_path / "features-home")
+    cache.root.mkdir(parents=True)
+    stale = {"train": np.zeros((3, 64), np.float32), "test": np.zeros((1, 64), np.float32)}
+    save_file(stale, str(cache.root / f"{key}.safetensors"))
+    count = feature_cache.trunk_examples
+
+    feats = cache.get(key, trunk, pre, splits)
+
+    assert feature_cache.trunk_examples - count == part.num_train + len(part.test_y)
+    assert len(feats["train"]) == part.num_train and len(feats["test"]) == len(part.test_y)
 
 
 def test_feature_key_changes_with_backbone_hash_data_and_preprocessing():
