@@ -28,7 +28,7 @@ def _settings(msg: Message, context: Context) -> runtime.ClientSettings:
     if "partition-id" in context.node_config:  # a virtual institution in simulation
         torch.set_num_threads(1)
         return runtime.settings_for_simulation(context.node_config, dict(run))
-    raise FerryError("this client has no partition-id: deployment settings are not configured")
+    return runtime.settings_for_deployment(context.node_config)
 
 
 def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -41,6 +41,7 @@ class ClientSettings:
     partition_id: int
     num_partitions: int
     budget: Budget | None = None  # None: no budget (only allowed for non-private runs)
+    data_path: str = ""  # a deployed institution's own data (all of it is this client's)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,41 @@ def settings_for_simulation(node_config: dict, run: dict) -> ClientSettings:
     )
 
 
+NODE_CONFIG_KEYS = (
+    "institution",
+    "data-path",
+    "state-dir",
+    "cache-dir",
+    "budget-epsilon",
+    "budget-delta",
+)
+
+
+def settings_for_deployment(node_config: dict) -> ClientSettings:
+    """A deployed institution's settings, from its SuperNode's ``--node-config`` (set by
+    ``ferry client``): nothing here comes from the server."""
+    missing = [
+        k
+        for k in ("institution", "data-path", "state-dir", "budget-epsilon", "budget-delta")
+        if k not in node_config
+    ]
+    if missing:
+        raise FerryError(
+            f"this SuperNode's node config lacks {', '.join(missing)}: start it with "
+            "`ferry client` (which sets them)"
+        )
+    state_dir = Path(str(node_config["state-dir"]))
+    return ClientSettings(
+        institution=str(node_config["institution"]),
+        state_dir=state_dir,
+        cache_dir=Path(str(node_config.get("cache-dir") or state_dir / "cache")),
+        partition_id=0,
+        num_partitions=1,
+        budget=Budget(float(node_config["budget-epsilon"]), float(node_config["budget-delta"])),
+        data_path=str(node_config["data-path"]),
+    )
+
+
 def request_from_record(record: dict) -> RoundRequest:
     known = {f.name.replace("_", "-") for f in fields(RunConfig)}
     run = RunConfig.from_mapping({k: v for k, v in record.items() if k in known})
@@ -99,7 +135,7 @@ def _local_data(settings: ClientSettings, req: RoundRequest) -> tuple[Partition,
     """This institution's partition and its cached trunk features (train and test)."""
     artifact, trunk = BackboneCache(settings.cache_dir).load(req.backbone_sha256)
     spec = DataSpec(
-        data=req.run.data,
+        data=settings.data_path or req.run.data,
         examples=req.run.examples,
         num_partitions=settings.num_partitions,
         alpha=req.run.alpha,
