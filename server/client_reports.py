@@ -10,11 +10,14 @@ from common.privacy.dp_events import event_to_json, segment_event
 from server.ledger import Ledger
 
 
-def _num(value: object, default: float = math.nan) -> float:
+def _num(value: object, default: float | None = None) -> float | None:
+    """A finite float, or ``default`` for a missing or malformed value (ledger JSON holds no
+    NaN or infinity)."""
     try:
-        return float(value)  # type: ignore[arg-type]
+        number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return default
+    return number if math.isfinite(number) else default
 
 
 def ledger_trained(

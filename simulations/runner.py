@@ -71,8 +71,10 @@ def plan_simulation(
     )
 
 
-def simulate(cfg: RunConfig, log=print) -> dict:
-    """Run a simulation to the end; return its summary (also in ``<out>/summary.json``)."""
+def simulate(cfg: RunConfig, log=print, client_app=None) -> dict:
+    """Run a simulation to the end; return its summary (also in ``<out>/summary.json``).
+
+    ``client_app`` replaces Ferry's ClientApp (benchmarks use a no-op one)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     plan = plan_simulation(cfg, log=log)
@@ -92,8 +94,10 @@ def simulate(cfg: RunConfig, log=print) -> dict:
     )
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
     from server.app import build_server_app
+
+    if client_app is None:
+        from client.app import app as client_app
 
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure Ferry's tools on realistic inputs (``python -m ...``)."""
