@@ -1,7 +1,9 @@
 """The Flower ServerApp: read the run config, run :func:`server.federation.run_federation`.
 
 ``flwr run .`` loads the module-level ``app`` (config from ``[tool.flwr.app.config]``);
-``ferry simulate`` builds one with :func:`build_server_app` around an already validated plan.
+``ferry simulate`` builds one with :func:`build_server_app` around an already validated plan;
+``ferry server`` submits a run whose config says ``mode = "deployment"``
+(:mod:`server.deployment`: real institutions, no simulated data).
 """
 
 from __future__ import annotations
@@ -16,9 +18,15 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from simulations.runner import plan_simulation
+    from server.deployment import is_deployment, plan_deployment
 
-    plan = plan_simulation(dict(context.run_config), num_clients=len(list(grid.get_node_ids())))
+    run_config = dict(context.run_config)
+    if is_deployment(run_config):
+        plan = plan_deployment(run_config)
+    else:
+        from simulations.runner import plan_simulation
+
+        plan = plan_simulation(run_config, num_clients=len(list(grid.get_node_ids())))
     run_federation(grid, plan)
 
 

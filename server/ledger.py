@@ -26,6 +26,15 @@ Events (fields besides seq/prev/time/event):
                      ("budget" when the institution's budget would be exceeded)
 ``update_rejected``  run_id, round, institution (or null), node_id, reason
 ``round_aggregated`` run_id, round, participants (institution ids), payload_bytes
+``client_dropped``   run_id, round, institution (or null), node_id, stage ("backbone offer",
+                     "backbone shipping", "train", "evaluate"), reason: no reply within the
+                     round timeout, or the node went offline. After a drop at "train" the
+                     client may still have spent privacy; its next ``client_trained`` shows
+                     that as a gap in ``client_rounds``
+``round_failed``     run_id, round, reason (fewer usable updates than ``min_clients``; nothing
+                     was aggregated)
+``run_resumed``      run_id, after_round (the last checkpointed round; the next one is run
+                     again), records_after_checkpoint (records of the crashed attempt, kept)
 ``run_finished``     run_id, rounds_completed, reason
 """
 

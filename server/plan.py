@@ -1,0 +1,46 @@
+"""What the server's round loop works from (:class:`FederationPlan`) and keeps
+(:class:`FederationState`); the loop is :mod:`server.federation`, one round's exchanges
+:mod:`server.rounds`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common.config import RunConfig
+from common.serialization import BackboneArtifact
+from server.ledger import Ledger
+
+
+@dataclass
+class FederationPlan:
+    """Everything the round loop needs beyond the run config."""
+
+    cfg: RunConfig
+    artifact: BackboneArtifact
+    num_classes: int
+    out: Path
+    # Simulation only: where virtual institutions keep state and caches (sent to them).
+    client_state_root: Path | None = None
+    client_cache_root: Path | None = None
+    run_id: str = ""
+    round_timeout: float | None = None  # seconds each exchange waits; None = forever
+    connect_timeout: float = 300.0  # seconds to wait for ``cfg.clients`` to connect
+    resume: bool = False  # continue after the checkpoint in ``out``
+    node_names: dict[int, str] = field(default_factory=dict)  # registered node id -> name
+    log: Callable[[str], None] = print
+    ledger: Ledger | None = None  # opened by run_federation in ``out``
+
+
+@dataclass
+class FederationState:
+    arrays: dict[str, np.ndarray]
+    holders: set[int] = field(default_factory=set)
+    institutions: dict[int, str] = field(default_factory=dict)  # node id -> institution
+    exhausted: dict[int, str] = field(default_factory=dict)  # node id -> why not selected
+    clients: dict[str, dict] = field(default_factory=dict)
+    rounds: list[dict] = field(default_factory=list)
+    dropped: dict[int, str] = field(default_factory=dict)  # this round: node -> why

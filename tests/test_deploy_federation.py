@@ -1,0 +1,273 @@
+"""The round loop's fault tolerance, on an in-process grid that can lose clients and crash.
+
+:class:`FakeGrid` hands every message to Ferry's real ClientApp handlers (three virtual
+institutions training with DP-SGD on synthetic data) and returns their replies, except where a
+test makes a node stay silent (a straggler), answers with a SuperLink transport error, or makes
+the server "crash" in the middle of an exchange. Nothing here starts a process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.supercore.task_identity import TaskIdentity
+
+import client.app as client_app
+import server.exchange
+from client.privacy_state import PrivacyState
+from common.config import RunConfig
+from common.errors import FerryError
+from common.privacy.accounting import MechanismSegment, epsilon_for_history
+from server.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from server.federation import FederationPlan, run_federation
+from server.ledger import read_ledger
+
+NODES = [2**63 + 11, 2**63 + 22, 2**63 + 33]  # 64-bit ids, as Flower's
+HANDLERS = {
+    "query.backbone_offer": client_app.backbone_offer,
+    "query.backbone_ship": client_app.backbone_ship,
+    "train": client_app.train,
+    "evaluate": client_app.evaluate,
+}
+
+
+class Crash(Exception):
+    """The server process dies here."""
+
+
+class FakeGrid:
+    """A Grid whose clients answer at push time, unless ``fate`` says otherwise.
+
+    ``fate(node, message) -> "answer" | "silent" | "unavailable" | "crash"``: "crash" runs the
+    client (it trains and records its spend) and then kills the server before any reply
+    reaches it."""
+
+    def __init__(self, fate=None, online=None):
+        self.fate = fate or (lambda node, msg: "answer")
+        self.online = list(NODES if online is None else online)
+        self.replies: dict[str, Message] = {}
+
+    def get_node_ids(self):
+        return list(self.online)
+
+    def push_messages(self, messages):
+        ids, crash = [], False
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            ids.append(msg.metadata.message_id)
+            node = msg.metadata.dst_node_id
+            fate = self.fate(node, msg)
+            if fate == "silent":
+                continue
+            if fate == "unavailable":  # written by the SuperLink, not by the node
+                reply = Message(Error(ErrorCode.NODE_UNAVAILABLE, "node offline"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = 1
+            else:
+                context = Context(
+                    run_id=1,
+                    node_id=node,
+                    node_config={"partition-id": NODES.index(node), "num-partitions": 3},
+                    state=RecordDict(),
+                    run_config={},
+                )
+                reply = HANDLERS[msg.metadata.message_type](msg, context)
+            self.replies[msg.metadata.message_id] = reply
+            crash = crash or fate == "crash"
+        if crash:
+            raise Crash
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    """What a ServerApp process has set when it builds messages; and a fast poll."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(server.exchange, "POLL_SECONDS", 0.01)
+
+
+@pytest.fixture
+def make_plan(tmp_path, artifact):
+    def make(name: str = "run", **changes) -> FederationPlan:
+        run = RunConfig(
+            examples=600,
+            clients=3,
+            rounds=3,
+            min_clients=2,
+            noise_multiplier=1.5,
+            epsilon=30.0,
+            seed=3,
+        )
+        run = dataclasses.replace(run, out=str(tmp_path / name), **changes)
+        (tmp_path / name).mkdir(exist_ok=True)
+        return FederationPlan(
+            cfg=run,
+            artifact=artifact,
+            num_classes=4,
+            out=tmp_path / name,
+            client_state_root=tmp_path / name / "clients",
+            client_cache_root=tmp_path / "cache",
+            run_id=name,
+            round_timeout=0.3,
+            connect_timeout=1.0,
+            log=lambda _: None,
+        )
+
+    return make
+
+
+def _events(out: Path, kind: str) -> list[dict]:
+    return [r for r in read_ledger(out / "ledger.jsonl").records if r["event"] == kind]
+
+
+def _round_of(msg: Message) -> int:
+    return int(msg.metadata.group_id)
+
+
+def test_straggler_is_dropped_logged_and_sits_out_next_round_while_others_aggregate(make_plan):
+    straggler = NODES[2]
+    plan = make_plan()
+
+    def fate(node, msg):
+        late = node == straggler and _round_of(msg) == 2 and msg.metadata.message_type == "train"
+        return "silent" if late else "answer"
+
+    summary = run_federation(FakeGrid(fate), plan)
+
+    rounds = [json.loads(line) for line in (plan.out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["rounds_completed"] == 3
+    assert [r["participants"] for r in rounds] == [3, 2, 2]
+    assert [r["sampled"] for r in rounds] == [3, 3, 2]  # sits round 3 out
+    dropped = _events(plan.out, "client_dropped")
+    assert [(d["round"], d["node_id"], d["stage"]) for d in dropped] == [
+        (2, str(straggler), "train")
+    ]
+    assert "round timeout" in dropped[0]["reason"]
+    aggregated = _events(plan.out, "round_aggregated")
+    assert [len(a["participants"]) for a in aggregated] == [3, 2, 2]
+
+
+def test_error_from_superlink_is_attributed_to_the_node_it_concerns(make_plan):
+    gone = NODES[1]
+    plan = make_plan(rounds=1)
+
+    def fate(node, msg):
+        return "unavailable" if node == gone and msg.metadata.message_type == "train" else "answer"
+
+    run_federation(FakeGrid(fate), plan)
+
+    dropped = _events(plan.out, "client_dropped")
+    assert [(d["node_id"], d["stage"]) for d in dropped] == [(str(gone), "train")]
+    assert "node offline" in dropped[0]["reason"]
+    assert not _events(plan.out, "update_rejected")  # not blamed on "node 1"
+
+
+def test_round_with_fewer_usable_updates_than_min_clients_aggregates_nothing_and_fails(make_plan):
+    plan = make_plan(min_clients=3)
+
+    def fate(node, msg):
+        late = node == NODES[0] and _round_of(msg) == 2 and msg.metadata.message_type == "train"
+        return "silent" if late else "answer"
+
+    with pytest.raises(FerryError, match="round 2: 2 usable update.*--min-clients 3"):
+        run_federation(FakeGrid(fate), plan)
+
+    assert [a["round"] for a in _events(plan.out, "round_aggregated")] == [1]
+    assert [f["round"] for f in _events(plan.out, "round_failed")] == [2]
+    assert load_checkpoint(plan.out).round == 1  # resumable from the last good round
+
+
+def _crash_in_round_3(stage: str):
+    def fate(node, msg):
+        if _round_of(msg) == 3 and msg.metadata.message_type == stage:
+            return "crash"
+        return "answer"
+
+    return fate
+
+
+def _client_state(plan: FederationPlan, name: str) -> PrivacyState:
+    return PrivacyState.open(plan.client_state_root / name, name)
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "train"])
+def test_resume_after_crash_in_round_3_finishes_like_an_uninterrupted_run(make_plan, stage):
+    reference = run_federation(FakeGrid(), make_plan("reference"))
+    ref_ckpt = load_checkpoint(make_plan("reference").out)
+
+    plan = make_plan("crashed")
+    with pytest.raises(Crash):
+        run_federation(FakeGrid(_crash_in_round_3(stage)), plan)
+    assert load_checkpoint(plan.out).round == 2
+    resumed = run_federation(FakeGrid(), dataclasses.replace(make_plan("crashed"), resume=True))
+
+    # The same model as without the crash: round 3 re-ran from the round-2 checkpoint.
+    final = load_checkpoint(plan.out)
+    for key, value in ref_ckpt.arrays.items():
+        np.testing.assert_array_equal(final.arrays[key], value)
+    lines = (plan.out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
+    assert resumed["rounds_completed"] == reference["rounds_completed"] == 3
+    ledger = read_ledger(plan.out / "ledger.jsonl")  # the chain verifies across the restart
+    events = [r["event"] for r in ledger.records]
+    assert events.count("run_started") == 1 and events.count("run_resumed") == 1
+    resumed_at = events.index("run_resumed")
+    aggregated = [
+        (i, r["round"]) for i, r in enumerate(ledger.records) if r["event"] == "round_aggregated"
+    ]
+    assert [rnd for i, rnd in aggregated if i > resumed_at] == [3]
+    assert sorted({rnd for _, rnd in aggregated}) == [1, 2, 3]
+    # Every institution's ε in the ledger is its own accounting: the crashed attempt's spend
+    # is counted once (it happened), never twice, and never reset.
+    for name, client in resumed["clients"].items():
+        state = _client_state(plan, name)
+        records = [r for r in _events(plan.out, "client_trained") if r["institution"] == name]
+        assert records[-1]["epsilon_reported"] == pytest.approx(state.epsilon(1e-5))
+        assert records[-1]["client_rounds"] == state.rounds() == 4  # 3 rounds + the crashed one
+        if stage == "evaluate":  # the crashed round's replies reached the ledger
+            replay = [
+                MechanismSegment(r["noise_multiplier"], r["sample_rate"], r["steps"])
+                for r in records
+            ]
+            assert [r["client_rounds"] for r in records] == [1, 2, 3, 4]
+            assert epsilon_for_history(replay, 1e-5) == pytest.approx(state.epsilon(1e-5))
+        else:  # lost with the server: the gap in client_rounds shows it to an auditor
+            assert [r["client_rounds"] for r in records] == [1, 2, 4]
+        assert client["epsilon"] == pytest.approx(state.epsilon(1e-5))
+
+
+def test_resume_refuses_a_ledger_that_lost_checkpointed_records(make_plan):
+    plan = make_plan(rounds=2)
+    with pytest.raises(Crash):
+        run_federation(FakeGrid(lambda n, m: "crash" if _round_of(m) == 2 else "answer"), plan)
+    ledger = plan.out / "ledger.jsonl"
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    checkpointed = load_checkpoint(plan.out).ledger_seq
+    ledger.write_bytes(b"".join(lines[: checkpointed - 1]))
+    (plan.out / "ledger.head").unlink()
+
+    with pytest.raises(FerryError, match="no longer starts with"):
+        run_federation(FakeGrid(), dataclasses.replace(make_plan(rounds=2), resume=True))
+
+
+def test_resume_refuses_other_settings_or_no_checkpoint(make_plan):
+    plan = make_plan(rounds=2)
+    with pytest.raises(FerryError, match="holds no checkpoint.json"):
+        run_federation(FakeGrid(), dataclasses.replace(plan, resume=True))
+    with pytest.raises(Crash):
+        run_federation(FakeGrid(lambda n, m: "crash" if _round_of(m) == 2 else "answer"), plan)
+    assert (plan.out / CHECKPOINT_FILE).exists()
+
+    with pytest.raises(FerryError, match=r"settings differ .*\(lr\)"):
+        run_federation(FakeGrid(), dataclasses.replace(make_plan(rounds=2, lr=0.5), resume=True))
