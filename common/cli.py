@@ -1,4 +1,4 @@
-"""The ``ferry`` command: one front door for pretraining and simulation.
+"""The ``ferry`` command: one front door for pretraining, simulation, deployment and audit.
 
 Errors the user can fix print one line (``ferry: error: ...``) and exit 2; ``--debug`` shows
 the traceback. Every option can also come from a TOML file (``--config FILE``, keys spelled
@@ -116,6 +116,102 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return run_audit(args.path, as_json=args.json, plot=not args.no_plot)
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from common.certs import make_certs
+
+    report = make_certs(
+        args.out,
+        hosts=args.host,
+        institutions=args.institution,
+        federation=args.federation,
+        days=args.days,
+        keys_only=args.keys_only,
+    )
+    for path in report.created:
+        secret = path.suffix == ".key"
+        print(f"created {path}{'  (secret: mode 0600)' if secret else ''}")
+    for path in report.kept:
+        print(f"kept    {path}  (exists; not overwritten)")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from server.superlink import load_server_config, run_server
+
+    settings = load_server_config(args.config, insecure=args.insecure, resume=args.resume)
+    return run_server(settings)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from client.supernode import InstitutionSettings, run_client
+
+    def path(value: str | None) -> Path | None:
+        return Path(value).expanduser().absolute() if value else None
+
+    return run_client(
+        InstitutionSettings(
+            server=args.server,
+            data=path(args.data),
+            state_dir=path(args.state_dir),
+            institution=args.institution,
+            budget_epsilon=args.budget_epsilon,
+            budget_delta=args.budget_delta,
+            root_cert=path(args.root_cert),
+            key=path(args.key),
+            cache_dir=path(args.cache_dir),
+            runtime_port=args.runtime_port,
+            insecure=args.insecure,
+        )
+    )
+
+
+def _add_deployment_commands(sub) -> None:
+    p = sub.add_parser(
+        "certs", help="make a federation's CA, server certificate and institutions' keys"
+    )
+    p.add_argument("--out", default="certs", help="output directory (default: certs)")
+    p.add_argument(
+        "--host",
+        action="append",
+        help="server hostname or IP for the certificate (repeat; default 127.0.0.1, localhost)",
+    )
+    p.add_argument(
+        "--institution", action="append", help="make a SuperNode key pair for NAME (repeat)"
+    )
+    p.add_argument("--federation", default="ferry", help="name in the CA certificate")
+    p.add_argument("--days", type=int, default=365, help="certificate validity in days")
+    p.add_argument(
+        "--keys-only",
+        action="store_true",
+        help="only institution key pairs (an institution making its own; send the .pub)",
+    )
+    p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("server", help="run the federation's SuperLink and the Ferry run")
+    p.add_argument("--config", required=True, help="server.toml ([server], [institutions], [run])")
+    p.add_argument(
+        "--insecure", action="store_true", help="no TLS, no node authentication: local trials only"
+    )
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run after its checkpoint")
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("client", help="run one institution's SuperNode next to its data")
+    p.add_argument("--server", required=True, help="the federation's SuperLink, HOST:PORT")
+    p.add_argument("--root-cert", help="the federation's CA certificate (ca.pem)")
+    p.add_argument("--key", help="this institution's private key (INSTITUTION.key)")
+    p.add_argument("--data", required=True, help="image folder, one subfolder per class")
+    p.add_argument("--state-dir", required=True, help="privacy spend, backbone and feature cache")
+    p.add_argument("--cache-dir", help="backbone and feature cache (default: STATE_DIR/cache)")
+    p.add_argument("--budget-epsilon", type=float, required=True, help="this institution's ε")
+    p.add_argument("--budget-delta", type=float, required=True, help="this institution's δ")
+    p.add_argument("--institution", required=True, help="this institution's name")
+    p.add_argument(
+        "--runtime-port", type=int, default=9094, help="local port of the SuperNode's runtime API"
+    )
+    p.add_argument("--insecure", action="store_true", help="no TLS: local trials only")
+    p.set_defaults(func=cmd_client)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -142,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--no-plot", action="store_true", help="skip the ε-per-round plot")
     p.set_defaults(func=cmd_audit)
+    _add_deployment_commands(sub)
     return parser
 
 

@@ -1,0 +1,248 @@
+"""``ferry client``: check one institution's inputs, then run its Flower SuperNode.
+
+Everything is checked before a process starts, and each problem is one line (exit 2): the
+server address, the CA certificate (present, a CA, current; and, when the server answers,
+that the server's certificate verifies against it), the institution's private key (OpenSSH
+EC key that only its owner can read), the data (a readable image folder with at least two
+classes), the state directory (created if missing, and writable), the budget.
+
+Then ``flower-supernode`` starts in its own process group with TLS (``--root-certificates``),
+SuperNode authentication (``--auth-supernode-private-key``), its runtime API on
+``127.0.0.1:--runtime-port`` and ``--isolation subprocess``. The institution's settings go
+to the ClientApp as Flower node config (a TOML file in the state directory, read by
+:func:`client.runtime.settings_for_deployment`): the server never sees the data path and
+cannot change the budget. ``ferry client`` waits on the SuperNode and stops its whole group
+on exit, Ctrl-C or SIGTERM.
+
+What leaves this machine: the SuperNode's authentication (a signature with the private key;
+the key itself never leaves), and per round the trained head's arrays, train/evaluation
+metrics and the privacy report. Data, features, gradients and the key stay here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.certs import check_institution_name
+from common.child_processes import ChildProcess, exit_on_signals, flower_bin, flower_env
+from common.data.image_folder import IMAGE_SUFFIXES
+from common.errors import FerryError
+from common.tls import (
+    check_ca_certificate,
+    check_private_key_file,
+    check_server_identity,
+    parse_address,
+)
+
+NODE_CONFIG_FILE = "node-config.toml"
+INSECURE_WARNING = (
+    "ferry: WARNING: --insecure: TLS is OFF: the server is not authenticated and this "
+    "institution's model updates, metrics and privacy reports cross the network in the clear. "
+    "Use it for local trials only."
+)
+
+
+@dataclass(frozen=True)
+class InstitutionSettings:
+    server: str
+    data: Path
+    state_dir: Path
+    institution: str
+    budget_epsilon: float
+    budget_delta: float
+    root_cert: Path | None = None
+    key: Path | None = None
+    cache_dir: Path | None = None
+    runtime_port: int = 9094
+    insecure: bool = False
+
+
+def check_data(path: Path) -> tuple[list[str], int]:
+    """(class names, image count) of an image folder, opening one image per class."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_dir():
+        raise FerryError(
+            f"--data {path} is not a directory: give a folder with one subfolder per class"
+        )
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise FerryError(f"--data {path} is not readable by this user")
+    classes, count = [], 0
+    try:
+        for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            images = [f for f in sorted(sub.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+            if not images:
+                continue
+            try:
+                with Image.open(images[0]) as img:
+                    img.verify()
+            except (UnidentifiedImageError, OSError) as exc:
+                raise FerryError(
+                    f"--data: unreadable image {images[0]} ({type(exc).__name__}): "
+                    "remove or replace it"
+                ) from None
+            classes.append(sub.name)
+            count += len(images)
+    except PermissionError as exc:
+        raise FerryError(f"--data: {exc.filename} is not readable by this user") from None
+    if len(classes) < 2:
+        raise FerryError(
+            f"--data {path} has no usable examples in two or more classes: expected "
+            f"{path}/<class name>/<image>.png (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return classes, count
+
+
+def check_state_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        probe = path / ".ferry-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise FerryError(
+            f"--state-dir {path} is not writable ({exc.strerror}): it holds this institution's "
+            "privacy spend; give a writable directory"
+        ) from None
+
+
+def _check_runtime_port(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise FerryError(
+                f"--runtime-port {port} is in use on 127.0.0.1 (another SuperNode?): "
+                "choose a free port"
+            ) from None
+
+
+def check_settings(s: InstitutionSettings) -> tuple[list[str], int]:
+    """Check every input (see the module docstring); return the data's classes and size."""
+    host, port = parse_address(s.server)
+    check_institution_name(s.institution)
+    if not (s.budget_epsilon > 0 and math.isfinite(s.budget_epsilon)):
+        raise FerryError(f"--budget-epsilon {s.budget_epsilon!r} is invalid: use a positive ε")
+    if not 0 < s.budget_delta < 1:
+        raise FerryError(f"--budget-delta {s.budget_delta!r} is invalid: use 0 < δ < 1")
+    if not s.insecure:
+        if s.root_cert is None or s.key is None:
+            raise FerryError(
+                "--root-cert CA.pem and --key INSTITUTION.key are required (or --insecure, "
+                "for a local trial only)"
+            )
+        check_ca_certificate(s.root_cert)
+    if s.key is not None:
+        check_private_key_file(s.key)
+    classes, count = check_data(s.data)
+    check_state_dir(s.state_dir)
+    if s.cache_dir is not None:
+        check_state_dir(s.cache_dir)
+    _check_runtime_port(s.runtime_port)
+    if not s.insecure and not check_server_identity(host, port, s.root_cert):
+        print(
+            f"ferry: note: the server {host}:{port} is not reachable yet; the SuperNode keeps "
+            "trying",
+            file=sys.stderr,
+        )
+    return classes, count
+
+
+def write_node_config(s: InstitutionSettings) -> Path:
+    """The node config the ClientApp reads (all paths absolute), as a TOML file."""
+    values = {
+        "institution": s.institution,
+        "data-path": str(s.data.resolve()),
+        "state-dir": str(s.state_dir.resolve()),
+        "cache-dir": str((s.cache_dir or s.state_dir / "cache").resolve()),
+        "budget-epsilon": float(s.budget_epsilon),
+        "budget-delta": float(s.budget_delta),
+    }
+    path = s.state_dir / NODE_CONFIG_FILE
+    lines = [f"{k} = {json.dumps(v) if isinstance(v, str) else repr(v)}" for k, v in values.items()]
+    path.write_text(
+        "# Written by `ferry client`: this institution's own settings.\n" + "\n".join(lines) + "\n"
+    )
+    return path
+
+
+def supernode_argv(s: InstitutionSettings, node_config: Path) -> list[str]:
+    argv = [
+        flower_bin("flower-supernode"),
+        "--superlink",
+        s.server,
+        "--node-config",
+        str(node_config),
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(s.runtime_port),
+    ]
+    if s.insecure:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(s.root_cert.resolve())]
+    if s.key is not None:
+        argv += ["--auth-supernode-private-key", str(s.key.resolve())]
+    return argv
+
+
+def _refusal(log_text: str, s: InstitutionSettings) -> str | None:
+    """Why the SuperLink turned this SuperNode away, from its log, or None."""
+    if "Failed to activate SuperNode" in log_text:
+        return (
+            f"the server refused this SuperNode: its key {s.key} is not registered with the "
+            f"federation (send {Path(str(s.key)).with_suffix('.pub').name} to the federation "
+            "operator to be registered)"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in log_text:
+        return (
+            f"the server at {s.server} did not prove its identity with --root-cert "
+            f"{s.root_cert}: get the federation's current ca.pem"
+        )
+    return None
+
+
+def run_client(s: InstitutionSettings, log=None) -> int:
+    """Check, start the SuperNode, wait on it; return its exit code."""
+    log = log or (lambda line: print(line, flush=True))
+    if s.insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    classes, count = check_settings(s)
+    node_config = write_node_config(s)
+    exit_on_signals()
+    log_path = s.state_dir / "supernode.log"
+    env = flower_env() | {"FLWR_HOME": str(s.state_dir / "flwr-home")}  # not ~/.flwr
+    supernode = ChildProcess("supernode", supernode_argv(s, node_config), log_path, env)
+    log(
+        f"{s.institution}: {count} images in {len(classes)} classes stay in {s.data}; budget "
+        f"ε={s.budget_epsilon:g}, δ={s.budget_delta:g} (enforced here); state in {s.state_dir}"
+    )
+    log(f"connecting to {s.server} ({'INSECURE' if s.insecure else 'TLS'}); log: {log_path}")
+    try:
+        supernode.start()
+        while (code := supernode.poll()) is None:
+            time.sleep(0.5)
+        why = _refusal(supernode.log_tail(60), s)
+        if why:
+            raise FerryError(why)
+        if code:
+            print(
+                f"ferry: error: flower-supernode exited with code {code}; see {log_path}",
+                file=sys.stderr,
+            )
+        return 1 if code else 0
+    except KeyboardInterrupt:
+        print("ferry: interrupted; stopping the SuperNode", file=sys.stderr)
+        return 130
+    finally:
+        supernode.stop()
