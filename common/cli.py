@@ -212,6 +212,15 @@ def _add_deployment_commands(sub) -> None:
     p.set_defaults(func=cmd_client)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from simulations.bench.suite import run_bench
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_bench(args.quick, out / "BENCHMARKS.md", out / "BENCHMARKS.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -225,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output directory (default: $FERRY_HOME/pretrained/ARCH)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("bench", help="measure Ferry against its baselines (BENCHMARKS.md)")
+    p.add_argument("--quick", action="store_true", help="small sizes, a few minutes (CI)")
+    p.add_argument("--out", default=".", help="directory for BENCHMARKS.md and .json")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("simulate", help="simulate a federation of virtual institutions")
     p.add_argument("--config", help="TOML file with any of the options below")
