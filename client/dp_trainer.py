@@ -13,6 +13,7 @@ train mode).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ class DPTrainConfig:
     lr: float = 1.0
     non_private: bool = False
     seed: int = 0
+    device: str = "cpu"
+    # > 0: split each (logical) Poisson batch into physical batches of at most this many
+    # examples (Opacus BatchMemoryManager); accounting still counts logical steps.
+    max_physical_batch: int = 0
 
     def validate(self) -> None:
         if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
@@ -74,8 +79,10 @@ def train_head(
     """Train ``head`` (already holding the global weights) on ``features`` for one round."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
-    x = torch.from_numpy(np.asarray(features, dtype=np.float32))
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    device = torch.device(cfg.device)
+    x = torch.from_numpy(np.asarray(features, dtype=np.float32)).to(device)
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+    head = head.to(device)
     loader = DataLoader(
         TensorDataset(x, y),
         batch_size=cfg.batch_size,
@@ -107,15 +114,16 @@ def train_head(
         )
     total_loss, seen = 0.0, 0
     for _ in range(cfg.local_epochs):
-        for xb, yb in loader:
-            optimizer.zero_grad()
-            logits = head(xb)
-            # An empty Poisson batch still takes a (noise-only) step, as the accounting assumes.
-            loss = nn.functional.cross_entropy(logits, yb) if len(yb) else logits.sum() * 0.0
-            loss.backward()
-            optimizer.step()
-            total_loss += float(loss.detach()) * len(yb)
-            seen += len(yb)
+        with _physical_batches(loader, optimizer, cfg.max_physical_batch, engine) as batches:
+            for xb, yb in batches:
+                optimizer.zero_grad()
+                logits = head(xb)
+                # An empty Poisson batch still takes a (noise-only) step, as accounted.
+                loss = nn.functional.cross_entropy(logits, yb) if len(yb) else logits.sum() * 0.0
+                loss.backward()
+                optimizer.step()
+                total_loss += float(loss.detach()) * len(yb)
+                seen += len(yb)
     segment = None
     if engine is not None:
         (sigma, q, steps), *rest = engine.accountant.history
@@ -127,6 +135,31 @@ def train_head(
         acc = float((head(x).argmax(1) == y).float().mean()) if len(y) else 0.0
     state = {k: v.detach().cpu().numpy().copy() for k, v in head.state_dict().items()}
     return TrainOutcome(state, total_loss / max(seen, 1), acc, len(y), segment)
+
+
+@contextlib.contextmanager
+def _physical_batches(loader, optimizer, max_physical: int, engine):
+    """The loader itself, or Opacus' BatchMemoryManager when logical batches may not fit."""
+    if engine is None or max_physical <= 0:
+        yield loader
+        return
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    with BatchMemoryManager(
+        data_loader=loader, max_physical_batch_size=max_physical, optimizer=optimizer
+    ) as batches:
+        yield batches
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: CUDA when this process sees a GPU, else CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FerryError(
+            f"device {device!r} requested but no CUDA GPU is visible: use --device cpu"
+        )
+    return device
 
 
 def evaluate_head(head: nn.Module, features: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

@@ -29,16 +29,25 @@ def feature_key(backbone_sha256: str, data_fingerprint: str, preprocessing: dict
 
 
 def extract(
-    trunk: nn.Module, images: np.ndarray, preprocessing: dict, batch: int = 256
+    trunk: nn.Module,
+    images: np.ndarray,
+    preprocessing: dict,
+    batch: int = 256,
+    device: str = "cpu",
 ) -> np.ndarray:
     """Trunk features of ``images``; the trunk stays in eval mode, no gradients."""
     global trunk_examples
     trunk.eval()
     x = torch.from_numpy(preprocess(images, preprocessing))
     out = []
+    if device != "cpu":
+        batch *= 8  # large batches keep a GPU busy; features come back to host memory
+    trunk = trunk.to(device)
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            out.append(trunk(x[i : i + batch]).reshape(len(x[i : i + batch]), -1))
+            chunk = x[i : i + batch].to(device)
+            out.append(trunk(chunk).reshape(len(chunk), -1).cpu())
+    trunk.to("cpu")
     trunk_examples += len(x)
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
@@ -55,6 +64,7 @@ class FeatureCache:
         trunk: nn.Module,
         preprocessing: dict,
         splits: dict[str, np.ndarray],
+        device: str = "cpu",
     ) -> dict[str, np.ndarray]:
         """Features for each named split of images, from memory, disk, or one trunk pass."""
         from safetensors import SafetensorError
@@ -74,7 +84,10 @@ class FeatureCache:
             except (SafetensorError, OSError):
                 feats = None  # a damaged cache file is recomputed, never trusted
         if feats is None:
-            feats = {name: extract(trunk, imgs, preprocessing) for name, imgs in splits.items()}
+            feats = {
+                name: extract(trunk, imgs, preprocessing, device=device)
+                for name, imgs in splits.items()
+            }
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
             save_file({k: np.ascontiguousarray(v) for k, v in feats.items()}, str(tmp))

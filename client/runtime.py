@@ -18,7 +18,13 @@ import torch
 
 from client.backbone_cache import BackboneCache
 from client.budget_guard import Budget, can_afford_another, check_round
-from client.dp_trainer import DPTrainConfig, evaluate_head, round_plan, train_head
+from client.dp_trainer import (
+    DPTrainConfig,
+    evaluate_head,
+    resolve_device,
+    round_plan,
+    train_head,
+)
 from client.feature_cache import FeatureCache, feature_key
 from client.privacy_state import PrivacyState
 from common.config import RunConfig
@@ -147,7 +153,11 @@ def _local_data(settings: ClientSettings, req: RoundRequest) -> tuple[Partition,
     pre = artifact.manifest["preprocessing"]
     key = feature_key(req.backbone_sha256, part.fingerprint, pre)
     feats = FeatureCache(settings.cache_dir).get(
-        key, trunk, pre, {"train": part.train_x, "test": part.test_x}
+        key,
+        trunk,
+        pre,
+        {"train": part.train_x, "test": part.test_x},
+        device=resolve_device(req.run.device),
     )
     return part, feats, artifact.manifest
 
@@ -198,6 +208,8 @@ def train_round(
         lr=req.run.lr,
         non_private=req.run.non_private,
         seed=req.run.seed * 100_003 + req.round * 1_009 + settings.partition_id,
+        device=resolve_device(req.run.device),
+        max_physical_batch=req.run.max_physical_batch,
     )
     cfg.validate()
     q, steps = round_plan(n, cfg.batch_size, cfg.local_epochs)

@@ -44,6 +44,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "examples": "synthetic examples in total",
         "test_fraction": "held-out fraction per institution, for federated evaluation",
         "seed": "random seed",
+        "device": "where clients compute: auto (CUDA if visible), cpu, cuda, cuda:N",
+        "max_physical_batch": "split Poisson batches into physical ones of this size (0 = off)",
+        "cpus_per_client": "CPUs per virtual client (Ray); sets how many run at once",
+        "gpus_per_client": "GPUs per virtual client (Ray), e.g. 0.25 = four share a GPU",
+        "ray_address": "join an existing Ray cluster ('auto' or HOST:PORT)",
         "out": "output directory (default runs/sim-<time>)",
     }
     for f in fields(RunConfig):

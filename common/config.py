@@ -40,6 +40,13 @@ class RunConfig:
     examples: int = 4000
     test_fraction: float = 0.2
     seed: int = 0
+    # Where clients compute: "auto" = CUDA when a client sees a GPU, else CPU.
+    device: str = "auto"
+    max_physical_batch: int = 0  # > 0: Opacus BatchMemoryManager physical batch size
+    # Simulation resources per virtual client (Ray); fractions of a GPU share one GPU.
+    cpus_per_client: float = 1.0
+    gpus_per_client: float = 0.0
+    ray_address: str = ""  # "" = start Ray here; "auto" or HOST:PORT = join a Ray cluster
     out: str = ""
 
     @property
@@ -93,6 +100,14 @@ class RunConfig:
             raise bad("alpha", self.alpha, "the Dirichlet concentration must be > 0")
         if not 0 < self.test_fraction < 1:
             raise bad("test_fraction", self.test_fraction, "use a fraction in (0, 1)")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise bad("device", self.device, "use auto, cpu, cuda or cuda:N")
+        if self.max_physical_batch < 0:
+            raise bad("max_physical_batch", self.max_physical_batch, "use 0 (off) or more")
+        if not self.cpus_per_client > 0:
+            raise bad("cpus_per_client", self.cpus_per_client, "use a positive number of CPUs")
+        if self.gpus_per_client < 0:
+            raise bad("gpus_per_client", self.gpus_per_client, "use 0 or a (fraction of a) GPU")
         if self.examples < 2 * self.clients:
             raise bad("examples", self.examples, f"give at least 2 per client ({2 * self.clients})")
         return self

@@ -33,6 +33,14 @@ def plan_simulation(
         cfg = dataclasses.replace(cfg, clients=num_clients)
     cfg.validate()
     get_scenario(cfg.scenario)
+    if not cfg.ray_address and (cfg.gpus_per_client > 0 or cfg.device.startswith("cuda")):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise FerryError(
+                "GPUs were asked for (--gpus-per-client / --device cuda) but this machine has "
+                "no visible CUDA GPU: use --device auto or cpu and --gpus-per-client 0"
+            )
     artifact = resolve_backbone(cfg.backbone, cfg.weights, cfg.seed)
     spec = DataSpec(
         data=cfg.data,
@@ -71,6 +79,17 @@ def plan_simulation(
     )
 
 
+def backend_config(cfg: RunConfig) -> dict:
+    """Flower's Ray backend settings: resources per virtual client, and the cluster."""
+    init_args: dict = {"logging_level": "ERROR", "log_to_driver": False}
+    if cfg.ray_address:
+        init_args["address"] = cfg.ray_address
+    return {
+        "client_resources": {"num_cpus": cfg.cpus_per_client, "num_gpus": cfg.gpus_per_client},
+        "init_args": init_args,
+    }
+
+
 def simulate(cfg: RunConfig, log=print, client_app=None) -> dict:
     """Run a simulation to the end; return its summary (also in ``<out>/summary.json``).
 
@@ -105,10 +124,7 @@ def simulate(cfg: RunConfig, log=print, client_app=None) -> dict:
         server_app=build_server_app(plan),
         client_app=client_app,
         num_supernodes=cfg.clients,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"logging_level": "ERROR", "log_to_driver": False},
-        },
+        backend_config=backend_config(cfg),
     )
     summary_path = plan.out / "summary.json"
     if not summary_path.exists():
