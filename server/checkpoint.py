@@ -135,11 +135,30 @@ def load_checkpoint(out: str | os.PathLike) -> Checkpoint:
         raise FerryError(f"checkpoint {path} is unreadable ({exc})") from None
 
 
+def check_same_run(
+    out: str | os.PathLike, ckpt: Checkpoint, config: dict, backbone_sha256: str
+) -> None:
+    """A resume must use the checkpointed run's backbone and settings (FerryError if not)."""
+    if ckpt.backbone_sha256 != backbone_sha256:
+        raise FerryError(
+            f"the run in {out} used backbone {ckpt.backbone_sha256[:12]}, not "
+            f"{backbone_sha256[:12]}: resume with the same weights"
+        )
+    changed = sorted(
+        k for k in set(ckpt.config) | set(config) if ckpt.config.get(k) != config.get(k)
+    )
+    if changed:
+        raise FerryError(
+            f"the settings differ from the run in {out} ({', '.join(changed)}): "
+            "resume with the run's own settings"
+        )
+
+
 def check_ledger_prefix(out: str | os.PathLike, ckpt: Checkpoint) -> None:
     """The ledger must still hold, unchanged, the records the checkpoint covered."""
     path = Path(out) / LEDGER_FILE
-    lines = path.read_bytes().split(b"\n") if path.exists() else []
-    if len(lines) - 1 < ckpt.ledger_seq or (
+    lines = (path.read_bytes() if path.exists() else b"").split(b"\n")[:-1]  # complete ones
+    if len(lines) < ckpt.ledger_seq or (
         ckpt.ledger_seq and line_hash(lines[ckpt.ledger_seq - 1]) != ckpt.ledger_prev
     ):
         raise FerryError(

@@ -31,6 +31,7 @@ from common.privacy import UNIT_OF_PRIVACY
 from server.checkpoint import (
     Checkpoint,
     check_ledger_prefix,
+    check_same_run,
     load_checkpoint,
     restore_metrics,
     save_checkpoint,
@@ -97,21 +98,7 @@ def _fresh(plan: FederationPlan) -> tuple[FederationState, np.random.Generator, 
 def _resumed(plan: FederationPlan) -> tuple[FederationState, np.random.Generator, int]:
     ckpt = load_checkpoint(plan.out)
     check_ledger_prefix(plan.out, ckpt)
-    if ckpt.backbone_sha256 != plan.artifact.sha256:
-        raise FerryError(
-            f"the run in {plan.out} used backbone {ckpt.backbone_sha256[:12]}, not "
-            f"{plan.artifact.sha256[:12]}: resume with the same weights"
-        )
-    changed = sorted(
-        k
-        for k in set(ckpt.config) | set(plan.cfg.to_record())
-        if ckpt.config.get(k) != plan.cfg.to_record().get(k)
-    )
-    if changed:
-        raise FerryError(
-            f"the settings differ from the run in {plan.out} ({', '.join(changed)}): "
-            "resume with the run's own settings"
-        )
+    check_same_run(plan.out, ckpt, plan.cfg.to_record(), plan.artifact.sha256)
     state = FederationState(
         ckpt.arrays,
         holders=set(ckpt.holders),

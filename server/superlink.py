@@ -47,7 +47,9 @@ from common.tls import (
     check_server_certificate,
     parse_address,
 )
+from server.checkpoint import check_ledger_prefix, check_same_run, load_checkpoint
 from server.deployment import MODE, check_deployment
+from server.ledger import LEDGER_FILE
 
 CONNECTION = "ferry"  # the Flower CLI connection name ferry server writes
 INSECURE_WARNING = (
@@ -182,6 +184,10 @@ def check_server_settings(s: ServerSettings) -> None:
     settings = check_deployment(s.run)
     artifact = resolve_backbone(settings.cfg.backbone, settings.cfg.weights, settings.cfg.seed)
     build_head(settings.cfg.head, int(artifact.manifest["feature_dim"]), settings.num_classes)
+    if settings.resume:
+        ckpt = load_checkpoint(s.out)
+        check_ledger_prefix(s.out, ckpt)
+        check_same_run(s.out, ckpt, settings.cfg.to_record(), artifact.sha256)
     if not s.insecure:
         assert s.ca_cert and s.server_cert and s.server_key
         ca = check_ca_certificate(s.ca_cert, "[server] ca-cert")
@@ -429,14 +435,23 @@ def run_server(s: ServerSettings, log=None) -> int:
             child.stop()
 
 
+def _failure(s: ServerSettings) -> str:
+    """Why a run ended without a summary: the ledger's last word, else where to look."""
+    where = f"see {s.out / LEDGER_FILE} and {s.state_dir / 'superlink.log'}"
+    try:
+        last = json.loads((s.out / LEDGER_FILE).read_text().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return f"the ServerApp ended before writing its ledger; {where}"
+    if last.get("event") == "run_finished":
+        return f"{last.get('reason')}; {where}"
+    record = f"{last.get('seq')} ({last.get('event')})"
+    return f"the ServerApp stopped after ledger record {record}; {where}"
+
+
 def _report(s: ServerSettings, log) -> int:
     summary_path = s.out / "summary.json"
     if not summary_path.exists():
-        print(
-            f"ferry: error: the run ended without a summary; see {s.out}/ledger.jsonl and "
-            f"{s.state_dir / 'superlink.log'}",
-            file=sys.stderr,
-        )
+        print(f"ferry: error: the run failed: {_failure(s)}", file=sys.stderr)
         return 1
     summary = json.loads(summary_path.read_text())
     log(

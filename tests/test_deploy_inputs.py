@@ -455,3 +455,24 @@ def test_stopping_a_child_also_stops_descendants_that_left_its_process_group(tmp
     assert child_processes.tagged_pids(child.tag) == []
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     assert str(child.pid) not in [line.split()[0] for line in ps.splitlines()[1:]]
+
+
+def test_server_refuses_to_resume_a_run_with_other_settings(capsys, server_toml, tmp_path):
+    from server.checkpoint import Checkpoint, save_checkpoint
+
+    config = server_toml(run="lr = 0.5")
+    (tmp_path / "run").mkdir()
+    save_checkpoint(
+        tmp_path / "run",
+        Checkpoint(
+            run_id="run",
+            backbone_sha256=random_artifact("ferry-cnn", 0).sha256,
+            config={"lr": 1.0},
+            round=1,
+            arrays={},
+            rng={},
+        ),
+    )
+    argv = ["server", "--config", str(config), "--resume", str(tmp_path / "run")]
+    line = _error_line(capsys, argv)
+    assert "the settings differ from the run in" in line and "lr" in line
