@@ -1,0 +1,132 @@
+"""The privacy ledger's hash chain: any edit, deletion or reorder of one line is detected and
+named; a crash mid-write is survivable; reopening continues the chain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from server.ledger import HEAD_FILE, LEDGER_FILE, Ledger, LedgerError, encode, read_ledger
+
+RECORDS = 5
+
+
+@pytest.fixture
+def ledger_dir(tmp_path: Path) -> Path:
+    ledger = Ledger(tmp_path)
+    ledger.append("run_started", run_id="run-a", config={}, backbone_sha256="ab" * 32)
+    for rnd in range(1, RECORDS):
+        ledger.append(
+            "client_trained",
+            run_id="run-a",
+            round=rnd,
+            institution="hospital-000",
+            epsilon_reported=0.5 * rnd,
+        )
+    return tmp_path
+
+
+def _lines(directory: Path) -> list[bytes]:
+    return (directory / LEDGER_FILE).read_bytes().splitlines()
+
+
+def _write(directory: Path, lines: list[bytes]) -> None:
+    (directory / LEDGER_FILE).write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+def _edit(lines: list[bytes], i: int) -> list[bytes]:
+    record = json.loads(lines[i])
+    record["tampered_with"] = True  # still a well-formed record with its own seq and prev
+    return [*lines[:i], encode(record), *lines[i + 1 :]]
+
+
+def _delete(lines: list[bytes], i: int) -> list[bytes]:
+    return [*lines[:i], *lines[i + 1 :]]
+
+
+def _reorder(lines: list[bytes], i: int) -> list[bytes]:
+    j = i + 1 if i + 1 < len(lines) else i - 1  # swap with a neighbour
+    out = list(lines)
+    out[i], out[j] = out[j], out[i]
+    return out
+
+
+POSITIONS = {"first": 0, "middle": RECORDS // 2, "last": RECORDS - 1}
+
+
+# (operation, position) -> the 1-based line the error must name
+EXPECTED_LINE = {
+    ("edit", "first"): 2,  # line 2's prev no longer matches line 1
+    ("edit", "middle"): 4,
+    ("edit", "last"): 5,  # caught by ledger.head
+    ("delete", "first"): 1,  # line 1 now holds seq 1
+    ("delete", "middle"): 3,
+    ("delete", "last"): 4,  # the chain ends one record before ledger.head says
+    ("reorder", "first"): 1,
+    ("reorder", "middle"): 3,
+    ("reorder", "last"): 4,  # swapped with line 4
+}
+
+
+@pytest.mark.parametrize("where", POSITIONS)
+@pytest.mark.parametrize("operation", ["edit", "delete", "reorder"])
+def test_changing_any_one_line_is_detected_and_the_error_names_the_line(
+    ledger_dir: Path, operation: str, where: str
+) -> None:
+    read_ledger(ledger_dir / LEDGER_FILE)  # intact before
+    change = {"edit": _edit, "delete": _delete, "reorder": _reorder}[operation]
+    _write(ledger_dir, change(_lines(ledger_dir), POSITIONS[where]))
+    with pytest.raises(LedgerError) as info:
+        read_ledger(ledger_dir / LEDGER_FILE)
+    line = EXPECTED_LINE[(operation, where)]
+    assert info.value.tampered
+    assert info.value.line == line
+    assert str(info.value).startswith(f"line {line}:")
+    assert "\n" not in str(info.value)
+
+
+def test_deleting_a_line_and_renumbering_the_rest_is_still_detected(ledger_dir: Path) -> None:
+    lines = _delete(_lines(ledger_dir), 2)
+    renumbered = []
+    for seq, line in enumerate(lines):
+        record = json.loads(line)
+        record["seq"] = seq
+        renumbered.append(encode(record))
+    _write(ledger_dir, renumbered)
+    (ledger_dir / HEAD_FILE).unlink()  # the forger also removes the head
+    with pytest.raises(LedgerError, match="^line 3: prev hash does not match line 2") as info:
+        read_ledger(ledger_dir / LEDGER_FILE)
+    assert info.value.tampered and info.value.line == 3
+
+
+def test_incomplete_last_line_is_reported_not_fatal(ledger_dir: Path) -> None:
+    with open(ledger_dir / LEDGER_FILE, "ab") as f:
+        f.write(b'{"event":"client_trained","institution":"hosp')  # crash mid-write
+    contents = read_ledger(ledger_dir / LEDGER_FILE)
+    assert len(contents.records) == RECORDS
+    assert contents.incomplete_tail is not None
+    assert contents.incomplete_tail.startswith('{"event":"client_trained"')
+
+
+def test_reopening_a_ledger_continues_the_chain(ledger_dir: Path) -> None:
+    before = read_ledger(ledger_dir / LEDGER_FILE)
+    record = Ledger(ledger_dir).append("run_finished", run_id="run-a", rounds_completed=4)
+    assert record["seq"] == RECORDS
+    assert record["prev"] == before.head_hash
+    after = read_ledger(ledger_dir / LEDGER_FILE)
+    assert [r["seq"] for r in after.records] == list(range(RECORDS + 1))
+    assert json.loads((ledger_dir / HEAD_FILE).read_text())["seq"] == RECORDS
+
+
+def test_reopening_after_a_crash_truncates_the_incomplete_tail_and_continues(
+    ledger_dir: Path,
+) -> None:
+    with open(ledger_dir / LEDGER_FILE, "ab") as f:
+        f.write(b'{"event":"client_tra')
+    Ledger(ledger_dir).append("run_finished", run_id="run-a", rounds_completed=4)
+    contents = read_ledger(ledger_dir / LEDGER_FILE)
+    assert contents.incomplete_tail is None
+    assert [r["event"] for r in contents.records][-2:] == ["client_trained", "run_finished"]
+    assert [r["seq"] for r in contents.records] == list(range(RECORDS + 1))
