@@ -555,6 +555,12 @@ def audit_ledger(path: str | os.PathLike) -> AuditReport:
         report.tampered = f"{HEAD_FILE} is unreadable ({exc}): the last record cannot be verified"
         return report
     report.records, report.head_hash = len(contents.records), contents.head_hash
+    if contents.head_behind:
+        report.warnings.append(
+            f"{HEAD_FILE} is one record behind line {report.records}: the server stopped "
+            "between writing that record and updating the head (or the line was appended "
+            "afterwards); the chain up to it verifies"
+        )
     if contents.incomplete_tail is not None:
         report.warnings.append(
             f"line {report.records + 1} is incomplete (a crash mid-write?) and was ignored: "

@@ -74,23 +74,37 @@ class LedgerContents:
     records: list[dict] = field(default_factory=list)
     incomplete_tail: str | None = None  # what a crash mid-write left, if anything
     head_hash: str = GENESIS
+    head_behind: bool = False  # ledger.head lags the last record (crash before its update)
 
 
 def read_ledger(path: str | os.PathLike, check_head: bool = True) -> LedgerContents:
     """Read and verify the chain. Raises :class:`LedgerError` naming the first bad line."""
     path = Path(path)
+    head_path = path.with_name(HEAD_FILE)
     try:
         data = path.read_bytes()
     except OSError as exc:
+        if check_head and head_path.exists():
+            raise LedgerError(
+                f"{path} is gone but {HEAD_FILE} records a chain: the ledger was removed",
+                True,
+                1,
+            ) from None
         raise LedgerError(f"cannot read {path} ({exc.strerror})", tampered=False) from None
     if not data.strip():
+        if check_head and head_path.exists():
+            raise LedgerError(
+                f"{path} is empty but {HEAD_FILE} records a chain: the ledger was emptied",
+                True,
+                1,
+            )
         raise LedgerError(f"{path} is empty: no ledger records", tampered=False)
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline
     contents = LedgerContents()
     if tail:
         contents.incomplete_tail = tail[:200].decode(errors="replace")
-    prev = GENESIS
+    prev = before_last = GENESIS
     for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
@@ -116,15 +130,29 @@ def read_ledger(path: str | os.PathLike, check_head: bool = True) -> LedgerConte
                 True,
                 number,
             )
-        prev = line_hash(line)
+        before_last, prev = prev, line_hash(line)
         contents.records.append(record)
     if not contents.records:
         raise LedgerError(f"{path} holds no complete record", tampered=False)
     contents.head_hash = prev
-    head_path = path.with_name(HEAD_FILE)
     if check_head and head_path.exists():
-        head = json.loads(head_path.read_text() or "{}")
-        if head.get("seq") != len(contents.records) - 1 or head.get("sha256") != prev:
+        try:
+            head = json.loads(head_path.read_text())
+            if not isinstance(head, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            raise LedgerError(
+                f"{HEAD_FILE} is unreadable ({exc}): the last record cannot be verified",
+                True,
+                len(lines),
+            ) from None
+        n = len(contents.records)
+        # A crash between a record's fsync and the head's rename leaves the head one behind:
+        # that is the last record being written, not an edit.
+        contents.head_behind = head.get("seq") == n - 2 and head.get("sha256") == before_last
+        if contents.head_behind:
+            pass
+        elif head.get("seq") != n - 1 or head.get("sha256") != prev:
             raise LedgerError(
                 f"line {len(lines)}: the ledger's last record does not match {head_path.name} "
                 f"(seq {head.get('seq')}): the last line was edited or records were removed",
@@ -141,11 +169,23 @@ class Ledger:
         self.path = Path(directory) / LEDGER_FILE
         self.head_path = self.path.with_name(HEAD_FILE)
         self.seq, self.prev = 0, GENESIS
+        if self.path.exists() and b"\n" not in self.path.read_bytes():
+            if not self.head_path.exists():
+                self._truncate_tail()  # a crash during the very first append: start afresh
         if self.path.exists() and self.path.stat().st_size:
             contents = read_ledger(self.path)
             if contents.incomplete_tail is not None:
                 self._truncate_tail()
             self.seq, self.prev = len(contents.records), contents.head_hash
+            if contents.head_behind:
+                self._write_head()
+        elif self.head_path.exists():
+            raise LedgerError(
+                f"{self.path} is missing or empty but {HEAD_FILE} records a chain: "
+                "refusing to start a new ledger over a removed one",
+                True,
+                1,
+            )
 
     def _truncate_tail(self) -> None:
         data = self.path.read_bytes()
@@ -168,10 +208,13 @@ class Ledger:
             f.flush()
             os.fsync(f.fileno())
         self.seq, self.prev = self.seq + 1, line_hash(line)
+        self._write_head()
+        return record
+
+    def _write_head(self) -> None:
         tmp = self.head_path.with_name(HEAD_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump({"seq": self.seq - 1, "sha256": self.prev}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.head_path)
-        return record

@@ -130,3 +130,63 @@ def test_reopening_after_a_crash_truncates_the_incomplete_tail_and_continues(
     assert contents.incomplete_tail is None
     assert [r["event"] for r in contents.records][-2:] == ["client_trained", "run_finished"]
     assert [r["seq"] for r in contents.records] == list(range(RECORDS + 1))
+
+
+# --- Crash windows and removal, found in review -------------------------------------------
+
+
+def _two_records(tmp_path):
+    from server.ledger import Ledger
+
+    ledger = Ledger(tmp_path)
+    ledger.append("run_started", run_id="r")
+    ledger.append("round_aggregated", run_id="r", round=1, participants=[])
+    return tmp_path / "ledger.jsonl", tmp_path / "ledger.head"
+
+
+def test_unreadable_head_is_tampering_not_a_traceback(tmp_path):
+    from server.ledger import LedgerError, read_ledger
+
+    path, head = _two_records(tmp_path)
+    head.write_text("not json")
+    with pytest.raises(LedgerError) as err:
+        read_ledger(path)
+    assert err.value.tampered and "unreadable" in str(err.value)
+
+
+def test_emptied_ledger_with_a_head_is_tampering_and_not_restarted(tmp_path):
+    from server.ledger import Ledger, LedgerError, read_ledger
+
+    path, head = _two_records(tmp_path)
+    before = head.read_text()
+    path.write_bytes(b"")
+    with pytest.raises(LedgerError) as err:
+        read_ledger(path)
+    assert err.value.tampered
+    with pytest.raises(LedgerError):
+        Ledger(tmp_path)
+    assert head.read_text() == before  # the evidence is kept
+
+
+def test_head_one_behind_after_a_crash_is_accepted_and_repaired(tmp_path):
+    import json
+
+    from server.ledger import Ledger, read_ledger
+
+    path, head = _two_records(tmp_path)
+    stale = {"seq": 0, "sha256": read_ledger(path).records[1]["prev"]}
+    head.write_text(json.dumps(stale))  # the crash: line 2 written, head not yet updated
+    contents = read_ledger(path)
+    assert contents.head_behind and len(contents.records) == 2
+    ledger = Ledger(tmp_path)  # the server restarts
+    assert json.loads(head.read_text())["seq"] == 1
+    ledger.append("run_finished", run_id="r", rounds_completed=1, reason="done")
+    assert not read_ledger(path).head_behind
+
+
+def test_crash_during_the_first_append_does_not_block_startup(tmp_path):
+    from server.ledger import Ledger, read_ledger
+
+    (tmp_path / "ledger.jsonl").write_bytes(b'{"event":"run_sta')
+    Ledger(tmp_path).append("run_started", run_id="r")
+    assert [r["event"] for r in read_ledger(tmp_path / "ledger.jsonl").records] == ["run_started"]

@@ -57,7 +57,10 @@ def event_from_json(data: dict):
             fields = {
                 k: convert(v) for k, v in value.items() if k not in ("module_name", "class_name")
             }
-            return cls(**fields)
+            try:
+                return cls(**fields)
+            except TypeError as exc:
+                raise ValueError(f"bad fields for {value['class_name']}: {exc}") from None
         if isinstance(value, list):
             return [convert(v) for v in value]
         return value

@@ -34,7 +34,7 @@ def replace_section(path: Path, heading: str, body: str) -> None:
     start = text.find(heading + "\n")
     if start >= 0:
         end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + section
     tmp = path.with_name(path.name + ".tmp")
