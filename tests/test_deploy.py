@@ -269,6 +269,7 @@ def dropout_run(world) -> dict:
         result["server_code"] = procs.wait(server, 400)
         result["seconds"] = time.monotonic() - t0
         result["server_log"] = server.log_path.read_text()
+        result["server_left"] = tagged_pids(server.tag)  # ferry server stopped its own
         result["clients_alive"] = {i: c.poll() is None for i, c in clients.items()}
     finally:
         result["leftovers"] = procs.stop_all()
@@ -306,7 +307,14 @@ def resumed_run(world) -> dict:
         result["server_code"] = procs.wait(restarted, 400)
         result["seconds"] = time.monotonic() - t0
         result["server_log"] = restarted.log_path.read_text()
+        result["server_left"] = tagged_pids(restarted.tag)
         result["clients_alive"] = {i: c.poll() is None for i, c in clients.items()}
+        # Ctrl-C / SIGTERM to `ferry client` stops its SuperNode and everything under it.
+        result["client_codes"], result["clients_left"] = {}, {}
+        for inst, child in clients.items():
+            os.kill(child.pid, signal.SIGTERM)
+            result["client_codes"][inst] = procs.wait(child, 60)
+            result["clients_left"][inst] = tagged_pids(child.tag)
     finally:
         result["leftovers"] = procs.stop_all()
     result.update(out=out, clients=world["root"] / "resume-clients")
@@ -375,6 +383,7 @@ def test_supernode_killed_mid_round_is_dropped_and_the_others_finish(dropout_run
 
 
 def test_dropout_run_leaves_no_process_behind(dropout_run):
+    assert dropout_run["server_left"] == []  # stopped by ferry server itself, at its exit
     assert dropout_run["leftovers"] == []
 
 
@@ -418,5 +427,8 @@ def test_resumed_ledger_verifies_and_matches_each_institutions_own_accounting(re
 
 
 def test_resumed_run_leaves_no_process_behind(resumed_run):
-    assert resumed_run["leftovers"] == []
     assert all(resumed_run["clients_alive"].values())  # they rode out the server's restart
+    assert resumed_run["server_left"] == []
+    assert resumed_run["client_codes"] == dict.fromkeys(INSTITUTIONS, 130)  # interrupted
+    assert resumed_run["clients_left"] == dict.fromkeys(INSTITUTIONS, [])
+    assert resumed_run["leftovers"] == []
