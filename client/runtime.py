@@ -9,7 +9,9 @@ held-out split (also not covered by DP).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -174,16 +176,35 @@ def _head(req: RoundRequest, manifest: dict, arrays: dict[str, np.ndarray]) -> t
     return head
 
 
-def noise_for(req: RoundRequest, num_examples: int) -> float:
+def noise_for(req: RoundRequest, num_examples: int, state_dir: Path | None = None) -> float:
     """The run's noise multiplier: given, or derived so that all planned rounds stay within
-    the run's (epsilon, delta) for this institution's sample rate and step count."""
+    the run's (epsilon, delta) for this institution's sample rate and step count.
+
+    A derivation (a PRV bisection, seconds) is remembered in ``state_dir/noise_cache.json``:
+    deployed clients run each round in a fresh process, where in-memory caches are empty."""
     run = req.run
     if not run.derive_noise:
         return float(run.noise_multiplier)
     if run.non_private:
         return 0.0
     q, steps = round_plan(num_examples, run.batch_size, run.local_epochs)
-    return noise_multiplier_for_target(run.epsilon, run.delta, q, steps * run.rounds, ACCOUNTANT)
+    key = json.dumps([run.epsilon, run.delta, q, steps * run.rounds, ACCOUNTANT])
+    cache_file = state_dir / "noise_cache.json" if state_dir else None
+    cache = {}
+    if cache_file and cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except ValueError:
+            cache = {}  # a damaged cache is only a lost speed-up
+    if key in cache:
+        return float(cache[key])
+    sigma = noise_multiplier_for_target(run.epsilon, run.delta, q, steps * run.rounds, ACCOUNTANT)
+    if cache_file:
+        cache[key] = sigma
+        tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    return sigma
 
 
 def train_round(
@@ -201,7 +222,7 @@ def train_round(
         )
     state = PrivacyState.open(settings.state_dir, settings.institution)
     cfg = DPTrainConfig(
-        noise_multiplier=noise_for(req, n),
+        noise_multiplier=noise_for(req, n, settings.state_dir),
         max_grad_norm=req.run.max_grad_norm,
         batch_size=req.run.batch_size,
         local_epochs=req.run.local_epochs,

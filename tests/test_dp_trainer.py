@@ -235,3 +235,19 @@ def test_train_round_refuses_delta_not_below_one_over_n(client):
     with pytest.raises(FerryError, match="delta"):
         runtime.train_round(client.settings, client.request(1), client.initial_head())
     assert not (client.settings.state_dir / "privacy_state.json").exists()
+
+
+def test_derived_noise_is_remembered_in_the_state_dir(tmp_path, monkeypatch):
+    """A deployed client runs each round in a fresh process: the PRV bisection is done once."""
+    from client import runtime
+    from common.config import RunConfig
+
+    req = runtime.RoundRequest(RunConfig(rounds=3), 1, "0" * 64, 4)
+    first = runtime.noise_for(req, 300, tmp_path)
+    assert (tmp_path / "noise_cache.json").is_file()
+
+    def no_bisection(*args, **kwargs):
+        raise AssertionError("derived again")
+
+    monkeypatch.setattr(runtime, "noise_multiplier_for_target", no_bisection)
+    assert runtime.noise_for(req, 300, tmp_path) == first
