@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.bench.report import replace_section
+from simulations.bench.report import machine, replace_section
 
 HEADING = "## Audit: 200 institutions × 50 rounds"
 COMMAND = "python -m simulations.bench.audit_bench"
@@ -252,19 +251,6 @@ def fine_pld_check(
         fine = acc.get_epsilon(DELTA)
         worst = max(worst, abs(rows[i]["replayed"] - fine) / fine)
     return worst
-
-
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    return f"`nproc` = {nproc}, {model}, Python {platform.python_version()}"
 
 
 def main(argv: list[str] | None = None) -> int:
