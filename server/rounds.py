@@ -193,7 +193,8 @@ def train_round(
             state.institutions[node] = inst
             if report.get("budget-left-for-another-round") is False:
                 state.exhausted[node] = f"budget spent (ε={report.get('epsilon', 0):.3f})"
-                plan.log(f"  {inst} has spent its budget: not selected again")
+                if rnd < plan.cfg.rounds:  # after the last round it is no news
+                    plan.log(f"  {inst} has spent its budget: not selected again")
             arrays = {k: v.numpy() for k, v in reply.content["head"].items()}
             problem = check_update(state.arrays, arrays) or check_metrics(metrics)
         if problem:
