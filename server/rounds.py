@@ -79,17 +79,33 @@ def _exchange(
     for node, reason in lost.items():
         state.dropped[node] = reason
         inst = institution_name(plan, state, node)
-        plan.ledger.append(
+        _client_event(
+            plan,
             "client_dropped",
-            run_id=plan.run_id,
-            round=rnd,
-            institution=inst,
-            node_id=str(node),
+            rnd,
+            node,
+            inst,
+            f"dropped from round {rnd} ({stage}: {reason})",
             stage=stage,
             reason=reason,
         )
-        plan.log(f"  {inst or f'node {node}'} dropped from round {rnd} ({stage}: {reason})")
     return result.replies
+
+
+def _client_event(
+    plan: FederationPlan,
+    event: str,
+    rnd: int,
+    node: int,
+    inst: str | None,
+    line: str,
+    **fields: object,
+) -> None:
+    """One ledger record about one client in one round, and one log line saying it."""
+    plan.ledger.append(
+        event, run_id=plan.run_id, round=rnd, institution=inst, node_id=str(node), **fields
+    )
+    plan.log(f"  {inst or f'node {node}'} {line}")
 
 
 def ensure_backbone(
@@ -168,17 +184,17 @@ def train_round(
         if not reply.has_error() and "refusal" in reply.content:
             refusal = reply.content["refusal"]
             kind, reason = str(refusal.get("kind", "error")), str(refusal["reason"])
-            plan.ledger.append(
+            _client_event(
+                plan,
                 "client_refused",
-                run_id=plan.run_id,
-                round=rnd,
-                institution=inst,
-                node_id=str(node),
+                rnd,
+                node,
+                inst,
+                f"refused: {reason}",
                 reason=reason,
                 kind=kind,
             )
             refused[str(node)] = reason
-            plan.log(f"  {inst or f'node {node}'} refused: {reason}")
             if kind == "budget":
                 state.exhausted[node] = reason
             continue
@@ -198,16 +214,16 @@ def train_round(
             arrays = {k: v.numpy() for k, v in reply.content["head"].items()}
             problem = check_update(state.arrays, arrays) or check_metrics(metrics)
         if problem:
-            plan.ledger.append(
+            _client_event(
+                plan,
                 "update_rejected",
-                run_id=plan.run_id,
-                round=rnd,
-                institution=inst,
-                node_id=str(node),
+                rnd,
+                node,
+                inst,
+                f"update rejected ({problem})",
                 reason=problem,
             )
             rejected[str(node)] = problem
-            plan.log(f"  {inst or f'node {node}'}: update rejected ({problem})")
             continue
         updates.append((arrays, float(examples)))
         participants.append(inst)
