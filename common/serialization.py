@@ -126,7 +126,7 @@ def load_artifact(path: str | os.PathLike, expected_sha256: str | None = None) -
 def instantiate(artifact: BackboneArtifact) -> nn.Module:
     """Build the manifest's architecture, load the verified weights, freeze it, eval mode."""
     arch = artifact.manifest.get("architecture", "")
-    module = backbone_spec(arch).builder()
+    module = backbone_spec(arch).builder(tuple(artifact.manifest["input_shape"]))
     state = {k: torch.from_numpy(np.array(v)) for k, v in artifact.tensors.items()}
     try:
         module.load_state_dict(state, strict=True)

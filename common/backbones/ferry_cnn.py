@@ -18,9 +18,16 @@ def _block(cin: int, cout: int) -> list[nn.Module]:
 
 
 @register_backbone(
-    "ferry-cnn", feature_dim=64, input_shape=(1, 32, 32), preprocessing=PREPROCESSING
+    "ferry-cnn",
+    feature_dim=64,
+    input_shape=(1, 32, 32),
+    preprocessing=PREPROCESSING,
+    last_stage="9",  # the fourth conv block: children 9-11, then pooling and the feature norm
+    description="small CNN for 1x32x32 images, pretrained in seconds on synthetic shapes",
 )
-def build_ferry_cnn() -> nn.Module:
+def build_ferry_cnn(input_shape: tuple[int, ...] = (1, 32, 32)) -> nn.Module:
+    if input_shape[0] != 1:
+        raise ValueError("ferry-cnn takes 1-channel images")
     return nn.Sequential(
         *_block(1, 16),
         nn.MaxPool2d(2),
