@@ -5,7 +5,15 @@ A backbone is a frozen trunk mapping a preprocessed input batch to a feature vec
 ``@register_backbone("name")``, an import below, and a test.
 """
 
-from common.backbones import ferry_cnn  # noqa: F401  (registers "ferry-cnn")
+from common.backbones import (  # noqa: F401  (each module registers its backbones)
+    convnext_tiny,
+    efficientnet_b0,
+    efficientnet_lite0,
+    ferry_cnn,
+    mobilenet_v3,
+    resnet,
+    vit_b_16,
+)
 from common.backbones.registry import (
     BackboneSpec,
     build_backbone,
