@@ -1,8 +1,14 @@
-"""Splitting one dataset among virtual institutions (simulation only)."""
+"""Splitting one dataset among virtual institutions (simulation only).
+
+:func:`partition` picks a scheme by name; each scheme returns one sorted index array per
+partition, and every example lands in exactly one partition.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
+from common.errors import FerryError
 
 
 def dirichlet_label_skew(
@@ -37,3 +43,101 @@ def train_test_split(indices: np.ndarray, test_fraction: float, seed: int):
     perm = rng.permutation(indices)
     n_test = max(1, int(round(len(perm) * test_fraction))) if len(perm) > 1 else 0
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+SCHEMES = ("dirichlet", "iid", "natural", "quantity")
+REGRESSION_BINS = 5
+
+
+def iid(n: int, num_partitions: int, seed: int) -> list[np.ndarray]:
+    """Shuffled examples in ``num_partitions`` parts whose sizes differ by at most one."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(p).astype(np.int64) for p in np.array_split(perm, num_partitions)]
+
+
+def quantity_skew(
+    n: int, num_partitions: int, alpha: float, seed: int, min_size: int = 10
+) -> list[np.ndarray]:
+    """Shuffled examples, partition sizes from Dirichlet(alpha): institutions of very
+    different sizes (small ``alpha``) with the same distribution of examples.
+
+    Each partition gets at least ``min_size`` examples (or n // parts), the rest is shared
+    in the Dirichlet proportions (largest remainders round up).
+    """
+    rng = np.random.default_rng(seed)
+    floor = min(min_size, n // num_partitions)
+    shares = rng.dirichlet(np.full(num_partitions, alpha))
+    spare = n - floor * num_partitions
+    exact = shares * spare
+    sizes = np.floor(exact).astype(np.int64)
+    sizes[np.argsort(sizes - exact)[: spare - int(sizes.sum())]] += 1
+    sizes += floor
+    perm = rng.permutation(n)
+    return [np.sort(p).astype(np.int64) for p in np.split(perm, np.cumsum(sizes)[:-1])]
+
+
+def natural(groups: np.ndarray, num_partitions: int) -> list[np.ndarray]:
+    """One partition per distinct group value (a hospital, a branch), in sorted order."""
+    keys = np.asarray(groups).astype(str)
+    names = np.unique(keys)
+    if len(names) != num_partitions:
+        shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+        raise FerryError(
+            f"the partition column holds {len(names)} groups ({shown}) but {num_partitions} "
+            f"clients were asked for: pass --clients {len(names)}"
+        )
+    return [np.flatnonzero(keys == name).astype(np.int64) for name in names]
+
+
+def target_bins(y: np.ndarray, bins: int = REGRESSION_BINS) -> np.ndarray:
+    """Quantile bin (0..bins-1) of each regression target: the 'classes' a Dirichlet split
+    skews when the task is regression (simulation only: the simulator sees all the data)."""
+    edges = np.quantile(np.asarray(y, dtype=np.float64), np.linspace(0, 1, bins + 1)[1:-1])
+    return np.searchsorted(edges, y, side="right")
+
+
+def partition(
+    scheme: str,
+    y: np.ndarray,
+    groups: np.ndarray | None,
+    num_partitions: int,
+    alpha: float,
+    seed: int,
+    task: str = "classification",
+    min_size: int = 10,
+) -> list[np.ndarray]:
+    """Split a dataset's examples among ``num_partitions`` virtual institutions by ``scheme``:
+
+    * ``iid``: shuffled, equal sizes;
+    * ``dirichlet``: label skew (:func:`dirichlet_label_skew`); on a regression task the
+      target's quantile bins (:func:`target_bins`) play the classes;
+    * ``quantity``: size skew (:func:`quantity_skew`);
+    * ``natural``: one institution per value of the partition column (``groups``).
+
+    Every example lands in exactly one partition (sorted index arrays).
+    """
+    n = len(y)
+    if scheme not in SCHEMES:
+        raise FerryError(f"unknown partition scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
+    if num_partitions < 1:
+        raise FerryError(f"--clients {num_partitions}: give at least 1")
+    if n < num_partitions:
+        raise FerryError(
+            f"{n} examples cannot be split among {num_partitions} clients: give more data or "
+            "fewer --clients"
+        )
+    if scheme in ("dirichlet", "quantity") and not alpha > 0:
+        raise FerryError(f"--alpha {alpha}: the Dirichlet concentration must be > 0 (e.g. 0.5)")
+    if scheme == "iid":
+        return iid(n, num_partitions, seed)
+    if scheme == "quantity":
+        return quantity_skew(n, num_partitions, alpha, seed, min_size)
+    if scheme == "natural":
+        if groups is None:
+            raise FerryError(
+                "--partition natural needs a column naming each example's institution: "
+                "pass --partition-column COLUMN"
+            )
+        return natural(groups, num_partitions)
+    labels = target_bins(y) if task == "regression" else np.asarray(y)
+    return dirichlet_label_skew(labels, num_partitions, alpha, seed, min_size)
