@@ -1,14 +1,21 @@
-"""DP-SGD training of a head on cached features, with Opacus.
+"""DP-SGD training of a model's trainable tail on cached split-point activations, with Opacus.
 
 Mechanism per round (unit of privacy: one local example): Poisson sampling with rate
-``q = 1 / ceil(n / batch_size)`` (expected batch ``n * q``), per-example clipping to
-``max_grad_norm``, Gaussian noise ``noise_multiplier * max_grad_norm`` per step, for
-``local_epochs * ceil(n / batch_size)`` steps. The segment actually executed is read back from
-Opacus' accountant and returned, so the reported mechanism is the one that ran.
+``q = 1 / ceil(n / batch_size)`` (expected batch ``n * q``), per-example clipping of the
+gradient of the tail's trainable parameters to ``max_grad_norm``, Gaussian noise
+``noise_multiplier * max_grad_norm`` per step, for ``local_epochs * ceil(n / batch_size)``
+steps. The segment actually executed is read back from Opacus' accountant and returned, so the
+reported mechanism is the one that ran. ``clipping="ghost"`` computes the same clipped sum
+with Opacus' ghost clipping (per-example gradient norms without per-example gradients: less
+memory); the mechanism, and so the accounting, is the same.
 
-Only the head is trained; features are computed once by the frozen trunk (feature cache), so
-the backbone never enters Opacus (no per-example gradients of frozen layers, no BatchNorm in
-train mode).
+The tail (:mod:`common.trainable`) runs on activations the frozen trunk computed once (feature
+cache): the trunk never enters Opacus. Only parameters with ``requires_grad`` are optimised and
+get per-example gradients; frozen layers and parameter-free modules (dropout) run in eval mode
+(:func:`common.trainable.set_train_mode`) and frozen norms hold pretraining statistics.
+
+Inputs may be an array or a memory map of any trailing shape ``(n, ...)``: each batch reads its
+own rows, so a memory-mapped file is never loaded whole.
 """
 
 from __future__ import annotations
@@ -21,10 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from common.errors import FerryError
 from common.privacy.accounting import MechanismSegment
+from common.trainable import set_train_mode, trainable_state
+
+TASKS = ("classification", "regression")
+CLIPPING = ("flat", "ghost")
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,8 @@ class DPTrainConfig:
     # > 0: split each (logical) Poisson batch into physical batches of at most this many
     # examples (Opacus BatchMemoryManager); accounting still counts logical steps.
     max_physical_batch: int = 0
+    # flat: per-example gradients, then clipping; ghost: Opacus ghost clipping (same mechanism).
+    clipping: str = "flat"
 
     def validate(self) -> None:
         if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
@@ -56,6 +69,10 @@ class DPTrainConfig:
             raise FerryError(f"max grad norm must be > 0, got {self.max_grad_norm}")
         if self.batch_size < 1 or self.local_epochs < 1:
             raise FerryError("batch size and local epochs must be >= 1")
+        if self.clipping not in CLIPPING:
+            raise FerryError(
+                f"unknown clipping {self.clipping!r}: use --clipping flat or --clipping ghost"
+            )
 
 
 def round_plan(num_examples: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
@@ -66,75 +83,207 @@ def round_plan(num_examples: int, batch_size: int, local_epochs: int) -> tuple[f
 
 @dataclass
 class TrainOutcome:
-    head_state: dict[str, np.ndarray]
+    """One round's result. ``trainable_state``: the arrays that travel (the tail's trainable
+    parameters after training). ``loss``: mean training loss over the examples the round's
+    batches held (cross-entropy, or MSE for regression). After training, on the whole local
+    training set: ``accuracy`` (classification; NaN for regression) and ``rmse`` (regression;
+    NaN for classification). None of these metrics is covered by the DP guarantee."""
+
+    trainable_state: dict[str, np.ndarray]
     loss: float
     accuracy: float
     num_examples: int
     segment: MechanismSegment | None  # None for a non-private round
+    rmse: float = math.nan
+
+    @property
+    def head_state(self) -> dict[str, np.ndarray]:
+        """The trainable arrays (the name from when only heads trained)."""
+        return self.trainable_state
 
 
-def train_head(
-    head: nn.Module, features: np.ndarray, labels: np.ndarray, cfg: DPTrainConfig
+def train_tail(
+    tail: nn.Module,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    cfg: DPTrainConfig,
+    task: str = "classification",
 ) -> TrainOutcome:
-    """Train ``head`` (already holding the global weights) on ``features`` for one round."""
+    """Train ``tail`` (already holding the global weights) on split-point activations
+    ``inputs`` for one round, in place; only its parameters with ``requires_grad`` change.
+    ``targets``: class indices (classification) or values (regression; the tail outputs
+    ``(n, 1)``)."""
     cfg.validate()
+    if task not in TASKS:
+        raise FerryError(f"unknown task {task!r}: use classification or regression")
+    if len(inputs) != len(targets):
+        raise FerryError(f"{len(inputs)} inputs but {len(targets)} targets: give one per example")
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    x = torch.from_numpy(np.asarray(features, dtype=np.float32)).to(device)
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
-    head = head.to(device)
-    loader = DataLoader(
-        TensorDataset(x, y),
-        batch_size=cfg.batch_size,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    head.train()
-    optimizer = torch.optim.SGD(head.parameters(), lr=cfg.lr)
-    engine = None
+    rows = _Rows(inputs, device)
+    y = torch.as_tensor(
+        np.asarray(targets), dtype=torch.int64 if task == "classification" else torch.float32
+    ).to(device)
+    n = len(y)
+    tail = tail.to(device)
+    params = [p for p in tail.parameters() if p.requires_grad]
+    if not params:
+        raise FerryError("the model has no trainable parameters: choose a --trainable part")
+    optimizer = torch.optim.SGD(params, lr=cfg.lr)
+    criterion = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    indices = _Indices(n)
+    model, engine = tail, None
     if not cfg.non_private or cfg.noise_multiplier > 0:
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant="prv")
+        loader = DataLoader(
+            indices, batch_size=cfg.batch_size, collate_fn=_collate, generator=generator
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            head, optimizer, loader = engine.make_private(
-                module=head,
+            private = engine.make_private(
+                module=set_train_mode(tail),
                 optimizer=optimizer,
                 data_loader=loader,
+                criterion=criterion,
                 noise_multiplier=cfg.noise_multiplier,
                 max_grad_norm=cfg.max_grad_norm,
                 poisson_sampling=True,
+                grad_sample_mode="ghost" if cfg.clipping == "ghost" else "hooks",
             )
+        if cfg.clipping == "ghost":
+            model, optimizer, criterion, loader = private
+        else:
+            model, optimizer, loader = private
     else:
         loader = DataLoader(
-            TensorDataset(x, y),
+            indices,
             batch_size=cfg.batch_size,
             shuffle=True,
-            generator=torch.Generator().manual_seed(cfg.seed),
+            collate_fn=_collate,
+            generator=generator,
         )
+    set_train_mode(tail)
     total_loss, seen = 0.0, 0
-    for _ in range(cfg.local_epochs):
-        with _physical_batches(loader, optimizer, cfg.max_physical_batch, engine) as batches:
-            for xb, yb in batches:
-                optimizer.zero_grad()
-                logits = head(xb)
-                # An empty Poisson batch still takes a (noise-only) step, as accounted.
-                loss = nn.functional.cross_entropy(logits, yb) if len(yb) else logits.sum() * 0.0
-                loss.backward()
-                optimizer.step()
-                total_loss += float(loss.detach()) * len(yb)
-                seen += len(yb)
+    try:
+        for _ in range(cfg.local_epochs):
+            with _physical_batches(loader, optimizer, cfg.max_physical_batch, engine) as batches:
+                for (idx,) in batches:
+                    idx = idx.sort().values  # sorted reads from a memory map; order is moot
+                    xb, yb = rows.take(idx), y[idx.to(device)]
+                    optimizer.zero_grad()
+                    out = model(xb)
+                    if task == "regression":
+                        out = _single_output(out)
+                    if len(yb):
+                        loss = criterion(out, yb)
+                        total_loss += float(loss.detach()) * len(yb)
+                        seen += len(yb)
+                        loss.backward()
+                    else:
+                        # An empty Poisson batch still takes a (noise-only) step, as accounted.
+                        (out.sum() * 0.0).backward()
+                    optimizer.step()
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        if engine is not None:
+            model.to_standard_module()  # hooks and per-example state off the tail's parameters
+        for p in params:
+            p.grad = None
     segment = None
     if engine is not None:
         (sigma, q, steps), *rest = engine.accountant.history
         assert not rest, "one round is one mechanism segment"
         segment = MechanismSegment(float(sigma), float(q), int(steps))
-        head = head._module
-    head.eval()
+    tail.eval()
+    accuracy, rmse = _fit(tail, inputs, targets, task)
+    return TrainOutcome(
+        trainable_state(tail), total_loss / max(seen, 1), accuracy, n, segment, rmse
+    )
+
+
+def train_head(
+    head: nn.Module, features: np.ndarray, labels: np.ndarray, cfg: DPTrainConfig
+) -> TrainOutcome:
+    """A classification head trained on backbone features (:func:`train_tail`)."""
+    return train_tail(head, features, labels, cfg, "classification")
+
+
+def predict_tail(tail: nn.Module, inputs: np.ndarray, batch: int = 256) -> np.ndarray:
+    """``tail``'s outputs on ``inputs`` (eval mode, no gradients), as a float32 array
+    ``(n, outputs)``; reads ``inputs`` batch by batch (memory maps stay on disk)."""
+    tail.eval()
+    device = next(tail.parameters()).device
+    rows = _Rows(inputs, device)
+    out = []
     with torch.no_grad():
-        acc = float((head(x).argmax(1) == y).float().mean()) if len(y) else 0.0
-    state = {k: v.detach().cpu().numpy().copy() for k, v in head.state_dict().items()}
-    return TrainOutcome(state, total_loss / max(seen, 1), acc, len(y), segment)
+        for i in range(0, len(inputs), batch):
+            out.append(tail(rows.take(torch.arange(i, min(i + batch, len(inputs))))).cpu())
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def _fit(tail: nn.Module, inputs, targets, task: str) -> tuple[float, float]:
+    """(accuracy, rmse) of the trained tail on its own training set."""
+    if len(targets) == 0:
+        return (0.0, math.nan) if task == "classification" else (math.nan, 0.0)
+    out = predict_tail(tail, inputs)
+    if task == "classification":
+        return float((out.argmax(1) == np.asarray(targets)).mean()), math.nan
+    err = out[:, 0].astype(np.float64) - np.asarray(targets, dtype=np.float64)
+    return math.nan, float(np.sqrt(np.mean(err**2)))
+
+
+def _single_output(out: torch.Tensor) -> torch.Tensor:
+    if out.dim() != 2 or out.shape[1] != 1:
+        raise FerryError(
+            f"a regression model must output one value per example, got shape "
+            f"{tuple(out.shape)}: build its head with 1 output"
+        )
+    return out[:, 0]
+
+
+class _Indices(Dataset):
+    """Example indices: Opacus samples indices; :class:`_Rows` reads the examples."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor]:
+        return (torch.tensor(i),)
+
+    def __getitems__(self, idx: list[int]) -> list[int]:
+        return idx  # one fetch per batch, not one per example
+
+
+def _collate(idx: list[int]) -> list[torch.Tensor]:
+    return [torch.as_tensor(idx, dtype=torch.int64)]
+
+
+class _Rows:
+    """Rows of an (n, ...) array as float32 tensors on ``device``. An in-memory array is
+    shared with torch (and moved to the device once); a memory map is read per batch."""
+
+    def __init__(self, inputs: np.ndarray, device: torch.device):
+        self.device = device
+        self.mapped = isinstance(inputs, np.memmap)
+        if self.mapped:
+            self.array = inputs
+        else:
+            self.tensor = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+            self.tensor = self.tensor.to(device)
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        if not self.mapped:
+            return self.tensor[idx.to(self.device)]
+        rows = np.asarray(self.array[idx.cpu().numpy()], dtype=np.float32)
+        return torch.from_numpy(rows).to(self.device)
 
 
 @contextlib.contextmanager
