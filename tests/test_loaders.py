@@ -42,13 +42,7 @@ def _csv(path: Path, text: str) -> Path:
     return path
 
 
-PATIENTS = (
-    "age,sex,bmi,site,outcome\n"
-    "50,F,22.5,a,yes\n"
-    "61,M,,b,no\n"
-    "70, M ,31,a,yes\n"
-    "44,,27,b,no\n"
-)
+PATIENTS = "age,sex,bmi,site,outcome\n50,F,22.5,a,yes\n61,M,,b,no\n70, M ,31,a,yes\n44,,27,b,no\n"
 
 
 # ---------------------------------------------------------------- tables
@@ -216,7 +210,11 @@ def test_series_target_column_and_parquet(tmp_path):
     frame["date"] = pd.to_datetime(frame["date"])
     frame.to_parquet(tmp_path / "p.parquet")
     data = load_series(
-        tmp_path / "p.parquet", "date", ["close"], target_column="open", window=3,
+        tmp_path / "p.parquet",
+        "date",
+        ["close"],
+        target_column="open",
+        window=3,
         group_column="ticker",
     )
     opens = 100 * np.diff(np.log(frame.open.to_numpy()[:40]))
@@ -254,8 +252,9 @@ def test_series_skips_short_tickers_and_says_so(tmp_path):
     short = frame[(frame.ticker == "AAA") | (frame.index < 43)]  # BBB keeps 3 rows
     short.to_csv(tmp_path / "s.csv", index=False)
     said: list[str] = []
-    data = load_series(tmp_path / "s.csv", "date", ["close"], window=5, group_column="ticker",
-                       log=said.append)
+    data = load_series(
+        tmp_path / "s.csv", "date", ["close"], window=5, group_column="ticker", log=said.append
+    )
     assert set(data.groups) == {"AAA"} and "BBB" in said[0] and "1 of 2" in said[0]
 
 
@@ -364,8 +363,7 @@ def test_16_bit_png_is_scaled_by_its_bit_depth(tmp_path):
 
 def test_dicom_applies_rescale_window_and_monochrome1(tmp_path):
     stored = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 8) % 4096
-    window = {"RescaleSlope": 1, "RescaleIntercept": -1024, "WindowCenter": 40,
-              "WindowWidth": 400}
+    window = {"RescaleSlope": 1, "RescaleIntercept": -1024, "WindowCenter": 40, "WindowWidth": 400}
     _dicom(tmp_path / "ct" / "slice.dcm", stored, **window)
     _dicom(tmp_path / "xray" / "IM0001", stored, photometric="MONOCHROME1")  # no suffix
 
@@ -422,8 +420,13 @@ def test_image_fingerprint_follows_file_content(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "make", [make_patients, make_credit, make_molecules, lambda n, seed, split: make_prices(
-        n, 3, seed, split)],
+    "make",
+    [
+        make_patients,
+        make_credit,
+        make_molecules,
+        lambda n, seed, split: make_prices(n, 3, seed, split),
+    ],
     ids=["patients", "credit", "molecules", "prices"],
 )
 def test_generators_are_pure_functions_of_their_arguments(make):
@@ -436,8 +439,12 @@ def test_generators_are_pure_functions_of_their_arguments(make):
 
 @pytest.mark.parametrize(
     ("kind", "task", "rate"),
-    [("patients", "classification", (0.18, 0.32)), ("credit", "classification", (0.04, 0.13)),
-     ("molecules", "classification", (0.18, 0.33)), ("prices", "regression", None)],
+    [
+        ("patients", "classification", (0.18, 0.32)),
+        ("credit", "classification", (0.04, 0.13)),
+        ("molecules", "classification", (0.18, 0.33)),
+        ("prices", "regression", None),
+    ],
 )
 def test_synthetic_datasets_load_through_the_file_code(kind, task, rate):
     data = synthetic_dataset(kind, 1500, 0, "target")
@@ -460,9 +467,11 @@ def test_synthetic_patients_file_loads_like_the_built_in_data(tmp_path):
 
 
 def test_synthetic_categories_do_not_share_indicators():
-    for column, values in (("sex", "FM"), ("smoker", ("never", "former", "current")),
-                           ("employment", ("salaried", "self-employed", "contract",
-                                           "unemployed", "retired"))):
+    for column, values in (
+        ("sex", "FM"),
+        ("smoker", ("never", "former", "current")),
+        ("employment", ("salaried", "self-employed", "contract", "unemployed", "retired")),
+    ):
         patterns = {tuple(sorted(hash_buckets_of(column, v, 16))) for v in values}
         assert len(patterns) == len(values), column
 
@@ -483,7 +492,9 @@ def test_synthetic_prices_direction_is_learnable_above_chance():
         rows = np.flatnonzero(data.groups == ticker)
         train[rows[: int(0.7 * len(rows))]] = True
     design = np.c_[x, np.ones(len(x))]
-    weights = np.linalg.solve(design[train].T @ design[train] + 50 * np.eye(design.shape[1]),
-                              design[train].T @ data.y[train])
+    weights = np.linalg.solve(
+        design[train].T @ design[train] + 50 * np.eye(design.shape[1]),
+        design[train].T @ data.y[train],
+    )
     hits = np.sign(design[~train] @ weights) == np.sign(data.y[~train])
     assert hits.mean() > 0.53

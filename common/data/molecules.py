@@ -210,6 +210,15 @@ def load_molecules(
     """A CSV or Parquet table of molecules as a :class:`Dataset` (see the module docstring)."""
     frame, origin = read_frame(path)
     return from_frame(
-        frame, smiles_column, activity_column, task, bits, radius, skip_invalid, featurizer,
-        origin, log, min_rows,
+        frame,
+        smiles_column,
+        activity_column,
+        task,
+        bits,
+        radius,
+        skip_invalid,
+        featurizer,
+        origin,
+        log,
+        min_rows,
     )

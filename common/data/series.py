@@ -78,9 +78,11 @@ def _prices(column, name: str, origin: Origin, rows: np.ndarray) -> np.ndarray:
     problems = (
         (missing, lambda i: "the price is empty", "fill it in or remove the row"),
         (bad, lambda i: f"{str(column.iloc[i]).strip()!r} is not a number", "fix the value"),
-        (~missing & ~bad & ~(values > 0),
-         lambda i: f"the price {canonical(values[i])} is not positive",
-         "prices must be > 0 for log returns: fix the value or remove the row"),
+        (
+            ~missing & ~bad & ~(values > 0),
+            lambda i: f"the price {canonical(values[i])} is not positive",
+            "prices must be > 0 for log returns: fix the value or remove the row",
+        ),
     )
     for mask, problem, fix in problems:
         if mask.any():
@@ -224,6 +226,13 @@ def load_series(
     """A CSV or Parquet price table as a series :class:`Dataset` (see the module docstring)."""
     frame, origin = read_frame(path)
     return from_frame(
-        frame, date_column, value_columns, target_column, window, horizon, group_column,
-        origin, log,
+        frame,
+        date_column,
+        value_columns,
+        target_column,
+        window,
+        horizon,
+        group_column,
+        origin,
+        log,
     )

@@ -75,16 +75,28 @@ def make_patients(n: int, seed: int, split: str = "target"):
 
     if source:  # a related endpoint: the same risk factors, weighed differently
         z = (
-            0.035 * (age - 55) + 0.2 * (bmi - 30) + 0.8 * (smoker == 2) + 0.3 * (smoker == 1)
-            + 0.02 * (sbp - 125) + 1.4 * _sigmoid((hba1c - 6.5) / 0.3)
-            + 1.2 * np.maximum(creatinine - 1.1, 0) + 0.008 * (cholesterol - 200) - 1.35
+            0.035 * (age - 55)
+            + 0.2 * (bmi - 30)
+            + 0.8 * (smoker == 2)
+            + 0.3 * (smoker == 1)
+            + 0.02 * (sbp - 125)
+            + 1.4 * _sigmoid((hba1c - 6.5) / 0.3)
+            + 1.2 * np.maximum(creatinine - 1.1, 0)
+            + 0.008 * (cholesterol - 200)
+            - 1.35
         )
     else:
         z = (
-            0.045 * (age - 60) + 1.0 * _sigmoid((bmi - 32) / 1.5) + 1.2 * (smoker == 2)
-            + 0.45 * (smoker == 1) + 0.025 * (sbp - 130) + 1.4 * _sigmoid((glucose - 140) / 10)
+            0.045 * (age - 60)
+            + 1.0 * _sigmoid((bmi - 32) / 1.5)
+            + 1.2 * (smoker == 2)
+            + 0.45 * (smoker == 1)
+            + 0.025 * (sbp - 130)
+            + 1.4 * _sigmoid((glucose - 140) / 10)
             + 1.6 * np.maximum(creatinine - 1.2, 0) * (age / 70)
-            + 0.6 * ((age > 70) & male) - 0.4 * (heart_rate < 60) - 2.1
+            + 0.6 * ((age > 70) & male)
+            - 0.4 * (heart_rate < 60)
+            - 2.1
         )
     outcome = (rng.random(n) < _sigmoid(z + site_risk)).astype(np.int64)
     return pd.DataFrame(
@@ -115,9 +127,9 @@ def make_credit(n: int, seed: int, split: str = "target"):
     pd = require_pandas()
     rng = _rng("credit", seed, split)
     source = split == "source"
-    branches = [f"region-{i}" for i in range(1, 7)] if source else [
-        f"branch-{i:02d}" for i in range(1, 9)
-    ]
+    branches = (
+        [f"region-{i}" for i in range(1, 7)] if source else [f"branch-{i:02d}" for i in range(1, 9)]
+    )
     weights = 1.0 / np.arange(1, len(branches) + 1) ** 0.8  # a few big branches, many small
     branch = rng.choice(len(branches), size=n, p=weights / weights.sum())
     branch_risk = rng.normal(0, 0.25, len(branches))[branch]
@@ -132,7 +144,9 @@ def make_credit(n: int, seed: int, split: str = "target"):
     income = np.exp(
         np.log(56000 if source else 48000)
         + np.asarray([0.0, 0.15, -0.2, -0.9, -0.35])[employment]
-        + 0.012 * (age - 40) + 0.015 * years + rng.normal(0, 0.45, n)
+        + 0.012 * (age - 40)
+        + 0.015 * years
+        + rng.normal(0, 0.45, n)
     )
     debt_ratio = np.clip(rng.beta(2.0, 4.5, n) * 1.3, 0, 1.5)
     lines = rng.poisson(4, n)
@@ -142,9 +156,14 @@ def make_credit(n: int, seed: int, split: str = "target"):
     burden = np.log(loan / income * 4)
 
     z = (
-        0.55 * np.minimum(delinquencies, 5) + 3.0 * np.maximum(debt_ratio - 0.45, 0)
-        + 0.7 * burden + np.asarray([0.0, 0.45, 0.35, 1.3, -0.1])[employment]
-        - 0.025 * (age - 40) - 0.03 * years + 0.006 * (term - 36) + 0.08 * (lines > 7)
+        0.55 * np.minimum(delinquencies, 5)
+        + 3.0 * np.maximum(debt_ratio - 0.45, 0)
+        + 0.7 * burden
+        + np.asarray([0.0, 0.45, 0.35, 1.3, -0.1])[employment]
+        - 0.025 * (age - 40)
+        - 0.03 * years
+        + 0.006 * (term - 36)
+        + 0.08 * (lines > 7)
     )
     if source:  # a related bank's scorecard: delinquencies weigh less, debt ratio more
         z = z - 0.25 * np.minimum(delinquencies, 5) + 1.2 * np.maximum(debt_ratio - 0.6, 0) - 2.55
@@ -222,8 +241,23 @@ RINGS = {
 HEADS = ("", "C", "CC", "CO", "N", "OC", "CC(=O)N", "NC(=O)", "FC(F)(F)", "CN(C)")
 LINKERS = ("", "C", "CC", "O", "N", "OCC", "C=C", "C(=O)N", "NC(=O)", "S(=O)(=O)N")
 SUBSTITUENTS = (
-    "", "C", "F", "Cl", "Br", "O", "N", "OC", "CO", "C#N", "C(F)(F)F", "C(=O)O", "C(=O)N",
-    "N(C)C", "[N+](=O)[O-]", "S(=O)(=O)N", "S(C)(=O)=O",
+    "",
+    "C",
+    "F",
+    "Cl",
+    "Br",
+    "O",
+    "N",
+    "OC",
+    "CO",
+    "C#N",
+    "C(F)(F)F",
+    "C(=O)O",
+    "C(=O)N",
+    "N(C)C",
+    "[N+](=O)[O-]",
+    "S(=O)(=O)N",
+    "S(C)(=O)=O",
 )
 AMIDES = {"C(=O)N", "NC(=O)", "CC(=O)N"}
 HALOGENS = {"F", "Cl", "Br"}
@@ -270,14 +304,24 @@ def make_molecules(n: int, seed: int, split: str = "target"):
         text, f = _molecule(rng)
         if split == "source":
             z = (
-                -2.2 + 1.7 * f["nitro"] + 1.4 * f["thiophene"] + 0.9 * f["amide"]
-                + 1.2 * f["halogens"] + 1.1 * f["nitro"] * f["amide"] - 1.0 * f["acid"]
+                -2.2
+                + 1.7 * f["nitro"]
+                + 1.4 * f["thiophene"]
+                + 0.9 * f["amide"]
+                + 1.2 * f["halogens"]
+                + 1.1 * f["nitro"] * f["amide"]
+                - 1.0 * f["acid"]
             )
         else:
             z = (
-                -2.75 + 1.6 * f["sulfonamide"] + 1.3 * f["pyridine"]
-                + 1.8 * f["sulfonamide"] * f["pyridine"] + 1.0 * f["amide"] + 1.1 * f["cf3"]
-                - 1.4 * f["acid"] + 0.4 * f["two_rings"]
+                -2.75
+                + 1.6 * f["sulfonamide"]
+                + 1.3 * f["pyridine"]
+                + 1.8 * f["sulfonamide"] * f["pyridine"]
+                + 1.0 * f["amide"]
+                + 1.1 * f["cf3"]
+                - 1.4 * f["acid"]
+                + 0.4 * f["two_rings"]
             )
         smiles.append(text)
         activity.append("active" if rng.random() < _sigmoid(z) else "inactive")
@@ -311,14 +355,22 @@ def synthetic_dataset(kind: str, n: int, seed: int, split: str = "target", **opt
     if kind == "patients":
         frame = make_patients(n, seed, split)
         data = tabular.from_frame(
-            frame, "outcome", categorical=["sex", "smoker"], group_column="site",
-            origin=origin, **options,
+            frame,
+            "outcome",
+            categorical=["sex", "smoker"],
+            group_column="site",
+            origin=origin,
+            **options,
         )
     elif kind == "credit":
         frame = make_credit(n, seed, split)
         data = tabular.from_frame(
-            frame, "default", categorical=["employment"], group_column="branch",
-            origin=origin, **options,
+            frame,
+            "default",
+            categorical=["employment"],
+            group_column="branch",
+            origin=origin,
+            **options,
         )
     elif kind == "prices":
         window, horizon = options.get("window", 30), options.get("horizon", 1)

@@ -96,8 +96,10 @@ def read_frame(path: Path | str):
     if path.is_dir():
         raise FerryError(f"{path} is a folder: give a CSV or Parquet file")
     suffixes = [s.lower() for s in path.suffixes]
-    suffix = suffixes[-2] if len(suffixes) > 1 and suffixes[-1] in {".gz", ".zip"} else (
-        suffixes[-1] if suffixes else ""
+    suffix = (
+        suffixes[-2]
+        if len(suffixes) > 1 and suffixes[-1] in {".gz", ".zip"}
+        else (suffixes[-1] if suffixes else "")
     )
     origin = Origin(str(path), "file:" + file_identity(path), suffix in CSV_SUFFIXES)
     if suffix in CSV_SUFFIXES:
@@ -343,7 +345,11 @@ def from_frame(
         is_category = name in categorical or mostly_text
         if not is_category and bad.any():
             raise _not_a_number(
-                origin, rows, name, column, bad,
+                origin,
+                rows,
+                name,
+                column,
+                bad,
                 f"fix the value (blank means missing) or declare the column categorical with "
                 f"--categorical {name}",
             )
@@ -393,6 +399,13 @@ def load_table(
     will share the rows (an error names it when there are fewer rows)."""
     frame, origin = read_frame(path)
     return from_frame(
-        frame, label_column, task, categorical, drop_columns, group_column, hash_buckets,
-        min_rows, origin,
+        frame,
+        label_column,
+        task,
+        categorical,
+        drop_columns,
+        group_column,
+        hash_buckets,
+        min_rows,
+        origin,
     )
