@@ -12,6 +12,8 @@ from common.backbones import (  # noqa: F401  (each module registers its backbon
     ferry_cnn,
     mobilenet_v3,
     resnet,
+    series_encoder,
+    tabular_mlp,
     vit_b_16,
 )
 from common.backbones.registry import (
