@@ -150,7 +150,7 @@ def test_last_stage_onwards_gets_opacus_per_sample_gradients(arch):
 
 
 def test_vit_default_lora_targets_name_linear_layers_once_attention_is_dp_converted():
-    from common.backbones.dp_attention import to_dp_attention
+    from common.adapters import DPAttention as to_dp_attention
 
     _, trunk = built("vit_b_16")
     targets = backbone_spec("vit_b_16").lora_targets
@@ -173,7 +173,7 @@ def test_vit_default_lora_targets_name_linear_layers_once_attention_is_dp_conver
 def test_dp_attention_gives_opacus_per_sample_gradients_of_each_example():
     from opacus import GradSampleModule
 
-    from common.backbones.dp_attention import to_dp_attention
+    from common.adapters import DPAttention as to_dp_attention
 
     torch.manual_seed(0)
     attention = to_dp_attention(nn.MultiheadAttention(16, 2, batch_first=True)).train()

@@ -22,7 +22,7 @@ def _block(cin: int, cout: int) -> list[nn.Module]:
     feature_dim=64,
     input_shape=(1, 32, 32),
     preprocessing=PREPROCESSING,
-    last_stage="9",  # the fourth conv block: children 9-11, then pooling and the feature norm
+    last_stage="12",  # the fourth conv block: children 12-14, then pooling and the feature norm
     description="small CNN for 1x32x32 images, pretrained in seconds on synthetic shapes",
 )
 def build_ferry_cnn(input_shape: tuple[int, ...] = (1, 32, 32)) -> nn.Module:

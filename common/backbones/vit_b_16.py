@@ -5,7 +5,9 @@ embedding, dropout), ``block0`` .. ``block11`` (torchvision's ``EncoderBlock``s,
 ``norm`` (the final LayerNorm), ``cls`` (token 0): 768 features. ``last_stage`` is
 ``block11``. Default LoRA targets: the query/value projections and both MLP Linears of the
 last two blocks; ``qlinear``/``vlinear`` exist once the trainable tail's
-``nn.MultiheadAttention`` is converted to Opacus' ``DPMultiheadAttention``.
+``nn.MultiheadAttention`` is converted to :class:`common.adapters.DPAttention` (separate
+query/key/value Linears; Opacus 1.6's ``DPMultiheadAttention`` mis-orders heads for
+batch-first inputs, meta-pytorch/opacus#825).
 
 Any image size that is a multiple of 16 works (``VisionTransformer(image_size=S)``); the
 position embedding then has (S/16)^2 + 1 rows, so the manifest's ``input_shape`` fixes it.
