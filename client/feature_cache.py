@@ -1,8 +1,15 @@
-"""The feature cache: frozen-trunk outputs computed once per (backbone, data, preprocessing).
+"""The feature cache: frozen-trunk outputs at the split point, computed once per
+(backbone, data, preprocessing, split point).
 
-Training every round runs only the head on these features; the trunk runs once per example
-per run (once per example ever, while the on-disk copy lives). Features never leave the
-client. On disk: ``<cache_dir>/features/<key>.safetensors``; in memory per process too.
+The trunk is the frozen part of the backbone up to the first trainable module
+(:mod:`common.trainable`); training every round runs only the trainable tail on these
+activations. The trunk runs once per example per run (once per example ever, while the
+on-disk copy lives). Activations never leave the client.
+
+On disk: ``<cache_dir>/features/<key>/<split>.npy``. A file larger than ``MMAP_BYTES`` is
+written batch by batch into a memory map and read back memory-mapped, so split-point
+activations of a large backbone (e.g. ResNet-50 before ``layer4``) need not fit in memory.
+The per-process memory cache keeps the arrays (or memory maps) by key.
 ``trunk_examples`` counts examples that went through a trunk, for tests and benchmarks.
 """
 
@@ -19,39 +26,58 @@ from torch import nn
 
 from common.data.preprocess import preprocess
 
+MMAP_BYTES = 64 * 2**20
 _MEMORY: dict[str, dict[str, np.ndarray]] = {}
 trunk_examples = 0
 
 
-def feature_key(backbone_sha256: str, data_fingerprint: str, preprocessing: dict) -> str:
-    blob = json.dumps([backbone_sha256, data_fingerprint, preprocessing], sort_keys=True)
+def feature_key(
+    backbone_sha256: str, data_fingerprint: str, preprocessing: dict, split: str = ""
+) -> str:
+    """Identity of one set of activations; ``split`` names the first trainable stage
+    ("" = the backbone's output features)."""
+    blob = json.dumps([backbone_sha256, data_fingerprint, preprocessing, split], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def extract(
     trunk: nn.Module,
-    images: np.ndarray,
+    examples: np.ndarray,
     preprocessing: dict,
     batch: int = 256,
     device: str = "cpu",
+    stats: dict | None = None,
+    out_path: Path | None = None,
 ) -> np.ndarray:
-    """Trunk features of ``images``; the trunk stays in eval mode, no gradients."""
+    """Trunk outputs for ``examples`` (preprocessed batch by batch); the trunk stays in eval
+    mode, no gradients. With ``out_path`` and a large result, the outputs are written into a
+    memory-mapped ``.npy`` there (returned memory-mapped)."""
     global trunk_examples
     trunk.eval()
-    x = torch.from_numpy(preprocess(images, preprocessing))
-    out = []
+    n = len(examples)
     if device != "cpu":
-        batch *= 8  # large batches keep a GPU busy; features come back to host memory
+        batch *= 8  # large batches keep a GPU busy; outputs come back to host memory
     trunk = trunk.to(device)
+    out: np.ndarray | None = None
     with torch.no_grad():
-        for i in range(0, len(x), batch):
-            chunk = x[i : i + batch].to(device)
-            out.append(trunk(chunk).reshape(len(chunk), -1).cpu())
+        for i in range(0, n, batch):
+            chunk = torch.from_numpy(preprocess(examples[i : i + batch], preprocessing, stats))
+            y = trunk(chunk.to(device)).cpu().numpy().astype(np.float32)
+            if out is None:
+                shape = (n, *y.shape[1:])
+                big = n * int(np.prod(y.shape[1:])) * 4 > MMAP_BYTES
+                if big and out_path is not None:
+                    out = np.lib.format.open_memmap(out_path, "w+", np.float32, shape)
+                else:
+                    out = np.empty(shape, np.float32)
+            out[i : i + len(y)] = y
     trunk.to("cpu")
-    trunk_examples += len(x)
-    if not out:
+    trunk_examples += n
+    if out is None:
         return np.zeros((0, 0), dtype=np.float32)
-    return torch.cat(out).numpy().astype(np.float32)
+    if isinstance(out, np.memmap):
+        out.flush()
+    return out
 
 
 class FeatureCache:
@@ -65,32 +91,46 @@ class FeatureCache:
         preprocessing: dict,
         splits: dict[str, np.ndarray],
         device: str = "cpu",
+        stats: dict | None = None,
     ) -> dict[str, np.ndarray]:
-        """Features for each named split of images, from memory, disk, or one trunk pass."""
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file, save_file
-
+        """Activations for each named split of examples, from memory, disk, or one trunk
+        pass. ``stats``: the client's own preprocessing statistics (never stored here)."""
         if key in _MEMORY:
             return _MEMORY[key]
-        path = self.root / f"{key}.safetensors"
-        feats = None
-        if path.is_file():
-            try:
-                feats = load_file(str(path))
-                if set(feats) != set(splits) or any(
-                    len(feats[k]) != len(v) for k, v in splits.items()
-                ):
-                    feats = None
-            except (SafetensorError, OSError):
-                feats = None  # a damaged cache file is recomputed, never trusted
+        directory = self.root / key
+        feats = self._load(directory, splits)
         if feats is None:
-            feats = {
-                name: extract(trunk, imgs, preprocessing, device=device)
-                for name, imgs in splits.items()
-            }
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            save_file({k: np.ascontiguousarray(v) for k, v in feats.items()}, str(tmp))
-            os.replace(tmp, path)
+            directory.mkdir(parents=True, exist_ok=True)
+            feats = {}
+            for name, examples in splits.items():
+                final = directory / f"{name}.npy"
+                tmp = directory / f"{name}.{os.getpid()}.tmp.npy"
+                arr = extract(
+                    trunk, examples, preprocessing, device=device, stats=stats, out_path=tmp
+                )
+                if not isinstance(arr, np.memmap):
+                    np.save(tmp, arr)
+                del arr
+                os.replace(tmp, final)
+            feats = self._load(directory, splits)
+            assert feats is not None, f"features just written to {directory} do not read back"
         _MEMORY[key] = feats
+        return feats
+
+    @staticmethod
+    def _load(directory: Path, splits: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """The cached activations, or None when any split is missing, damaged or stale."""
+        feats = {}
+        for name, examples in splits.items():
+            path = directory / f"{name}.npy"
+            if not path.is_file():
+                return None
+            try:
+                big = path.stat().st_size > MMAP_BYTES
+                arr = np.load(path, mmap_mode="r" if big else None, allow_pickle=False)
+            except (ValueError, OSError, EOFError):
+                return None  # a damaged cache file is recomputed, never trusted
+            if len(arr) != len(examples):
+                return None
+            feats[name] = arr
         return feats

@@ -1,7 +1,8 @@
 """What a Ferry client does, as plain functions the Flower ClientApp calls (and tests call).
 
 Private (never leaves this process): raw examples, their features, per-example gradients,
-preprocessing statistics. Released per round: the trained head's arrays, train metrics
+preprocessing statistics, split-point activations. Released per round: the trained part's
+arrays (head, adapters or last block: :mod:`common.trainable`), train metrics
 (example count, mean loss, accuracy: aggregate statistics of the local training set that are
 *not* covered by the DP guarantee), the privacy report, and evaluation metrics on the local
 held-out split (also not covered by DP).
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,21 +21,18 @@ import torch
 
 from client.backbone_cache import BackboneCache
 from client.budget_guard import Budget, can_afford_another, check_round
-from client.dp_trainer import (
-    DPTrainConfig,
-    evaluate_head,
-    resolve_device,
-    round_plan,
-    train_head,
-)
+from client.dp_trainer import DPTrainConfig, predict_tail, resolve_device, round_plan, train_tail
 from client.feature_cache import FeatureCache, feature_key
 from client.privacy_state import PrivacyState
 from common.config import RunConfig
-from common.data.datasets import DataSpec, Partition, load_partition
+from common.data.datasets import DataSpec, Partition, load_partition, whole
+from common.data.preprocess import fit_local
 from common.errors import FerryError
-from common.heads import build_head
+from common.metrics import classification_metrics, regression_metrics
+from common.model import out_dim, split_for_run
 from common.privacy import UNIT_OF_PRIVACY
 from common.privacy.accounting import MechanismSegment, noise_multiplier_for_target
+from common.trainable import SplitModel, load_trainable_state
 
 ACCOUNTANT = "prv"
 
@@ -61,6 +59,10 @@ class RoundRequest:
     backbone_sha256: str
     num_classes: int
     run_id: str = ""
+
+    @property
+    def task(self) -> str:
+        return "regression" if self.run.task == "regression" else "classification"
 
 
 def settings_for_simulation(node_config: dict, run: dict) -> ClientSettings:
@@ -139,41 +141,61 @@ def store_backbone(settings: ClientSettings, manifest: dict, tensors: dict, sha2
     BackboneCache(settings.cache_dir).store(manifest, tensors, sha256)
 
 
-def _local_data(settings: ClientSettings, req: RoundRequest) -> tuple[Partition, dict, dict]:
-    """This institution's partition and its cached trunk features (train and test)."""
-    artifact, trunk = BackboneCache(settings.cache_dir).load(req.backbone_sha256)
-    spec = DataSpec(
-        data=settings.data_path or req.run.data,
-        examples=req.run.examples,
-        num_partitions=settings.num_partitions,
-        alpha=req.run.alpha,
-        test_fraction=req.run.test_fraction,
-        seed=req.run.seed,
-        input_shape=tuple(artifact.manifest["input_shape"]),
-    )
+@dataclass
+class LocalData:
+    """One institution's partition, its model split, and its cached split-point activations."""
+
+    part: Partition
+    model: SplitModel
+    feats: dict[str, np.ndarray]
+    manifest: dict
+
+
+def _local_data(settings: ClientSettings, req: RoundRequest) -> LocalData:
+    """This institution's partition, the run's model split, and the trunk's activations at
+    the split point (train and test), from the feature cache."""
+    artifact, backbone = BackboneCache(settings.cache_dir).load(req.backbone_sha256)
+    manifest = artifact.manifest
+    spec = DataSpec.from_run(req.run, settings.num_partitions, tuple(manifest["input_shape"]))
+    if settings.data_path:
+        spec = whole(replace(spec, data=settings.data_path))
     part = load_partition(spec, settings.partition_id)
-    pre = artifact.manifest["preprocessing"]
-    key = feature_key(req.backbone_sha256, part.fingerprint, pre)
+    _check_layout(part, manifest, settings)
+    model = split_for_run(backbone, manifest, req.run, out_dim(req.task, req.num_classes))
+    pre = manifest["preprocessing"]
+    key = feature_key(req.backbone_sha256, part.fingerprint, pre, model.split)
     feats = FeatureCache(settings.cache_dir).get(
         key,
-        trunk,
+        model.trunk,
         pre,
         {"train": part.train_x, "test": part.test_x},
         device=resolve_device(req.run.device),
+        stats=fit_local(part.train, pre),  # this client's own statistics; never released
     )
-    return part, feats, artifact.manifest
+    return LocalData(part, model, feats, manifest)
 
 
-def _head(req: RoundRequest, manifest: dict, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
-    head = build_head(req.run.head, int(manifest["feature_dim"]), req.num_classes)
-    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    got = {k: tuple(np.shape(v)) for k, v in arrays.items()}
-    if expected != got:
-        raise FerryError(f"head arrays {got} do not fit head {req.run.head!r} {expected}")
-    head.load_state_dict(
-        {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()}
-    )
-    return head
+def _check_layout(part: Partition, manifest: dict, settings: ClientSettings) -> None:
+    """Non-image data must have the layout the backbone was pretrained on."""
+    if part.train.modality == "image":
+        return
+    want = tuple(manifest["input_shape"])
+    got = tuple(part.train_x.shape[1:])
+    if got != want:
+        columns = manifest.get("pretraining", {}).get("columns") or []
+        missing = [c for c in columns if c not in part.train.columns]
+        hint = f" (missing: {', '.join(missing[:5])})" if missing else ""
+        raise FerryError(
+            f"{settings.institution}'s data has layout {got} but backbone "
+            f"{manifest['architecture']} expects {want}{hint}: give data with the columns the "
+            "backbone was pretrained on, or pretrain a backbone on data like yours"
+        )
+
+
+def _tail(data: LocalData, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
+    tail = data.model.tail
+    load_trainable_state(tail, arrays)
+    return tail
 
 
 def noise_for(req: RoundRequest, num_examples: int, state_dir: Path | None = None) -> float:
@@ -210,8 +232,9 @@ def noise_for(req: RoundRequest, num_examples: int, state_dir: Path | None = Non
 def train_round(
     settings: ClientSettings, req: RoundRequest, arrays: dict
 ) -> tuple[dict, dict, dict]:
-    """One DP training round: (head arrays, train metrics, privacy report)."""
-    part, feats, manifest = _local_data(settings, req)
+    """One DP training round: (trainable arrays, train metrics, privacy report)."""
+    data = _local_data(settings, req)
+    part = data.part
     n = part.num_train
     if n == 0:
         raise FerryError(f"{settings.institution} has no training examples")
@@ -231,6 +254,7 @@ def train_round(
         seed=req.run.seed * 100_003 + req.round * 1_009 + settings.partition_id,
         device=resolve_device(req.run.device),
         max_physical_batch=req.run.max_physical_batch,
+        clipping=req.run.clipping,
     )
     cfg.validate()
     q, steps = round_plan(n, cfg.batch_size, cfg.local_epochs)
@@ -238,7 +262,7 @@ def train_round(
     if settings.budget is not None:
         # Before any training: refuse a round that would take us over budget.
         check_round(state.history, planned, req.run.delta, settings.budget, ACCOUNTANT)
-    outcome = train_head(_head(req, manifest, arrays), feats["train"], part.train_y, cfg)
+    outcome = train_tail(_tail(data, arrays), data.feats["train"], part.train_y, cfg, req.task)
     report = {
         "institution": settings.institution,
         "unit": UNIT_OF_PRIVACY,
@@ -272,12 +296,10 @@ def train_round(
         report.update(
             {"noise-multiplier": 0.0, "sample-rate": 1.0, "steps": 0, "epsilon": math.inf}
         )
-    metrics = {
-        "num-examples": n,
-        "train-loss": outcome.loss,
-        "train-accuracy": outcome.accuracy,
-    }
-    return outcome.head_state, metrics, report
+    metrics = {"num-examples": n, "train-loss": outcome.loss}
+    if req.task == "classification":
+        metrics["train-accuracy"] = outcome.accuracy
+    return outcome.trainable_state, metrics, report
 
 
 def _opacus_version() -> str:
@@ -287,6 +309,13 @@ def _opacus_version() -> str:
 
 
 def evaluate_round(settings: ClientSettings, req: RoundRequest, arrays: dict) -> dict:
-    part, feats, manifest = _local_data(settings, req)
-    loss, acc = evaluate_head(_head(req, manifest, arrays), feats["test"], part.test_y)
-    return {"num-examples": len(part.test_y), "loss": loss, "accuracy": acc}
+    """Metrics of the global model on this institution's held-out split (not DP)."""
+    data = _local_data(settings, req)
+    y = data.part.test_y
+    out = predict_tail(_tail(data, arrays), data.feats["test"]) if len(y) else np.zeros((0, 1))
+    if req.task == "regression":
+        metrics = regression_metrics(y, out[:, 0], directional=data.part.test.directional)
+    else:
+        metrics = classification_metrics(y, out, req.num_classes)
+    released = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+    return {"num-examples": len(y), **released}

@@ -4,7 +4,8 @@ Everything is checked before a process starts, and each problem is one line (exi
 server address, the CA certificate (present, a CA, current; and, when the server answers,
 that the server's certificate verifies against it), the institution's private key (OpenSSH
 EC key that only its owner can read), the data (a readable image folder with at least two
-classes), the state directory (created if missing, and writable), the budget.
+classes, or a readable CSV/Parquet table), the state directory (created if missing, and
+writable), the budget.
 
 Then ``flower-supernode`` starts in its own process group with TLS (``--root-certificates``),
 SuperNode authentication (``--auth-supernode-private-key``), its runtime API on
@@ -64,10 +65,41 @@ class InstitutionSettings:
     insecure: bool = False
 
 
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+def check_table(path: Path) -> int:
+    """Row count of a CSV or Parquet file (tables, price series, molecules); its columns are
+    checked against the run's settings when the first round reads it."""
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise FerryError(
+            f"--data {path} is neither a folder of images nor a table "
+            f"({', '.join(TABLE_SUFFIXES)}): give one of those"
+        )
+    if not os.access(path, os.R_OK):
+        raise FerryError(f"--data {path} is not readable by this user")
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, "rb") as f:
+                rows = max(0, sum(1 for line in f if line.strip()) - 1)
+        else:
+            import pyarrow.parquet as pq
+
+            rows = pq.ParquetFile(path).metadata.num_rows
+    except Exception as exc:  # any reader failure is the same user problem
+        raise FerryError(f"--data {path} cannot be read ({type(exc).__name__}): {exc}") from None
+    if rows < 2:
+        raise FerryError(f"--data {path} holds {rows} record(s): give at least 2")
+    return rows
+
+
 def check_data(path: Path) -> tuple[list[str], int]:
-    """(class names, image count) of an image folder, opening one image per class."""
+    """(class names, image count) of an image folder, opening one image per class; for a
+    table file, ([], row count)."""
     from PIL import Image, UnidentifiedImageError
 
+    if path.is_file():
+        return [], check_table(path)
     if not path.is_dir():
         raise FerryError(
             f"--data {path} is not a directory: give a folder with one subfolder per class"
@@ -223,8 +255,9 @@ def run_client(s: InstitutionSettings, log=None) -> int:
     log_path = s.state_dir / "supernode.log"
     env = flower_env() | {"FLWR_HOME": str(s.state_dir / "flwr-home")}  # not ~/.flwr
     supernode = ChildProcess("supernode", supernode_argv(s, node_config), log_path, env)
+    what = f"images in {len(classes)} classes" if classes else "records"
     log(
-        f"{s.institution}: {count} images in {len(classes)} classes stay in {s.data}; budget "
+        f"{s.institution}: {count} {what} stay in {s.data}; budget "
         f"ε={s.budget_epsilon:g}, δ={s.budget_delta:g} (enforced here); state in {s.state_dir}"
     )
     log(f"connecting to {s.server} ({'INSECURE' if s.insecure else 'TLS'}); log: {log_path}")

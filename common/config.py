@@ -34,8 +34,28 @@ class RunConfig:
     batch_size: int = 32
     lr: float = 1.0
     head: str = "linear"
-    backbone: str = "ferry-cnn"
+    # What institutions train (common.trainable): head | lora | conv-adapter | last-block.
+    trainable: str = "head"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = ""  # comma-separated name patterns; "" = the backbone's default
+    adapter_dim: int = 16
+    clipping: str = "flat"  # flat | ghost (Opacus ghost clipping: less memory, same mechanism)
+    backbone: str = ""  # "" = the scenario's default backbone
     weights: str = ""  # pretrain output dir; "random" = no pretraining; "" = default location
+    # How the data is read (scenario presets set sensible defaults; see README "Scenarios").
+    label_column: str = ""  # tabular / molecules: the column to predict
+    categorical: str = ""  # tabular: comma-separated columns to treat as categories
+    task: str = "auto"  # auto | classification | regression
+    date_column: str = ""  # price series: the date column
+    value_columns: str = ""  # price series: comma-separated price columns ("" = all numeric)
+    window: int = 30  # price series: days of past returns per example
+    horizon: int = 1  # price series: predict the return over the next HORIZON days
+    smiles_column: str = ""  # molecules: the SMILES column
+    skip_unreadable: bool = False  # image folders / molecules: skip bad files, report the count
+    # How a simulation splits the data among virtual institutions.
+    partition: str = ""  # iid | dirichlet | quantity | natural; "" = the scenario's default
+    partition_column: str = ""  # natural split: the column naming each example's institution
     alpha: float = 0.5
     examples: int = 4000
     test_fraction: float = 0.2
@@ -108,9 +128,35 @@ class RunConfig:
             raise bad("cpus_per_client", self.cpus_per_client, "use a positive number of CPUs")
         if self.gpus_per_client < 0:
             raise bad("gpus_per_client", self.gpus_per_client, "use 0 or a (fraction of a) GPU")
+        from common.trainable import TRAINABLE_PARTS
+
+        if self.trainable not in TRAINABLE_PARTS:
+            raise bad("trainable", self.trainable, f"choose one of {', '.join(TRAINABLE_PARTS)}")
+        if self.lora_rank < 1:
+            raise bad("lora_rank", self.lora_rank, "a LoRA rank must be >= 1 (e.g. 8)")
+        if not self.lora_alpha > 0:
+            raise bad("lora_alpha", self.lora_alpha, "use a positive LoRA alpha (e.g. 16)")
+        if self.adapter_dim < 1:
+            raise bad("adapter_dim", self.adapter_dim, "an adapter bottleneck must be >= 1")
+        if self.clipping not in ("flat", "ghost"):
+            raise bad("clipping", self.clipping, "use flat or ghost")
+        if self.task not in ("auto", "classification", "regression"):
+            raise bad("task", self.task, "use auto, classification or regression")
+        if self.window < 2:
+            raise bad("window", self.window, "use a window of at least 2 days")
+        if self.horizon < 1:
+            raise bad("horizon", self.horizon, "forecast at least 1 day ahead")
+        if self.partition not in ("", "iid", "dirichlet", "quantity", "natural"):
+            raise bad("partition", self.partition, "use iid, dirichlet, quantity or natural")
+        if self.partition == "natural" and not self.partition_column and self.data:
+            raise bad("partition", "natural", "name the institution column with --partition-column")
         if self.examples < 2 * self.clients:
             raise bad("examples", self.examples, f"give at least 2 per client ({2 * self.clients})")
         return self
+
+    def names(self, field_name: str) -> list[str]:
+        """A comma-separated setting as a list (``lora_targets``, ``categorical``, ...)."""
+        return [v.strip() for v in str(getattr(self, field_name)).split(",") if v.strip()]
 
     def to_record(self) -> dict[str, bool | int | float | str]:
         """Flat dict with dashed keys (Flower ConfigRecord / run_config shape)."""

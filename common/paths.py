@@ -8,7 +8,3 @@ from pathlib import Path
 
 def ferry_home() -> Path:
     return Path(os.environ.get("FERRY_HOME") or Path.home() / ".cache" / "ferry")
-
-
-def default_pretrained_dir(arch: str) -> Path:
-    return ferry_home() / "pretrained" / arch

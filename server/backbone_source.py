@@ -1,26 +1,50 @@
-"""Where the server's backbone comes from: a ``ferry pretrain`` output, or random init."""
+"""Where the server's backbone comes from: a ``ferry pretrain`` (or ``ferry import-backbone``)
+output, or random init."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from common.backbones.registry import backbone_spec
 from common.errors import FerryError
-from common.paths import default_pretrained_dir
+from common.paths import ferry_home
 from common.serialization import BackboneArtifact, load_artifact
 
 
-def resolve_backbone(backbone: str, weights: str, seed: int = 0) -> BackboneArtifact:
-    """``weights``: a pretrain output (dir or file), ``"random"`` (no pretraining), or ``""``
-    for the default pretrain location of ``backbone``. Raises FerryError on bad input."""
+def default_weights_dir(backbone: str, scenario: str) -> Path:
+    """``$FERRY_HOME/pretrained/<arch>`` for image backbones (one serves every image preset);
+    ``$FERRY_HOME/pretrained/<scenario>/<arch>`` for tables, series and molecules, whose
+    input layout belongs to one kind of data."""
+    if backbone_spec(backbone).modality == "image":
+        return ferry_home() / "pretrained" / backbone
+    return ferry_home() / "pretrained" / scenario / backbone
+
+
+def resolve_backbone(
+    backbone: str,
+    weights: str,
+    seed: int = 0,
+    scenario: str = "hospital-imaging",
+    input_shape: tuple[int, ...] | None = None,
+) -> BackboneArtifact:
+    """``weights``: a pretrain output (dir or file), ``"random"`` (no pretraining; built for
+    ``input_shape`` when given), or ``""`` for the default location of ``backbone`` in
+    ``scenario``. Raises FerryError on bad input."""
     backbone_spec(backbone)  # unknown names fail here, listing the known ones
     if weights == "random":
         from server.pretrain import random_artifact
 
-        return random_artifact(backbone, seed)
-    path = weights or str(default_pretrained_dir(backbone))
-    if not weights and not default_pretrained_dir(backbone).exists():
+        return random_artifact(backbone, seed, input_shape)
+    default = default_weights_dir(backbone, scenario)
+    path = weights or str(default)
+    if not weights and not default.exists():
+        scenario_flag = (
+            "" if backbone_spec(backbone).modality == "image" else (f" --scenario {scenario}")
+        )
         raise FerryError(
-            f"no pretrained {backbone} backbone at {path}: run `ferry pretrain --arch {backbone}` "
-            "first, or pass --weights PATH (or --weights random for no pretraining)"
+            f"no pretrained {backbone} backbone at {path}: run `ferry pretrain{scenario_flag} "
+            f"--arch {backbone}` first, or pass --weights PATH (or --weights random for no "
+            "pretraining)"
         )
     artifact = load_artifact(path)
     arch = artifact.manifest.get("architecture")

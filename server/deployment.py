@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common.config import RunConfig
 from common.errors import FerryError
-from common.heads import build_head
+from common.model import initial_trainable_arrays, out_dim
+from common.scenarios import with_scenario_defaults
 from server.backbone_source import resolve_backbone
 from server.checkpoint import CHECKPOINT_FILE
 from server.federation import FederationPlan
@@ -77,14 +78,19 @@ def check_deployment(run_config: dict) -> DeploymentSettings:
     cfg = RunConfig.from_mapping(
         {k: v for k, v in run_config.items() if k not in DEPLOYMENT_KEYS}
     ).validate()
+    cfg = with_scenario_defaults(cfg)
     try:
         num_classes = int(run_config["num-classes"])
     except (KeyError, TypeError, ValueError):
         num_classes = 0
-    if num_classes < 2:
+    if cfg.task == "regression":
+        num_classes = 0
+    else:
+        cfg = replace(cfg, task="classification")
+    if cfg.task == "classification" and num_classes < 2:
         raise FerryError(
             f"num-classes {run_config.get('num-classes')!r} is invalid: give the number of "
-            "classes in the institutions' data (at least 2)"
+            'classes in the institutions\' data (at least 2), or task = "regression"'
         )
     if not cfg.out or not Path(cfg.out).is_absolute():
         raise FerryError(f"out {cfg.out!r} is invalid: a deployment run needs an absolute path")
@@ -118,8 +124,8 @@ def check_deployment(run_config: dict) -> DeploymentSettings:
 def plan_deployment(run_config: dict, log=print) -> FederationPlan:
     """Validate a deployment run config and build its plan (raises FerryError)."""
     s = check_deployment(run_config)
-    artifact = resolve_backbone(s.cfg.backbone, s.cfg.weights, s.cfg.seed)
-    build_head(s.cfg.head, int(artifact.manifest["feature_dim"]), s.num_classes)
+    artifact = resolve_backbone(s.cfg.backbone, s.cfg.weights, s.cfg.seed, s.cfg.scenario)
+    initial_trainable_arrays(artifact, s.cfg, out_dim(s.cfg.task, s.num_classes))
     out = Path(s.cfg.out) if s.resume else prepare_out_dir(s.cfg.out)
     return FederationPlan(
         cfg=s.cfg,

@@ -22,11 +22,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 from flwr.serverapp import Grid
 
 from common.errors import FerryError
-from common.heads import build_head
+from common.model import initial_trainable_arrays, out_dim
 from common.privacy import UNIT_OF_PRIVACY
 from server.checkpoint import (
     Checkpoint,
@@ -59,6 +58,26 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+_SHOWN = (
+    ("accuracy", "acc"),
+    ("balanced_accuracy", "bal-acc"),
+    ("roc_auc", "auc"),
+    ("rmse", "rmse"),
+    ("mae", "mae"),
+    ("directional_accuracy", "dir-acc"),
+    ("loss", "loss"),
+)
+
+
+def _headline(evaluated: dict) -> str:
+    """The round's federated evaluation metrics that exist for this task, for the log."""
+    shown = [(label, evaluated.get(key)) for key, label in _SHOWN]
+    return (
+        "  ".join(f"{label} {v:.3f}" for label, v in shown if isinstance(v, float) and v == v)
+        or "no evaluation"
+    )
+
+
 def wait_for_nodes(
     grid: Grid, wanted: int, log, timeout: float = 300.0, minimum: int = 1
 ) -> list[int]:
@@ -89,10 +108,8 @@ def _fresh(plan: FederationPlan) -> tuple[FederationState, np.random.Generator, 
         backbone_sha256=plan.artifact.sha256,
         privacy={"unit": UNIT_OF_PRIVACY, "accountant": "prv", "delta": cfg.delta},
     )
-    torch.manual_seed(cfg.seed)
-    head = build_head(cfg.head, int(plan.artifact.manifest["feature_dim"]), plan.num_classes)
-    state = FederationState({k: v.detach().numpy().copy() for k, v in head.state_dict().items()})
-    return state, np.random.default_rng(cfg.seed), 1
+    arrays = initial_trainable_arrays(plan.artifact, cfg, out_dim(cfg.task, plan.num_classes))
+    return FederationState(arrays), np.random.default_rng(cfg.seed), 1
 
 
 def _resumed(plan: FederationPlan) -> tuple[FederationState, np.random.Generator, int]:
@@ -215,8 +232,7 @@ def run_federation(grid: Grid, plan: FederationPlan) -> dict:
             f" (backbone {_fmt_bytes(traffic.backbone_sent)})" if traffic.backbone_sent else ""
         )
         plan.log(
-            f"round {rnd}/{cfg.rounds}  acc {evaluated['accuracy']:.3f}"
-            f"  loss {evaluated['loss']:.3f}"
+            f"round {rnd}/{cfg.rounds}  {_headline(evaluated)}"
             f"  max ε {record['max_epsilon']:.2f}  clients {trained['participants']}/{len(nodes)}"
             f"  sent {_fmt_bytes(traffic.sent)}{backbone}  received {_fmt_bytes(traffic.received)}"
             f"  {record['seconds']:.1f}s"

@@ -10,6 +10,17 @@ from pathlib import Path
 from common.errors import FerryError
 
 RUN_FILES = ("metrics.jsonl", "summary.json")
+# Federated evaluation metrics carried into summary.json's "final" (those the task has).
+FINAL_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "roc_auc",
+    "loss",
+    "rmse",
+    "mae",
+    "directional_accuracy",
+    "eval_examples",
+)
 
 
 def prepare_out_dir(out: str | os.PathLike) -> Path:
@@ -80,7 +91,11 @@ def build_summary(plan, state, end_reason: str, wall_time_s: float) -> dict:
             "bytes": plan.artifact.nbytes,
             "pretraining": plan.artifact.manifest.get("pretraining", {}),
         },
-        "final": {"round": last["round"], "accuracy": last["accuracy"], "loss": last["loss"]},
+        "final": {
+            "round": last["round"],
+            "task": cfg.task,
+            **{k: last.get(k) for k in FINAL_METRICS if k in last},
+        },
         "clients": state.clients,
         "not_selected": {
             state.institutions.get(node, str(node)): why for node, why in state.exhausted.items()

@@ -1,37 +1,44 @@
 """``ferry pretrain``: train a backbone on a source task, write it as a verified artifact.
 
-The source task is the built-in synthetic shapes task by default, or an image folder
-(one subfolder per class) given with ``--data``. A temporary linear classifier is trained on
-top of the trunk and discarded; only the trunk is written.
+The source data is the scenario's built-in synthetic source task by default (synthetic
+shapes for images; a related cohort, applicant pool, market or compound library for the
+other presets), or the server's own file or folder given with ``--data`` (read like the
+scenario's institutions read theirs). A temporary classifier (or regressor) is trained on
+top of the trunk and discarded; only the trunk is written. For tables and series the
+manifest records the input layout (``input_shape``, ``pretraining.columns``), which every
+institution's data must match.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import nn
 
 from common.backbones.registry import backbone_spec, build_backbone
-from common.data.preprocess import preprocess
-from common.data.synthetic import make_images
+from common.data.dataset import Dataset
+from common.data.datasets import DataSpec, load_dataset
+from common.data.preprocess import fit_local, preprocess
 from common.errors import FerryError
 from common.serialization import BackboneArtifact, make_artifact, save_artifact
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    arch: str = "ferry-cnn"
-    data: str = ""  # "" = built-in synthetic source task
+    arch: str = ""  # "" = the scenario's default backbone
+    scenario: str = "hospital-imaging"
+    data: str = ""  # "" = the scenario's built-in synthetic source task
     examples: int = 8000
     epochs: int = 4
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0
     out: str = ""
+    # How --data is read (as in `ferry simulate`).
+    data_spec: DataSpec | None = None
 
     def validate(self) -> PretrainConfig:
         if self.epochs < 1:
@@ -44,31 +51,66 @@ class PretrainConfig:
             raise FerryError("pretraining needs a batch size >= 2 and a positive learning rate")
         return self
 
+    @property
+    def architecture(self) -> str:
+        from common.scenarios import get_scenario
+
+        return self.arch or get_scenario(self.scenario).backbone
+
+
+def source_data(cfg: PretrainConfig) -> tuple[Dataset, dict]:
+    """The source dataset and a description of it for the manifest."""
+    spec = backbone_spec(cfg.architecture)
+    base = cfg.data_spec or DataSpec()
+    data_spec = replace(
+        base,
+        scenario=cfg.scenario,
+        data=cfg.data,
+        examples=cfg.examples,
+        seed=cfg.seed,
+        num_partitions=1,
+        input_shape=spec.input_shape,
+    )
+    dataset = load_dataset(data_spec, "target" if cfg.data else "source")
+    if dataset.modality != spec.modality:
+        raise FerryError(
+            f"backbone {spec.name} takes {spec.modality} data but the {cfg.scenario} "
+            f"{'file' if cfg.data else 'source task'} is {dataset.modality}: choose a "
+            f"{dataset.modality} backbone with --arch, or another --scenario"
+        )
+    if cfg.data:
+        source = {"kind": "file", "path": cfg.data, "scenario": cfg.scenario}
+    else:
+        source = {"kind": f"synthetic-{cfg.scenario}", "task": "source", "seed": cfg.seed}
+    return dataset, source
+
 
 def pretrain(cfg: PretrainConfig, log=print) -> BackboneArtifact:
     cfg.validate()
-    spec = backbone_spec(cfg.arch)
-    if cfg.data:
-        from common.data.image_folder import load_image_folder
-
-        images, labels, classes = load_image_folder(Path(cfg.data), spec.input_shape)
-        source = {"kind": "image-folder", "path": str(Path(cfg.data).resolve())}
-    else:
-        images, labels = make_images("source", cfg.examples, cfg.seed)
-        classes = sorted(set(labels.tolist()))
-        source = {"kind": "synthetic-shapes", "task": "source", "seed": cfg.seed}
-    x = torch.from_numpy(preprocess(images, spec.preprocessing))
-    y = torch.from_numpy(labels)
+    spec = backbone_spec(cfg.architecture)
+    dataset, source = source_data(cfg)
+    regression = dataset.task == "regression"
+    input_shape = spec.input_shape if spec.modality == "image" else tuple(dataset.x.shape[1:])
+    stats = fit_local(dataset, spec.preprocessing)  # the server's own source data
+    x = torch.from_numpy(preprocess(dataset.x, spec.preprocessing, stats))
+    y = torch.from_numpy(dataset.y.astype(np.float32 if regression else np.int64))
     torch.manual_seed(cfg.seed)
-    trunk = build_backbone(cfg.arch)
-    classifier = nn.Linear(spec.feature_dim, len(classes))
-    model = nn.Sequential(trunk, classifier)
+    trunk = build_backbone(cfg.architecture, input_shape)
+    outputs = 1 if regression else dataset.num_classes
+    model = nn.Sequential(trunk, nn.Linear(spec.feature_dim, outputs))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     n_val = max(1, len(x) // 10)
     gen = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(len(x), generator=gen)
     val, train = perm[:n_val], perm[n_val:]
+
+    def loss_of(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if regression:
+            return nn.functional.mse_loss(out[:, 0], target)
+        return nn.functional.cross_entropy(out, target)
+
     started = time.perf_counter()
+    score = float("nan")
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         order = train[torch.randperm(len(train), generator=gen)]
@@ -77,29 +119,36 @@ def pretrain(cfg: PretrainConfig, log=print) -> BackboneArtifact:
             idx = order[i : i + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm in train mode needs two examples per batch
                 continue
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss = loss_of(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
         model.eval()
         with torch.no_grad():
-            acc = float((model(x[val]).argmax(1) == y[val]).float().mean())
+            out = torch.cat([model(x[val[i : i + 256]]) for i in range(0, len(val), 256)])
+            if regression:
+                score = float(torch.sqrt(nn.functional.mse_loss(out[:, 0], y[val])))
+            else:
+                score = float((out.argmax(1) == y[val]).float().mean())
         log(
-            f"pretrain epoch {epoch}/{cfg.epochs}  loss {total / len(train):.3f}  "
-            f"source val acc {acc:.3f}  ({time.perf_counter() - started:.0f}s)"
+            f"pretrain epoch {epoch}/{cfg.epochs}  loss {total / max(len(train), 1):.3f}  "
+            f"source val {'rmse' if regression else 'acc'} {score:.3f}  "
+            f"({time.perf_counter() - started:.0f}s)"
         )
     manifest = {
-        "architecture": cfg.arch,
+        "architecture": cfg.architecture,
         "feature_dim": spec.feature_dim,
-        "input_shape": list(spec.input_shape),
+        "input_shape": list(input_shape),
         "preprocessing": spec.preprocessing,
         "pretraining": {
             **source,
             "examples": int(len(x)),
-            "classes": len(classes),
+            "task": dataset.task,
+            "classes": dataset.num_classes,
             "epochs": cfg.epochs,
-            "source_val_accuracy": round(acc, 4),
+            f"source_val_{'rmse' if regression else 'accuracy'}": round(score, 4),
+            **({"columns": list(dataset.columns)} if dataset.columns else {}),
         },
     }
     artifact = make_artifact(manifest, trunk.eval())
@@ -108,22 +157,22 @@ def pretrain(cfg: PretrainConfig, log=print) -> BackboneArtifact:
     return artifact
 
 
-def random_artifact(arch: str, seed: int = 0) -> BackboneArtifact:
+def random_artifact(
+    arch: str, seed: int = 0, input_shape: tuple[int, ...] | None = None
+) -> BackboneArtifact:
     """The same architecture left at random initialisation (the no-pretraining baseline)."""
     spec = backbone_spec(arch)
+    shape = tuple(input_shape or spec.input_shape)
     torch.manual_seed(seed)
-    trunk = build_backbone(arch).eval()
+    trunk = build_backbone(arch, shape).eval()
     manifest = {
         "architecture": arch,
         "feature_dim": spec.feature_dim,
-        "input_shape": list(spec.input_shape),
-        "preprocessing": spec.preprocessing,
+        "input_shape": list(shape),
+        # An image trunk built at another size tells clients to resize to that size.
+        "preprocessing": {**spec.preprocessing, "size": shape[-1]}
+        if "size" in spec.preprocessing
+        else spec.preprocessing,
         "pretraining": {"kind": "random-init", "seed": seed},
     }
     return make_artifact(manifest, trunk)
-
-
-def features_of(trunk: nn.Module, images: np.ndarray, preprocessing: dict) -> np.ndarray:
-    x = torch.from_numpy(preprocess(images, preprocessing))
-    with torch.no_grad():
-        return torch.cat([trunk(x[i : i + 256]) for i in range(0, len(x), 256)]).numpy()

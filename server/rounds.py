@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from common.metrics import aggregate_metrics
 from server.aggregation import aggregate
 from server.client_reports import ledger_trained, update_client_summary
 from server.exchange import Traffic, array_record, exchange
@@ -261,16 +262,16 @@ def evaluate_round(
     online = set(state.holders if online is None else online)
     nodes = sorted(n for n in state.holders if n in online and n not in state.dropped)
     content = RecordDict({"head": array_record(state.arrays), "run": _run_record(plan, rnd)})
-    loss = correct = n_total = 0.0
+    per_client = []
     messages = _messages(nodes, content, "evaluate", rnd)
     for _, reply in _exchange(grid, plan, state, messages, rnd, "evaluate", traffic):
         if _problem(reply, "metrics"):
             continue
-        m = reply.content["metrics"]
-        n = float(m["num-examples"])
-        loss += float(m["loss"]) * n
-        correct += float(m["accuracy"]) * n
-        n_total += n
+        m = {k: float(v) for k, v in reply.content["metrics"].items()}
+        per_client.append((int(m.pop("num-examples")), m))
+    n_total = sum(n for n, _ in per_client)
     if not n_total:
         return {"accuracy": float("nan"), "loss": float("nan"), "eval_examples": 0}
-    return {"accuracy": correct / n_total, "loss": loss / n_total, "eval_examples": int(n_total)}
+    metrics = {k.replace("-", "_"): v for k, v in aggregate_metrics(per_client).items()}
+    metrics.setdefault("accuracy", float("nan"))  # regression runs have none
+    return {**metrics, "eval_examples": int(n_total)}

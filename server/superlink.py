@@ -178,12 +178,13 @@ def _run_config(path: Path, base: Path, run: dict, institutions: int, resume: st
 
 def check_server_settings(s: ServerSettings) -> None:
     """Everything that can be checked before starting a process."""
-    from common.heads import build_head
+    from common.model import initial_trainable_arrays, out_dim
     from server.backbone_source import resolve_backbone
 
     settings = check_deployment(s.run)
-    artifact = resolve_backbone(settings.cfg.backbone, settings.cfg.weights, settings.cfg.seed)
-    build_head(settings.cfg.head, int(artifact.manifest["feature_dim"]), settings.num_classes)
+    cfg = settings.cfg
+    artifact = resolve_backbone(cfg.backbone, cfg.weights, cfg.seed, cfg.scenario)
+    initial_trainable_arrays(artifact, cfg, out_dim(cfg.task, settings.num_classes))
     if settings.resume:
         ckpt = load_checkpoint(s.out)
         check_ledger_prefix(s.out, ckpt)

@@ -14,15 +14,16 @@ import os
 import time
 from pathlib import Path
 
+from common.backbones.registry import backbone_spec
 from common.config import RunConfig
 from common.data.datasets import DataSpec, load_dataset, partition_sizes
 from common.errors import FerryError
-from common.heads import build_head
+from common.model import initial_trainable_arrays, out_dim
 from common.paths import ferry_home
+from common.scenarios import get_scenario, with_scenario_defaults
 from server.backbone_source import resolve_backbone
 from server.federation import FederationPlan
-from server.outputs import prepare_out_dir
-from simulations.scenarios import get_scenario
+from server.outputs import FINAL_METRICS, prepare_out_dir
 
 
 def plan_simulation(
@@ -31,8 +32,7 @@ def plan_simulation(
     cfg = settings if isinstance(settings, RunConfig) else RunConfig.from_mapping(settings)
     if num_clients is not None:
         cfg = dataclasses.replace(cfg, clients=num_clients)
-    cfg.validate()
-    get_scenario(cfg.scenario)
+    cfg = with_scenario_defaults(cfg.validate())
     if not cfg.ray_address and (cfg.gpus_per_client > 0 or cfg.device.startswith("cuda")):
         import torch
 
@@ -41,20 +41,44 @@ def plan_simulation(
                 "GPUs were asked for (--gpus-per-client / --device cuda) but this machine has "
                 "no visible CUDA GPU: use --device auto or cpu and --gpus-per-client 0"
             )
-    artifact = resolve_backbone(cfg.backbone, cfg.weights, cfg.seed)
-    spec = DataSpec(
-        data=cfg.data,
-        examples=cfg.examples,
-        num_partitions=cfg.clients,
-        alpha=cfg.alpha,
-        test_fraction=cfg.test_fraction,
-        seed=cfg.seed,
-        input_shape=tuple(artifact.manifest["input_shape"]),
+    modality = backbone_spec(cfg.backbone).modality
+    spec = DataSpec.from_run(cfg, cfg.clients, backbone_spec(cfg.backbone).input_shape)
+    dataset = None
+    if modality != "image":  # a random-init table/series backbone takes the data's layout
+        dataset = load_dataset(spec)
+    artifact = resolve_backbone(
+        cfg.backbone,
+        cfg.weights,
+        cfg.seed,
+        cfg.scenario,
+        None if dataset is None else tuple(dataset.x.shape[1:]),
     )
-    _, _, num_classes, _ = load_dataset(spec)
-    build_head(cfg.head, int(artifact.manifest["feature_dim"]), num_classes)
+    spec = DataSpec.from_run(cfg, cfg.clients, tuple(artifact.manifest["input_shape"]))
+    dataset = load_dataset(spec)
+    if dataset.modality != modality:
+        raise FerryError(
+            f"backbone {cfg.backbone} takes {modality} data but the {cfg.scenario} data is "
+            f"{dataset.modality}: leave --backbone out to use the scenario's, or pick a "
+            f"{dataset.modality} backbone"
+        )
+    want = tuple(artifact.manifest["input_shape"])
+    if modality != "image" and tuple(dataset.x.shape[1:]) != want:
+        raise FerryError(
+            f"the {cfg.scenario} data has layout {tuple(dataset.x.shape[1:])} but backbone "
+            f"{artifact.sha256[:12]} was pretrained on layout {want}: pretrain on data with the "
+            f"same columns (`ferry pretrain --scenario {cfg.scenario} --data ...`) or pass "
+            "--weights random"
+        )
+    # The task as found in the data travels to every client with the run config.
+    cfg = dataclasses.replace(cfg, task=dataset.task)
+    num_classes = dataset.num_classes
+    initial_trainable_arrays(artifact, cfg, out_dim(cfg.task, num_classes))
     sizes = partition_sizes(spec)
     smallest = min(sizes)
+    if cfg.task == "classification" and num_classes < 2:
+        raise FerryError(
+            f"{cfg.data or 'the data'} holds a single class: classification needs at least two"
+        )
     if smallest == 0:
         raise FerryError(
             f"a client got no training examples ({cfg.clients} clients, alpha {cfg.alpha}): "
@@ -77,6 +101,14 @@ def plan_simulation(
         run_id=out.name,
         log=log,
     )
+
+
+def _trained_part(cfg: RunConfig) -> str:
+    if cfg.trainable == "head":
+        return f"{cfg.head} head"
+    if cfg.trainable == "lora":
+        return f"LoRA r={cfg.lora_rank} + {cfg.head} head"
+    return f"{cfg.trainable} + {cfg.head} head"
 
 
 def backend_config(cfg: RunConfig) -> dict:
@@ -109,7 +141,7 @@ def simulate(cfg: RunConfig, log=print, client_app=None) -> dict:
         f"Ferry simulation: {cfg.clients} virtual {get_scenario(cfg.scenario).institution}s, "
         f"{cfg.rounds} rounds, {privacy}\n"
         f"backbone {plan.artifact.manifest['architecture']} {plan.artifact.sha256[:12]} "
-        f"({pre.get('kind', '?')}), head {cfg.head}, outputs in {plan.out}/"
+        f"({pre.get('kind', '?')}), trains {_trained_part(cfg)}, outputs in {plan.out}/"
     )
     from flwr.simulation import run_simulation
 
@@ -133,8 +165,13 @@ def simulate(cfg: RunConfig, log=print, client_app=None) -> dict:
     final = summary["final"]
     max_eps = summary["privacy"]["max_epsilon"]  # a number, or "inf" for a non-private run
     max_eps = f"{max_eps:.3f}" if isinstance(max_eps, int | float) else max_eps
+    headline = "  ".join(
+        f"{k.replace('_', ' ')} {v:.3f}"
+        for k, v in final.items()
+        if k in FINAL_METRICS and k not in ("loss", "eval_examples") and isinstance(v, float)
+    )
     log(
-        f"done in {summary['wall_time_s']:.0f}s: federated accuracy {final['accuracy']:.3f} "
+        f"done in {summary['wall_time_s']:.0f}s: federated {headline or 'no evaluation'} "
         f"after {final['round']} rounds, max ε {max_eps}\n"
         f"outputs: {plan.out}/metrics.jsonl, {plan.out}/summary.json"
     )

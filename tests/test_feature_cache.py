@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 from torch import nn
 
 import client.feature_cache as feature_cache
@@ -55,7 +54,7 @@ def test_restarted_client_loads_features_from_disk_without_running_trunk(client,
     head = client.initial_head()
     runtime.train_round(client.settings, client.request(1), head)
     first = runtime.evaluate_round(client.settings, client.request(1), head)
-    assert list((client.settings.cache_dir / "features").glob("*.safetensors"))
+    assert list((client.settings.cache_dir / "features").glob("*/train.npy"))
     after_first_process = feature_cache.trunk_examples
 
     restart_process()
@@ -96,7 +95,7 @@ def test_damaged_feature_file_is_recomputed_not_trusted(
     key = feature_key(client.artifact.sha256, part.fingerprint, pre)
     cache = FeatureCache(tmp_path / "features-home")
     computed = cache.get(key, trunk, pre, splits)
-    (cache.root / f"{key}.safetensors").write_bytes(b"\x00garbage")
+    (cache.root / key / "train.npy").write_bytes(b"\x00garbage")
     monkeypatch.setattr(feature_cache, "_MEMORY", {})
     count = feature_cache.trunk_examples
 
@@ -115,9 +114,9 @@ def test_feature_file_with_other_splits_or_row_counts_is_recomputed(
     splits = {"train": part.train_x, "test": part.test_x}
     key = feature_key(client.artifact.sha256, part.fingerprint, pre)
     cache = FeatureCache(tmp_path / "features-home")
-    cache.root.mkdir(parents=True)
-    stale = {"train": np.zeros((3, 64), np.float32), "test": np.zeros((1, 64), np.float32)}
-    save_file(stale, str(cache.root / f"{key}.safetensors"))
+    (cache.root / key).mkdir(parents=True)
+    np.save(cache.root / key / "train.npy", np.zeros((3, 64), np.float32))
+    np.save(cache.root / key / "test.npy", np.zeros((1, 64), np.float32))
     count = feature_cache.trunk_examples
 
     feats = cache.get(key, trunk, pre, splits)
@@ -135,6 +134,7 @@ def test_feature_key_changes_with_backbone_hash_data_and_preprocessing():
     assert feature_key(sha_b, "synthetic:x", pre) != key
     assert feature_key(sha_a, "synthetic:y", pre) != key
     assert feature_key(sha_a, "synthetic:x", {**pre, "std": 0.5}) != key
+    assert feature_key(sha_a, "synthetic:x", pre, split="layer4") != key
 
 
 def test_client_with_new_backbone_recomputes_features_instead_of_reusing_old_ones(client, tmp_path):
@@ -151,4 +151,4 @@ def test_client_with_new_backbone_recomputes_features_instead_of_reusing_old_one
     runtime.train_round(client.settings, req, head)
 
     assert feature_cache.trunk_examples - count == part.num_train + len(part.test_y)
-    assert len(list((client.settings.cache_dir / "features").glob("*.safetensors"))) == 2
+    assert len(list((client.settings.cache_dir / "features").glob("*/train.npy"))) == 2

@@ -1,8 +1,11 @@
 """What an institution trains on: its partition of a dataset, split into train and test.
 
-In simulation every virtual institution regenerates (or reloads) the same dataset and keeps
-only its partition; the whole dataset is loaded once per worker process and reused.
-The ``fingerprint`` identifies the exact examples, for the feature cache key.
+The dataset comes from the run's scenario (:mod:`common.scenarios`): its built-in synthetic
+data, or the user's file or folder (``--data``) read by the scenario's loader. In simulation
+every virtual institution reloads (or regenerates) the same dataset and keeps only its
+partition; the whole dataset is loaded once per worker process and reused. A deployed
+institution's partition is all of its own data. The ``fingerprint`` identifies the exact
+examples, for the feature cache key.
 """
 
 from __future__ import annotations
@@ -10,85 +13,157 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from common.data.partition import dirichlet_label_skew, train_test_split
-from common.data.synthetic import make_images
+from common.data.dataset import Dataset
+from common.data.partition import partition, train_test_split
 from common.errors import FerryError
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Where a simulated federation's data comes from and how it is split."""
+    """Where a federation's data comes from, how it is read and how it is split."""
 
-    data: str = ""  # "" = built-in synthetic target task; else an image folder
+    scenario: str = "hospital-imaging"
+    data: str = ""  # "" = the scenario's built-in synthetic data
     examples: int = 4000
     num_partitions: int = 10
+    partition: str = "dirichlet"
+    partition_column: str = ""
     alpha: float = 0.5
     test_fraction: float = 0.2
     seed: int = 0
-    input_shape: tuple[int, ...] = (1, 32, 32)
+    input_shape: tuple[int, ...] = (1, 32, 32)  # images from folders are read at this size
+    label_column: str = ""
+    categorical: tuple[str, ...] = ()
+    task: str = "auto"
+    date_column: str = ""
+    value_columns: tuple[str, ...] = ()
+    window: int = 30
+    horizon: int = 1
+    smiles_column: str = ""
+    skip_unreadable: bool = False
+
+    @classmethod
+    def from_run(cls, cfg, num_partitions: int, input_shape: tuple[int, ...]) -> DataSpec:
+        """The data settings of a :class:`~common.config.RunConfig` (scenario defaults
+        already applied)."""
+        return cls(
+            scenario=cfg.scenario,
+            data=cfg.data,
+            examples=cfg.examples,
+            num_partitions=num_partitions,
+            partition=cfg.partition or "dirichlet",
+            partition_column=cfg.partition_column,
+            alpha=cfg.alpha,
+            test_fraction=cfg.test_fraction,
+            seed=cfg.seed,
+            input_shape=tuple(input_shape),
+            label_column=cfg.label_column,
+            categorical=tuple(cfg.names("categorical")),
+            task=cfg.task,
+            date_column=cfg.date_column,
+            value_columns=tuple(cfg.names("value_columns")),
+            window=cfg.window,
+            horizon=cfg.horizon,
+            smiles_column=cfg.smiles_column,
+            skip_unreadable=cfg.skip_unreadable,
+        )
 
 
 @dataclass
 class Partition:
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    num_classes: int
+    train: Dataset
+    test: Dataset
     fingerprint: str
 
     @property
     def num_train(self) -> int:
-        return len(self.train_y)
+        return len(self.train)
+
+    @property
+    def train_x(self) -> np.ndarray:
+        return self.train.x
+
+    @property
+    def train_y(self) -> np.ndarray:
+        return self.train.y
+
+    @property
+    def test_x(self) -> np.ndarray:
+        return self.test.x
+
+    @property
+    def test_y(self) -> np.ndarray:
+        return self.test.y
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
 
 
 @functools.lru_cache(maxsize=4)
-def load_dataset(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, int, str]:
-    """(images, labels, number of classes, fingerprint of the source) for ``spec``."""
-    if spec.data:
-        from common.data.image_folder import load_image_folder
+def load_dataset(spec: DataSpec, split: str = "target") -> Dataset:
+    """The whole dataset ``spec`` names (``split`` "source": the scenario's pretraining
+    data, synthetic only)."""
+    from common.scenarios import get_scenario
 
-        root = Path(spec.data)
-        images, labels, classes = load_image_folder(root, spec.input_shape)
-        h = hashlib.sha256()
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            st = path.stat()
-            h.update(f"{path.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
-        return images, labels, len(classes), "folder:" + h.hexdigest()
-    images, labels = make_images("target", spec.examples, spec.seed)
-    source = json.dumps({"task": "target", "n": spec.examples, "seed": spec.seed})
-    return images, labels, int(labels.max()) + 1, "synthetic:" + source
+    scenario = get_scenario(spec.scenario)
+    if spec.data and split == "target":
+        dataset = scenario.load(spec)
+    else:
+        dataset = scenario.synthetic(spec, split)
+    if spec.task != "auto" and dataset.task != spec.task:
+        raise FerryError(
+            f"--task {spec.task} does not fit this data, whose target is {dataset.task}: "
+            f"use --task auto or {dataset.task}"
+        )
+    return dataset
 
 
 @functools.lru_cache(maxsize=4)
 def _split(spec: DataSpec) -> list[tuple[np.ndarray, np.ndarray]]:
-    _, labels, _, _ = load_dataset(spec)
-    if len(labels) < spec.num_partitions:
+    dataset = load_dataset(spec)
+    where = spec.data or f"the {spec.scenario} synthetic data"
+    if len(dataset) < spec.num_partitions:
         raise FerryError(
-            f"{len(labels)} examples cannot be split among {spec.num_partitions} clients: "
-            "give more data or fewer --clients"
+            f"{len(dataset)} examples in {where} cannot be split among {spec.num_partitions} "
+            "clients: give more data or fewer --clients"
         )
-    parts = dirichlet_label_skew(labels, spec.num_partitions, spec.alpha, spec.seed)
+    if spec.partition == "natural" and spec.num_partitions == 1:
+        parts = [np.arange(len(dataset))]
+    else:
+        parts = partition(
+            spec.partition,
+            dataset.y,
+            dataset.groups,
+            spec.num_partitions,
+            spec.alpha,
+            spec.seed,
+            dataset.task,
+        )
     return [train_test_split(p, spec.test_fraction, spec.seed + i) for i, p in enumerate(parts)]
 
 
 def load_partition(spec: DataSpec, partition_id: int) -> Partition:
-    images, labels, num_classes, source = load_dataset(spec)
+    dataset = load_dataset(spec)
     train_idx, test_idx = _split(spec)[partition_id]
-    key = json.dumps({**asdict(spec), "source": source, "partition": partition_id}, sort_keys=True)
+    key = json.dumps(
+        {**asdict(spec), "source": dataset.fingerprint, "partition": partition_id},
+        sort_keys=True,
+    )
     return Partition(
-        images[train_idx],
-        labels[train_idx],
-        images[test_idx],
-        labels[test_idx],
-        num_classes,
+        dataset.subset(train_idx),
+        dataset.subset(test_idx),
         hashlib.sha256(key.encode()).hexdigest(),
     )
+
+
+def whole(spec: DataSpec) -> DataSpec:
+    """A deployed institution's spec: all of its data is one partition."""
+    return replace(spec, num_partitions=1, partition="iid")
 
 
 def partition_sizes(spec: DataSpec) -> list[int]:

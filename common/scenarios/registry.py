@@ -1,0 +1,66 @@
+"""The scenario registry (see the package docstring)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from common.data.dataset import Dataset
+from common.errors import FerryError
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A preset: what one institution stands for, what data it holds, what fits it.
+
+    ``synthetic(spec, split)`` generates the built-in data (``split`` "target" for the
+    institutions, "source" for ``ferry pretrain``); ``load(spec)`` reads a user's file or
+    folder (``spec.data``) with the options the format needs. Both return a
+    :class:`Dataset` and compute no statistics over it.
+    """
+
+    name: str
+    description: str
+    institution: str  # what one client stands for
+    backbone: str  # the default backbone
+    partition: str  # the default way a simulation splits the data
+    expects: str  # what --data must be
+    example: str  # a command line that runs the preset on a user's data
+    synthetic: Callable[..., Dataset]
+    load: Callable[..., Dataset]
+
+
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def register_scenario(scenario: Scenario) -> Scenario:
+    if scenario.name in SCENARIOS:
+        raise ValueError(f"scenario {scenario.name!r} is registered twice")
+    SCENARIOS[scenario.name] = scenario
+    return scenario
+
+
+def get_scenario(name: str) -> Scenario:
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise FerryError(
+            f"unknown scenario {name!r}: choose one of {', '.join(sorted(SCENARIOS))}"
+        ) from None
+
+
+def with_scenario_defaults(cfg):
+    """``cfg`` (a RunConfig) with the scenario's backbone and partition where it left them
+    unset."""
+    from dataclasses import replace
+
+    scenario = get_scenario(cfg.scenario)
+    return replace(
+        cfg,
+        backbone=cfg.backbone or scenario.backbone,
+        partition=cfg.partition or scenario.partition,
+    )
+
+
+def known_scenarios() -> list[str]:
+    return sorted(SCENARIOS)
