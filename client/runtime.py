@@ -249,7 +249,7 @@ def train_round(
         max_grad_norm=req.run.max_grad_norm,
         batch_size=req.run.batch_size,
         local_epochs=req.run.local_epochs,
-        lr=req.run.lr,
+        lr=req.run.learning_rate,
         non_private=req.run.non_private,
         seed=req.run.seed * 100_003 + req.round * 1_009 + settings.partition_id,
         device=resolve_device(req.run.device),

@@ -52,7 +52,7 @@ def _add_run_options(p: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> 
         "min_clients": "end the run when fewer institutions with budget left remain",
         "local_epochs": "local epochs per round",
         "batch_size": "expected (Poisson) batch size",
-        "lr": "head learning rate (SGD)",
+        "lr": "learning rate of the trained part (SGD; default: the scenario's)",
         "head": "trainable head: linear or mlp",
         "trainable": "what institutions train: head, lora, conv-adapter or last-block",
         "lora_rank": "LoRA rank r",

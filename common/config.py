@@ -32,7 +32,7 @@ class RunConfig:
     min_clients: int = 1  # end the run when fewer institutions with budget left remain
     local_epochs: int = 1
     batch_size: int = 32
-    lr: float = 1.0
+    lr: float | None = None  # SGD learning rate; None = the scenario's default
     head: str = "linear"
     # What institutions train (common.trainable): head | lora | conv-adapter | last-block.
     trainable: str = "head"
@@ -68,6 +68,15 @@ class RunConfig:
     gpus_per_client: float = 0.0
     ray_address: str = ""  # "" = start Ray here; "auto" or HOST:PORT = join a Ray cluster
     out: str = ""
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the scenario's default when it is unset."""
+        if self.lr is not None:
+            return float(self.lr)
+        from common.scenarios import get_scenario
+
+        return get_scenario(self.scenario).lr
 
     @property
     def derive_noise(self) -> bool:
@@ -114,7 +123,7 @@ class RunConfig:
             raise bad("local_epochs", self.local_epochs, "use at least 1")
         if self.batch_size < 1:
             raise bad("batch_size", self.batch_size, "use at least 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise bad("lr", self.lr, "use a positive learning rate")
         if self.alpha <= 0:
             raise bad("alpha", self.alpha, "the Dirichlet concentration must be > 0")

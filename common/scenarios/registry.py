@@ -28,6 +28,7 @@ class Scenario:
     example: str  # a command line that runs the preset on a user's data
     synthetic: Callable[..., Dataset]
     load: Callable[..., Dataset]
+    lr: float = 1.0  # the DP-SGD learning rate that suits its default head
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -59,6 +60,7 @@ def with_scenario_defaults(cfg):
         cfg,
         backbone=cfg.backbone or scenario.backbone,
         partition=cfg.partition or scenario.partition,
+        lr=cfg.learning_rate,
     )
 
 
