@@ -1,0 +1,202 @@
+"""Task metrics (common.metrics) against scikit-learn, and their federated aggregation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from common.metrics import (
+    HEADLINE,
+    aggregate_metrics,
+    binary_auc,
+    classification_metrics,
+    higher_is_better,
+    regression_metrics,
+)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _classified(seed: int, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and logits that carry some signal. Logit rows come from a small pool, so many
+    examples (of both labels) share a row and their scores tie exactly."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    pool = rng.normal(size=(12, k))
+    logits = pool[rng.integers(0, len(pool), n)] + 1.5 * np.eye(k)[rng.integers(0, k, n)]
+    right = rng.random(n) < 0.5  # half the examples get their true class pushed up
+    logits[right] = pool[rng.integers(0, len(pool), right.sum())] + 1.5 * np.eye(k)[y[right]]
+    return y, logits
+
+
+# ---------------------------------------------------------------- classification
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binary_metrics_match_sklearn_with_tied_scores(seed):
+    y, logits = _classified(seed, 300, 2)
+    probs = _softmax(logits)
+    assert len(np.unique(probs[:, 1])) < 200  # ties really occur
+    got = classification_metrics(y, logits, 2)
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(y, logits.argmax(1)))
+    assert got["balanced-accuracy"] == pytest.approx(
+        skm.balanced_accuracy_score(y, logits.argmax(1))
+    )
+    assert got["roc-auc"] == pytest.approx(skm.roc_auc_score(y, probs[:, 1]), abs=1e-12)
+    assert got["loss"] == pytest.approx(skm.log_loss(y, probs, labels=[0, 1]))
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_multiclass_auc_is_sklearn_macro_one_vs_rest(k):
+    y, logits = _classified(k, 400, k)
+    probs = _softmax(logits)
+    got = classification_metrics(y, logits, k)
+    want = skm.roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=range(k))
+    assert got["roc-auc"] == pytest.approx(want, abs=1e-12)
+    assert got["balanced-accuracy"] == pytest.approx(
+        skm.balanced_accuracy_score(y, logits.argmax(1))
+    )
+    assert got["loss"] == pytest.approx(skm.log_loss(y, probs, labels=range(k)))
+
+
+def test_auc_counts_ties_one_half_exactly():
+    assert binary_auc([0, 1], [0.3, 0.3]) == 0.5
+    # positives 0.2, 0.5; negatives 0.2, 0.1: pairs (0.2 vs 0.2) = 1/2, the other three = 1.
+    assert binary_auc([1, 0, 1, 0], [0.2, 0.2, 0.5, 0.1]) == pytest.approx(3.5 / 4)
+    assert binary_auc([1, 1, 0, 0], [0.9, 0.8, 0.7, 0.1]) == 1.0
+    assert binary_auc([1, 1, 0, 0], [0.1, 0.2, 0.7, 0.9]) == 0.0
+
+
+def test_auc_of_many_ties_matches_sklearn_on_a_large_sample():
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 20_000)
+    score = rng.integers(0, 30, 20_000) + 3 * y  # 33 distinct values
+    assert binary_auc(y, score) == pytest.approx(skm.roc_auc_score(y, score), abs=1e-12)
+
+
+def test_single_class_split_gives_nan_auc_but_defined_accuracy():
+    y = np.zeros(6, dtype=np.int64)
+    logits = np.array([[2.0, 0.0]] * 4 + [[0.0, 2.0]] * 2)
+    got = classification_metrics(y, logits, 2)
+    assert math.isnan(got["roc-auc"])
+    assert got["accuracy"] == pytest.approx(4 / 6)
+    assert got["balanced-accuracy"] == pytest.approx(4 / 6)  # recall of the one class present
+    got3 = classification_metrics(np.full(4, 2), np.eye(3)[[0, 1, 2, 2]], 3)
+    assert math.isnan(got3["roc-auc"])
+
+
+def test_multiclass_auc_averages_only_classes_present_with_both_labels():
+    y, logits = _classified(11, 200, 4)
+    keep = y != 3  # class 3 absent: its one-vs-rest AUC is undefined and left out
+    y, logits = y[keep], logits[keep]
+    probs = _softmax(logits)
+    want = np.mean([skm.roc_auc_score(y == c, probs[:, c]) for c in range(3)])
+    assert classification_metrics(y, logits, 4)["roc-auc"] == pytest.approx(want, abs=1e-12)
+
+
+def test_probabilities_and_single_binary_score_give_the_same_metrics_as_logits():
+    y, logits = _classified(3, 120, 2)
+    reference = classification_metrics(y, logits, 2)
+    from_probs = classification_metrics(y, _softmax(logits), 2, probabilities=True)
+    one_logit = classification_metrics(y, logits[:, 1] - logits[:, 0], 2)
+    one_prob = classification_metrics(y, _softmax(logits)[:, 1:], 2, probabilities=True)
+    for other in (from_probs, one_logit, one_prob):
+        assert other.keys() == reference.keys()
+        for key in reference:
+            assert other[key] == pytest.approx(reference[key], abs=1e-9), key
+
+
+def test_cross_entropy_stays_exact_for_confident_wrong_logits():
+    got = classification_metrics(np.array([0]), np.array([[0.0, 100.0]]), 2)
+    assert got["loss"] == pytest.approx(100.0)  # not capped by a probability clip
+
+
+def test_classification_rejects_labels_and_widths_that_do_not_fit():
+    with pytest.raises(ValueError, match="labels"):
+        classification_metrics(np.array([0, 3]), np.zeros((2, 3)), 3)
+    with pytest.raises(ValueError, match="columns"):
+        classification_metrics(np.array([0, 1]), np.zeros((2, 4)), 3)
+
+
+def test_empty_splits_give_no_metrics():
+    assert classification_metrics(np.zeros(0, np.int64), np.zeros((0, 1)), 3) == {}
+    assert regression_metrics(np.zeros(0), np.zeros((0, 1)), directional=True) == {}
+
+
+# ---------------------------------------------------------------- regression
+
+
+def test_regression_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=200)
+    pred = y + rng.normal(scale=0.5, size=200)
+    got = regression_metrics(y, pred[:, None], directional=False)
+    assert set(got) == {"rmse", "mae", "loss"}
+    assert got["loss"] == pytest.approx(skm.mean_squared_error(y, pred))
+    assert got["rmse"] == pytest.approx(math.sqrt(skm.mean_squared_error(y, pred)))
+    assert got["mae"] == pytest.approx(skm.mean_absolute_error(y, pred))
+
+
+def test_directional_accuracy_ignores_flat_targets_and_counts_zero_predictions_wrong():
+    y = np.array([1.0, -2.0, 0.0, 3.0, -1.0, 0.0])
+    pred = np.array([0.5, -0.1, 5.0, -1.0, 0.0, -3.0])
+    # Moved examples: right, right, wrong (sign), wrong (0 predicted) -> 2 / 4.
+    assert regression_metrics(y, pred, directional=True)["directional-accuracy"] == 0.5
+    flat = regression_metrics(np.zeros(3), np.ones(3), directional=True)
+    assert math.isnan(flat["directional-accuracy"])
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def test_aggregation_is_example_weighted_and_pools_accuracy_and_rmse_exactly():
+    rng = np.random.default_rng(5)
+    parts = [(rng.normal(size=n), rng.normal(size=n)) for n in (10, 40, 150)]
+    local = [(len(y), regression_metrics(y, p, directional=True)) for y, p in parts]
+    pooled = regression_metrics(
+        np.concatenate([y for y, _ in parts]), np.concatenate([p for _, p in parts]), True
+    )
+    fed = aggregate_metrics(local)
+    for key in ("rmse", "mae", "loss", "directional-accuracy"):
+        # No true value is 0 here, so even directional accuracy pools exactly.
+        assert fed[key] == pytest.approx(pooled[key], rel=1e-12), key
+    plain_mean_rmse = np.mean([m["rmse"] for _, m in local])
+    assert fed["rmse"] != pytest.approx(plain_mean_rmse)
+
+    ys, logits = _classified(9, 300, 3)
+    cuts = [(0, 50), (50, 120), (120, 300)]
+    local = [(b - a, classification_metrics(ys[a:b], logits[a:b], 3)) for a, b in cuts]
+    fed = aggregate_metrics(local)
+    assert fed["accuracy"] == pytest.approx(classification_metrics(ys, logits, 3)["accuracy"])
+    assert fed["roc-auc"] == pytest.approx(sum(n * m["roc-auc"] for n, m in local) / 300)
+
+
+def test_aggregation_skips_nan_missing_and_empty_clients_per_metric():
+    fed = aggregate_metrics(
+        [
+            (10, {"accuracy": 0.5, "roc-auc": float("nan"), "loss": 1.0}),
+            (30, {"accuracy": 0.9, "roc-auc": 0.8}),
+            (0, {"accuracy": 0.0, "roc-auc": 0.0, "loss": 9.0}),
+            (20, {"accuracy": 0.6, "roc-auc": 0.5, "loss": 4.0}),
+        ]
+    )
+    assert fed["accuracy"] == pytest.approx((10 * 0.5 + 30 * 0.9 + 20 * 0.6) / 60)
+    assert fed["roc-auc"] == pytest.approx((30 * 0.8 + 20 * 0.5) / 50)
+    assert fed["loss"] == pytest.approx((10 * 1.0 + 20 * 4.0) / 30)
+    assert aggregate_metrics([(5, {"roc-auc": float("nan")})]) == {}
+    assert aggregate_metrics([]) == {}
+
+
+def test_headline_metrics_and_their_direction():
+    assert HEADLINE == {"classification": "accuracy", "regression": "rmse"}
+    assert higher_is_better("accuracy") and higher_is_better("roc_auc")
+    assert higher_is_better("directional-accuracy")
+    assert not higher_is_better("rmse") and not higher_is_better("loss")
+    with pytest.raises(ValueError, match="unknown metric"):
+        higher_is_better("train-loss")
