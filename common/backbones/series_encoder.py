@@ -6,7 +6,12 @@ affine-free BatchNorm1d that standardises features with the pretraining statisti
 ``last_stage`` is ``conv2``.
 
 ``series-gru`` stages: ``gru`` (a 2-layer GRU over time, last hidden state), ``out`` (as
-above). ``last_stage`` is ``out``. 64 features for both.
+above). ``last_stage`` is ``out``: the GRU stays in the frozen trunk (a plain ``nn.GRU`` has
+no per-example gradients in Opacus). 64 features for both; LoRA adapts ``out.0``.
+
+Any channel count and window length work (the convolutions keep the length, the pool and
+the GRU remove it); ``ferry pretrain`` records the source data's (channels, window) in the
+manifest. ``conv-adapter`` does not apply (it adapts Conv2d layers only).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from torch import nn
 
 from common.backbones.registry import register_backbone
+from common.errors import FerryError
 
 FEATURES = 64
 PREPROCESSING = {"kind": "series", "standardize": "local"}
@@ -50,7 +56,7 @@ def _out() -> nn.Sequential:
     description="dilated 1-D CNN over windows of returns",
 )
 def build_series_cnn(input_shape: tuple[int, ...] = (1, 30)) -> nn.Module:
-    channels = int(input_shape[0])
+    channels = _channels("series-cnn", input_shape)
     return nn.Sequential(
         OrderedDict(
             conv0=_conv(channels, FEATURES, 1),
@@ -85,4 +91,16 @@ class LastHidden(nn.Module):
     description="GRU over windows of returns (last hidden state)",
 )
 def build_series_gru(input_shape: tuple[int, ...] = (1, 30)) -> nn.Module:
-    return nn.Sequential(OrderedDict(gru=LastHidden(int(input_shape[0])), out=_out()))
+    return nn.Sequential(
+        OrderedDict(gru=LastHidden(_channels("series-gru", input_shape)), out=_out())
+    )
+
+
+def _channels(name: str, input_shape: tuple[int, ...]) -> int:
+    """Channels of a (channels, window) shape; any window length works."""
+    if len(input_shape) != 2 or min(int(v) for v in input_shape) < 1:
+        raise FerryError(
+            f"{name} takes windows of shape (channels, window), not {tuple(input_shape)}: "
+            "pretrain it on a price file (`ferry pretrain --data FILE`)"
+        )
+    return int(input_shape[0])

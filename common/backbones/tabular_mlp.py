@@ -8,6 +8,10 @@ and always runs in eval mode on clients, so a DP head sees unit-scale features).
 
 The input width is the width of the source data's layout (``ferry pretrain`` records it in the
 manifest); every institution's table must have the same columns.
+
+One architecture, two names: a spec carries one modality and one preprocessing, and tables
+(standardised locally, missing values filled) and fingerprints (bits used as they are) need
+different ones, so each gets its own entry.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections import OrderedDict
 from torch import nn
 
 from common.backbones.registry import register_backbone
+from common.errors import FerryError
 
 FEATURES = 64
 HIDDEN = 128
@@ -27,6 +32,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 def mlp_encoder(width: int) -> nn.Sequential:
+    """The MLP trunk for rows of ``width`` features: (n, width) -> (n, 64)."""
     return nn.Sequential(
         OrderedDict(
             block0=_block(width, HIDDEN),
@@ -47,7 +53,7 @@ def mlp_encoder(width: int) -> nn.Sequential:
     description="MLP encoder for record tables (numeric + hashed categorical columns)",
 )
 def build_tabular_mlp(input_shape: tuple[int, ...] = (16,)) -> nn.Module:
-    return mlp_encoder(int(input_shape[0]))
+    return mlp_encoder(_width("tabular-mlp", input_shape))
 
 
 @register_backbone(
@@ -61,4 +67,13 @@ def build_tabular_mlp(input_shape: tuple[int, ...] = (16,)) -> nn.Module:
     description="MLP encoder for molecular fingerprints (Morgan bits)",
 )
 def build_molecule_mlp(input_shape: tuple[int, ...] = (2048,)) -> nn.Module:
-    return mlp_encoder(int(input_shape[0]))
+    return mlp_encoder(_width("molecule-mlp", input_shape))
+
+
+def _width(name: str, input_shape: tuple[int, ...]) -> int:
+    if len(input_shape) != 1 or int(input_shape[0]) < 1:
+        raise FerryError(
+            f"{name} takes rows of d features, input shape (d,), not {tuple(input_shape)}: "
+            "pretrain it on a table or fingerprint file (`ferry pretrain --data FILE`)"
+        )
+    return int(input_shape[0])
