@@ -66,7 +66,7 @@ def test_table_without_the_label_column_names_file_column_and_fix(capsys, tmp_pa
 
 
 def test_non_numeric_value_in_numeric_column_names_line_and_column(capsys, tmp_path):
-    data = _table(tmp_path / "patients.csv", {7: ["61", "abc", "no", "no"]})
+    data = _table(tmp_path / "patients.csv", overrides={7: ["61", "abc", "no", "no"]})
     line = _error_line(
         capsys,
         [
