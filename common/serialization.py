@@ -131,8 +131,13 @@ def instantiate(artifact: BackboneArtifact) -> nn.Module:
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
+        # torch's first line is a header; the next one names the tensor and its shapes.
+        detail = next(
+            (line.strip() for line in str(exc).splitlines()[1:] if line.strip()),
+            _first_line(exc),
+        )
         raise FerryError(
-            f"weights do not match architecture {arch!r} ({_first_line(exc)}): "
+            f"weights do not match architecture {arch!r} ({detail[:200]}): "
             f"use weights produced for {arch} by `ferry pretrain --arch {arch}`"
         ) from None
     module.requires_grad_(False)

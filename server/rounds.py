@@ -271,7 +271,6 @@ def evaluate_round(
         per_client.append((int(m.pop("num-examples")), m))
     n_total = sum(n for n, _ in per_client)
     if not n_total:
-        return {"accuracy": float("nan"), "loss": float("nan"), "eval_examples": 0}
+        return {"loss": float("nan"), "eval_examples": 0}
     metrics = {k.replace("-", "_"): v for k, v in aggregate_metrics(per_client).items()}
-    metrics.setdefault("accuracy", float("nan"))  # regression runs have none
     return {**metrics, "eval_examples": int(n_total)}

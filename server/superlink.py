@@ -455,9 +455,11 @@ def _report(s: ServerSettings, log) -> int:
         print(f"ferry: error: the run failed: {_failure(s)}", file=sys.stderr)
         return 1
     summary = json.loads(summary_path.read_text())
+    final = summary["final"]
+    headline = "rmse" if final.get("task") == "regression" else "accuracy"
     log(
-        f"done: {summary['rounds_completed']} rounds ({summary['end_reason']}), final accuracy "
-        f"{summary['final']['accuracy']}, max ε {summary['privacy']['max_epsilon']}; outputs in "
-        f"{s.out}/"
+        f"done: {summary['rounds_completed']} rounds ({summary['end_reason']}), final "
+        f"{headline} {final.get(headline)}, max ε {summary['privacy']['max_epsilon']}; "
+        f"outputs in {s.out}/"
     )
     return 0
