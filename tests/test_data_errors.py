@@ -45,43 +45,22 @@ def _table(path: Path, rows: int = 40, overrides: dict | None = None) -> Path:
     return path
 
 
+def _table_error(capsys, data: Path, label: str = "outcome", clients: int = 2) -> str:
+    """The error line of `ferry simulate --scenario hospital-tabular` on ``data``."""
+    argv = ["simulate", "--scenario", "hospital-tabular", "--data", str(data)]
+    argv += ["--label-column", label, "--clients", str(clients)]
+    return _error_line(capsys, argv, data.parent / "out")
+
+
 def test_table_without_the_label_column_names_file_column_and_fix(capsys, tmp_path):
     data = _table(tmp_path / "patients.csv")
-    line = _error_line(
-        capsys,
-        [
-            "simulate",
-            "--scenario",
-            "hospital-tabular",
-            "--data",
-            str(data),
-            "--label-column",
-            "diagnosis",
-            "--clients",
-            "2",
-        ],
-        tmp_path / "out",
-    )
+    line = _table_error(capsys, data, "diagnosis")
     assert "patients.csv" in line and "'diagnosis'" in line and "--label-column" in line
 
 
 def test_non_numeric_value_in_numeric_column_names_line_and_column(capsys, tmp_path):
     data = _table(tmp_path / "patients.csv", overrides={7: ["61", "abc", "no", "no"]})
-    line = _error_line(
-        capsys,
-        [
-            "simulate",
-            "--scenario",
-            "hospital-tabular",
-            "--data",
-            str(data),
-            "--label-column",
-            "outcome",
-            "--clients",
-            "2",
-        ],
-        tmp_path / "out",
-    )
+    line = _table_error(capsys, data)
     assert "patients.csv" in line and "line 7" in line and "'bmi'" in line
     assert "--categorical bmi" in line
 
@@ -89,41 +68,13 @@ def test_non_numeric_value_in_numeric_column_names_line_and_column(capsys, tmp_p
 def test_single_class_label_is_refused(capsys, tmp_path):
     data = tmp_path / "patients.csv"
     data.write_text("age,outcome\n" + "".join(f"{30 + i},no\n" for i in range(30)))
-    line = _error_line(
-        capsys,
-        [
-            "simulate",
-            "--scenario",
-            "hospital-tabular",
-            "--data",
-            str(data),
-            "--label-column",
-            "outcome",
-            "--clients",
-            "2",
-        ],
-        tmp_path / "out",
-    )
+    line = _table_error(capsys, data)
     assert "patients.csv" in line and "class" in line
 
 
 def test_fewer_rows_than_clients_is_refused(capsys, tmp_path):
     data = _table(tmp_path / "patients.csv", rows=4)
-    line = _error_line(
-        capsys,
-        [
-            "simulate",
-            "--scenario",
-            "hospital-tabular",
-            "--data",
-            str(data),
-            "--label-column",
-            "outcome",
-            "--clients",
-            "5",
-        ],
-        tmp_path / "out",
-    )
+    line = _table_error(capsys, data, clients=5)
     assert "patients.csv" in line and "5 clients" in line and "--clients" in line
 
 
