@@ -270,6 +270,22 @@ def test_client_refuses_data_without_usable_examples(capsys, certs, data, tmp_pa
     assert "has no usable examples" in line
 
 
+def test_client_accepts_a_table_and_refuses_a_file_of_another_kind(tmp_path):
+    from client.supernode import check_data
+    from common.errors import FerryError
+
+    table = tmp_path / "loans.csv"
+    table.write_text("income,default\n" + "".join(f"{1000 + i},{i % 2}\n" for i in range(9)))
+    assert check_data(table) == ([], 9)
+    other = tmp_path / "loans.xlsx"
+    other.write_bytes(b"PK")
+    with pytest.raises(FerryError, match="neither a folder of images nor a table"):
+        check_data(other)
+    (tmp_path / "one.csv").write_text("income,default\n1,0\n")
+    with pytest.raises(FerryError, match="holds 1 record"):
+        check_data(tmp_path / "one.csv")
+
+
 def test_client_refuses_an_unreadable_data_path(capsys, certs, data, tmp_path, monkeypatch):
     if os.geteuid() == 0:  # root reads every directory: make this one unreadable to us
         real = os.access
