@@ -106,3 +106,16 @@ def test_dirichlet_on_a_regression_target_skews_its_quantile_bins():
 def test_train_test_split_keeps_every_example_once():
     train, test = train_test_split(np.arange(50, 90), 0.25, seed=0)
     assert len(test) == 10 and np.array_equal(np.sort(np.r_[train, test]), np.arange(50, 90))
+
+
+def test_chronological_split_holds_out_each_tickers_latest_windows_with_an_embargo():
+    from common.data.partition import chronological_split
+
+    groups = np.array(["a"] * 20 + ["b"] * 10)
+    mine = np.arange(0, 30, 1)[::1]
+    train, test = chronological_split(mine, groups, 0.2, horizon=3)
+
+    assert test.tolist() == [16, 17, 18, 19, 28, 29]
+    # a: windows 14 and 15 forecast into 16..; b: 26 and 27 into 28..
+    assert train.tolist() == [*range(0, 14), *range(20, 26)]
+    assert not set(train) & set(test)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from common.data.dataset import Dataset
-from common.data.partition import partition, train_test_split
+from common.data.partition import chronological_split, partition, train_test_split
 from common.errors import FerryError
 
 
@@ -144,6 +144,10 @@ def _split(spec: DataSpec) -> list[tuple[np.ndarray, np.ndarray]]:
             spec.seed,
             dataset.task,
         )
+    if dataset.modality == "series":  # hold out the latest windows, not random ones
+        return [
+            chronological_split(p, dataset.groups, spec.test_fraction, spec.horizon) for p in parts
+        ]
     return [train_test_split(p, spec.test_fraction, spec.seed + i) for i, p in enumerate(parts)]
 
 

@@ -141,3 +141,30 @@ def partition(
         return natural(groups, num_partitions)
     labels = target_bins(y) if task == "regression" else np.asarray(y)
     return dirichlet_label_skew(labels, num_partitions, alpha, seed, min_size)
+
+
+def chronological_split(
+    indices: np.ndarray, groups: np.ndarray | None, test_fraction: float, horizon: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train/test split of time-ordered windows (price series): within each group (ticker),
+    whose windows sit at consecutive indices in time order, the latest ``test_fraction`` are
+    held out, and training windows whose forecast period reaches into the held-out period
+    (the ``horizon - 1`` windows just before it) are dropped, so no training target overlaps
+    a held-out target."""
+    indices = np.sort(np.asarray(indices, dtype=np.int64))
+    keys = np.zeros(len(indices), dtype=np.int64) if groups is None else groups[indices]
+    train, test = [], []
+    for key in dict.fromkeys(keys.tolist()):
+        mine = indices[keys == key]
+        n_test = max(1, int(round(len(mine) * test_fraction))) if len(mine) > 1 else 0
+        if not n_test:
+            train.append(mine)
+            continue
+        held = mine[-n_test:]
+        test.append(held)
+        train.append(mine[:-n_test][mine[:-n_test] <= held[0] - horizon])
+    empty = np.zeros(0, dtype=np.int64)
+    return (
+        np.sort(np.concatenate(train)) if train else empty,
+        np.sort(np.concatenate(test)) if test else empty,
+    )
