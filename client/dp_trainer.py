@@ -7,7 +7,10 @@ gradient of the tail's trainable parameters to ``max_grad_norm``, Gaussian noise
 steps. The segment actually executed is read back from Opacus' accountant and returned, so the
 reported mechanism is the one that ran. ``clipping="ghost"`` computes the same clipped sum
 with Opacus' ghost clipping (per-example gradient norms without per-example gradients: less
-memory); the mechanism, and so the accounting, is the same.
+memory); the mechanism, and so the accounting, is the same. A bare linear head under flat
+clipping runs the same mechanism vectorised (:mod:`client.linear_dp`, checked against
+Opacus' per-example gradients in tests), without Opacus' fixed per-step cost; its segment is
+the one its loop ran.
 
 The tail (:mod:`common.trainable`) runs on activations the frozen trunk computed once (feature
 cache): the trunk never enters Opacus. Only parameters with ``requires_grad`` are optimised and
@@ -129,6 +132,8 @@ def train_tail(
     params = [p for p in tail.parameters() if p.requires_grad]
     if not params:
         raise FerryError("the model has no trainable parameters: choose a --trainable part")
+    if _fast_linear(tail, cfg):
+        return _train_linear(tail, inputs, targets, rows, y, cfg, task)
     optimizer = torch.optim.SGD(params, lr=cfg.lr)
     criterion = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -202,6 +207,44 @@ def train_tail(
     return TrainOutcome(
         trainable_state(tail), total_loss / max(seen, 1), accuracy, n, segment, rmse
     )
+
+
+def _fast_linear(tail: nn.Module, cfg: DPTrainConfig) -> bool:
+    """A bare linear head under flat clipping runs :mod:`client.linear_dp` (same mechanism
+    as Opacus, ~5x faster per step); everything else runs Opacus."""
+    private = not cfg.non_private or cfg.noise_multiplier > 0
+    return (
+        isinstance(tail, nn.Linear)
+        and tail.weight.requires_grad
+        and private
+        and cfg.clipping == "flat"
+        and cfg.max_physical_batch == 0
+    )
+
+
+def _train_linear(tail, inputs, targets, rows, y, cfg: DPTrainConfig, task: str) -> TrainOutcome:
+    from client.linear_dp import train_linear
+
+    n = len(y)
+    if task == "regression":
+        _single_output(torch.zeros(1, tail.out_features))  # one output per example
+    q, steps = round_plan(n, cfg.batch_size, cfg.local_epochs)
+    x = rows.take(torch.arange(n)) if n else torch.zeros((0, tail.in_features))
+    total, seen, segment = train_linear(
+        tail,
+        x.reshape(n, -1),
+        y,
+        noise_multiplier=cfg.noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        sample_rate=q,
+        steps=steps,
+        lr=cfg.lr,
+        task=task,
+        seed=cfg.seed,
+    )
+    tail.eval()
+    accuracy, rmse = _fit(tail, inputs, targets, task)
+    return TrainOutcome(trainable_state(tail), total / max(seen, 1), accuracy, n, segment, rmse)
 
 
 def train_head(
