@@ -12,7 +12,8 @@ sum, division by the expected batch size ``int(n * q)``, an SGD step. Mechanism 
 accounting are unchanged: ``steps`` of PoissonSampled(q, Gaussian(sigma)).
 
 Why: on a 64-feature head Opacus adds ~0.4 ms of fixed cost per step to a ~0.1 ms step
-(``BENCHMARKS.md``); here the DP step costs about what the non-private one does.
+(``BENCHMARKS.md``). A non-private run of a linear head runs the same loop without clipping
+and noise, so the two differ by exactly what DP adds.
 """
 
 from __future__ import annotations
@@ -24,10 +25,17 @@ from common.privacy.accounting import MechanismSegment
 
 
 def exact_clipped_sum(
-    layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float, task: str
+    layer: nn.Linear,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    max_grad_norm: float | None,
+    task: str,
+    x_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(clipped sum of per-example weight gradients, of bias gradients, per-example losses)
-    for the mean-reduced cross-entropy (classification) or squared error (regression)."""
+    for the mean-reduced cross-entropy (classification) or squared error (regression);
+    ``max_grad_norm`` None: no clipping (a non-private run). ``x_sq``: the rows' squared
+    norms, if already known."""
     out = x @ layer.weight.T
     if layer.bias is not None:
         out = out + layer.bias
@@ -41,9 +49,12 @@ def exact_clipped_sum(
         residual = out[:, 0] - y
         losses = residual**2
         e = (2.0 * residual)[:, None]
-    scale = (x * x).sum(dim=1) + (1.0 if layer.bias is not None else 0.0)
-    norms = torch.sqrt((e * e).sum(dim=1) * scale)
-    clipped = e * (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)[:, None]
+    clipped = e
+    if max_grad_norm is not None:
+        scale = (x * x).sum(dim=1) if x_sq is None else x_sq
+        scale = scale + (1.0 if layer.bias is not None else 0.0)
+        norms = torch.sqrt((e * e).sum(dim=1) * scale)
+        clipped = e * (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)[:, None]
     return clipped.T @ x, clipped.sum(dim=0) if layer.bias is not None else None, losses
 
 
@@ -59,24 +70,32 @@ def train_linear(
     lr: float,
     task: str,
     seed: int,
-) -> tuple[float, int, MechanismSegment]:
+    private: bool = True,
+) -> tuple[float, int, MechanismSegment | None]:
     """Run ``steps`` DP-SGD steps on ``layer`` in place; (summed loss, examples seen, the
-    mechanism that ran)."""
+    mechanism that ran). ``private=False``: the same loop without clipping and noise (the
+    non-private baseline; no mechanism)."""
     n = len(y)
     expected = max(1, int(n * sample_rate))  # Opacus: int(len(dataset) * sample_rate)
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    std = noise_multiplier * max_grad_norm
+    std = noise_multiplier * max_grad_norm if private else 0.0
+    clip = max_grad_norm if private else None
+    x_sq = (x * x).sum(dim=1)  # once per round: the rows do not change
     total, seen = 0.0, 0
     with torch.no_grad():
         for _ in range(steps):
             mask = torch.rand(n, generator=generator, device=x.device) < sample_rate
             xb, yb = x[mask], y[mask]
-            g_w, g_b, losses = exact_clipped_sum(layer, xb, yb, max_grad_norm, task)
-            g_w += std * torch.randn(g_w.shape, generator=generator, device=x.device)
+            g_w, g_b, losses = exact_clipped_sum(layer, xb, yb, clip, task, x_sq[mask])
+            if private:
+                g_w += std * torch.randn(g_w.shape, generator=generator, device=x.device)
             layer.weight -= lr * g_w / expected
             if g_b is not None:
-                g_b += std * torch.randn(g_b.shape, generator=generator, device=x.device)
+                if private:
+                    g_b += std * torch.randn(g_b.shape, generator=generator, device=x.device)
                 layer.bias -= lr * g_b / expected
             total += float(losses.sum())
             seen += len(yb)
+    if not private:
+        return total, seen, None
     return total, seen, MechanismSegment(float(noise_multiplier), float(sample_rate), steps)
