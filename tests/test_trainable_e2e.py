@@ -27,7 +27,6 @@ import client.feature_cache as feature_cache
 from client import runtime
 from client.backbone_cache import BackboneCache
 from client.privacy_state import PrivacyState
-from common.backbones.registry import backbone_spec, known_backbones
 from common.cli import main
 from common.config import RunConfig
 from common.data.datasets import DataSpec, load_partition
@@ -316,20 +315,6 @@ def test_lora_rank_zero_is_one_line_error(capsys, tmp_path, no_simulation):
         capsys, tmp_path / "out", ["--trainable", "lora", "--lora-rank", "0", "--weights", "random"]
     )
     assert "--lora-rank 0" in line and ">= 1" in line
-
-
-def test_last_block_on_a_backbone_without_a_last_stage_is_one_line_error(
-    capsys, tmp_path, no_simulation
-):
-    without = [name for name in known_backbones() if not backbone_spec(name).last_stage]
-    if not without:
-        pytest.skip("every registered backbone has a last stage")
-    line = _refused(
-        capsys,
-        tmp_path / "out",
-        ["--trainable", "last-block", "--backbone", without[0], "--weights", "random"],
-    )
-    assert "no last block" in line and "--trainable head" in line
 
 
 def test_weights_with_a_tensor_of_the_wrong_shape_are_one_line_error(
