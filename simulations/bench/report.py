@@ -42,6 +42,26 @@ def replace_section(path: Path, heading: str, body: str) -> None:
     os.replace(tmp, path)
 
 
+def record_section(
+    target: str | None, quick: bool, heading: str, table: str, load_before: float
+) -> None:
+    """Write ``table`` under ``heading`` in ``target`` (None: BENCHMARKS.md for a full run,
+    nothing for ``--quick``; "": nothing), with the machine and the load around the run."""
+    import time
+
+    if target is None:
+        target = "" if quick else str(Path(__file__).resolve().parents[2] / "BENCHMARKS.md")
+    if not target:
+        return
+    where = (
+        f"Machine: {machine()}. Measured {time.strftime('%Y-%m-%d')}; 1-min load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (cores shared with "
+        "other jobs)."
+    )
+    replace_section(Path(target), heading, where + "\n\n" + table)
+    print(f"written to {target}")
+
+
 def write_json(path: Path, key: str, results: dict) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     data[key] = results

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.backbones import build_backbone
 from common.backbones.registry import backbone_spec
 from common.trainable import TrainableSpec, set_train_mode, split_model, trainable_state
+from simulations.bench.report import record_section
 
 PARTS = (
     ("head", "ferry-cnn"),
@@ -236,7 +237,6 @@ def render(measured: list[dict], command: str) -> str:
 
 
 FEDERATED_HEADING = "## Trainable parts at the same budget: accuracy, bytes, DP step cost"
-REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -500,19 +500,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     command = command.replace("trainable_bench", "trainable_bench --federated")
     table = render_federated(measured, command, time.perf_counter() - started)
     print(table)
-    target = args.benchmarks
-    if target is None:
-        target = "" if args.quick else str(REPO / "BENCHMARKS.md")
-    if target:
-        from simulations.bench.report import machine, replace_section
-
-        where = (
-            f"Machine: {machine()}. Measured {time.strftime('%Y-%m-%d')}; 1-min load average "
-            f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (cores shared with "
-            "other jobs)."
-        )
-        replace_section(Path(target), FEDERATED_HEADING, where + "\n\n" + table)
-        print(f"written to {target}")
+    record_section(args.benchmarks, args.quick, FEDERATED_HEADING, table, load_before)
     return measured
 
 

@@ -37,10 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.bench.report import machine, replace_section
+from simulations.bench.report import record_section
 
 HEADING = "## Transfer: ImageNet-pretrained vs random EfficientNet-Lite0, real digits, ε = 3"
-REPO = Path(__file__).resolve().parents[2]
 ARCH = "efficientnet_lite0"
 
 
@@ -288,17 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m simulations.bench.transfer_bench" + (" --quick" if args.quick else "")
     table = render(results, command)
     print(table)
-    target = args.benchmarks
-    if target is None:
-        target = "" if args.quick else str(REPO / "BENCHMARKS.md")
-    if target:
-        where = (
-            f"Machine: {machine()}. Measured {time.strftime('%Y-%m-%d')}; 1-min load average "
-            f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (cores shared with "
-            "other jobs)."
-        )
-        replace_section(Path(target), HEADING, where + "\n\n" + table)
-        print(f"written to {target}")
+    record_section(args.benchmarks, args.quick, HEADING, table, load_before)
     return results
 
 
