@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,16 +92,18 @@ class FeatureCache:
         preprocessing: dict,
         splits: dict[str, np.ndarray],
         device: str = "cpu",
-        stats: dict | None = None,
+        fit_stats: Callable[[], dict] | None = None,
     ) -> dict[str, np.ndarray]:
         """Activations for each named split of examples, from memory, disk, or one trunk
-        pass. ``stats``: the client's own preprocessing statistics (never stored here)."""
+        pass. ``fit_stats`` fits the client's own preprocessing statistics (never stored
+        here); it is called only when the trunk has to run."""
         if key in _MEMORY:
             return _MEMORY[key]
         directory = self.root / key
         feats = self._load(directory, splits)
         if feats is None:
             directory.mkdir(parents=True, exist_ok=True)
+            stats = fit_stats() if fit_stats else None
             feats = {}
             for name, examples in splits.items():
                 final = directory / f"{name}.npy"

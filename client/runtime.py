@@ -170,7 +170,8 @@ def _local_data(settings: ClientSettings, req: RoundRequest) -> LocalData:
         pre,
         {"train": part.train_x, "test": part.test_x},
         device=resolve_device(req.run.device),
-        stats=fit_local(part.train, pre),  # this client's own statistics; never released
+        # This client's own statistics, fitted only when the trunk runs; never released.
+        fit_stats=lambda: fit_local(part.train, pre),
     )
     return LocalData(part, model, feats, manifest)
 
