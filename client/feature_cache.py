@@ -6,6 +6,12 @@ The trunk is the frozen part of the backbone up to the first trainable module
 activations. The trunk runs once per example per run (once per example ever, while the
 on-disk copy lives). Activations never leave the client.
 
+Every example is preprocessed with the manifest's preprocessing alone (public statistics,
+covered by the backbone hash that is part of the key): no statistic of the client's data
+enters the features, so one record's presence changes no other record's activations. A
+manifest asking for statistics fitted on local data is refused before any cached copy is
+served (:func:`common.data.preprocess.check_preprocessing`).
+
 On disk: ``<cache_dir>/features/<key>/<split>.npy``. A file larger than ``MMAP_BYTES`` is
 written batch by batch into a memory map and read back memory-mapped, so split-point
 activations of a large backbone (e.g. ResNet-50 before ``layer4``) need not fit in memory.
@@ -18,14 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from common.data.preprocess import preprocess
+from common.data.preprocess import check_preprocessing, preprocess
 
 MMAP_BYTES = 64 * 2**20
 _MEMORY: dict[str, dict[str, np.ndarray]] = {}
@@ -47,7 +52,6 @@ def extract(
     preprocessing: dict,
     batch: int = 256,
     device: str = "cpu",
-    stats: dict | None = None,
     out_path: Path | None = None,
 ) -> np.ndarray:
     """Trunk outputs for ``examples`` (preprocessed batch by batch); the trunk stays in eval
@@ -62,7 +66,7 @@ def extract(
     out: np.ndarray | None = None
     with torch.no_grad():
         for i in range(0, n, batch):
-            chunk = torch.from_numpy(preprocess(examples[i : i + batch], preprocessing, stats))
+            chunk = torch.from_numpy(preprocess(examples[i : i + batch], preprocessing))
             y = trunk(chunk.to(device)).cpu().numpy().astype(np.float32)
             if out is None:
                 shape = (n, *y.shape[1:])
@@ -92,25 +96,22 @@ class FeatureCache:
         preprocessing: dict,
         splits: dict[str, np.ndarray],
         device: str = "cpu",
-        fit_stats: Callable[[], dict] | None = None,
     ) -> dict[str, np.ndarray]:
         """Activations for each named split of examples, from memory, disk, or one trunk
-        pass. ``fit_stats`` fits the client's own preprocessing statistics (never stored
-        here); it is called only when the trunk has to run."""
+        pass. FerryError when ``preprocessing`` is not data-independent, even if a copy made
+        by an older version is cached."""
+        check_preprocessing(preprocessing)
         if key in _MEMORY:
             return _MEMORY[key]
         directory = self.root / key
         feats = self._load(directory, splits)
         if feats is None:
             directory.mkdir(parents=True, exist_ok=True)
-            stats = fit_stats() if fit_stats else None
             feats = {}
             for name, examples in splits.items():
                 final = directory / f"{name}.npy"
                 tmp = directory / f"{name}.{os.getpid()}.tmp.npy"
-                arr = extract(
-                    trunk, examples, preprocessing, device=device, stats=stats, out_path=tmp
-                )
+                arr = extract(trunk, examples, preprocessing, device=device, out_path=tmp)
                 if not isinstance(arr, np.memmap):
                     np.save(tmp, arr)
                 del arr

@@ -26,7 +26,6 @@ from client.feature_cache import FeatureCache, feature_key
 from client.privacy_state import PrivacyState
 from common.config import RunConfig
 from common.data.datasets import DataSpec, Partition, load_partition, whole
-from common.data.preprocess import fit_local
 from common.errors import FerryError
 from common.metrics import classification_metrics, regression_metrics
 from common.model import out_dim, split_for_run
@@ -170,8 +169,6 @@ def _local_data(settings: ClientSettings, req: RoundRequest) -> LocalData:
         pre,
         {"train": part.train_x, "test": part.test_x},
         device=resolve_device(req.run.device),
-        # This client's own statistics, fitted only when the trunk runs; never released.
-        fit_stats=lambda: fit_local(part.train, pre),
     )
     return LocalData(part, model, feats, manifest)
 

@@ -6,7 +6,10 @@ other presets), or the server's own file or folder given with ``--data`` (read l
 scenario's institutions read theirs). A temporary classifier (or regressor) is trained on
 top of the trunk and discarded; only the trunk is written. For tables and series the
 manifest records the input layout (``input_shape``, ``pretraining.columns``), which every
-institution's data must match.
+institution's data must match, and the source data's standardisation statistics
+(``preprocessing.mean``/``std``/``clip``), which every institution applies as they are: the
+source data is public (synthetic, or the server's own file), so no institution's data shapes
+another institution's, or its own other records', features.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import nn
 from common.backbones.registry import backbone_spec, build_backbone
 from common.data.dataset import Dataset
 from common.data.datasets import DataSpec, load_dataset
-from common.data.preprocess import fit_local, preprocess
+from common.data.preprocess import fixed_preprocessing, preprocess, public_preprocessing
 from common.errors import FerryError
 from common.serialization import BackboneArtifact, make_artifact, save_artifact
 
@@ -91,8 +94,10 @@ def pretrain(cfg: PretrainConfig, log=print) -> BackboneArtifact:
     dataset, source = source_data(cfg)
     regression = dataset.task == "regression"
     input_shape = spec.input_shape if spec.modality == "image" else tuple(dataset.x.shape[1:])
-    stats = fit_local(dataset, spec.preprocessing)  # the server's own source data
-    x = torch.from_numpy(preprocess(dataset.x, spec.preprocessing, stats))
+    # Statistics of the public source data, written into the manifest (so covered by the
+    # backbone's hash): every institution standardises with exactly these, never its own.
+    preprocessing = public_preprocessing(spec.preprocessing, dataset)
+    x = torch.from_numpy(preprocess(dataset.x, preprocessing))
     y = torch.from_numpy(dataset.y.astype(np.float32 if regression else np.int64))
     torch.manual_seed(cfg.seed)
     trunk = build_backbone(cfg.architecture, input_shape)
@@ -140,7 +145,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> BackboneArtifact:
         "architecture": cfg.architecture,
         "feature_dim": spec.feature_dim,
         "input_shape": list(input_shape),
-        "preprocessing": spec.preprocessing,
+        "preprocessing": preprocessing,
         "pretraining": {
             **source,
             "examples": int(len(x)),
@@ -169,10 +174,11 @@ def random_artifact(
         "architecture": arch,
         "feature_dim": spec.feature_dim,
         "input_shape": list(shape),
-        # An image trunk built at another size tells clients to resize to that size.
+        # An image trunk built at another size tells clients to resize to that size; tables
+        # and series get fixed statistics (no data was seen).
         "preprocessing": {**spec.preprocessing, "size": shape[-1]}
         if "size" in spec.preprocessing
-        else spec.preprocessing,
+        else fixed_preprocessing(spec.preprocessing, shape),
         "pretraining": {"kind": "random-init", "seed": seed},
     }
     return make_artifact(manifest, trunk)

@@ -19,10 +19,10 @@ from common.trainable import TrainableSpec, split_model
 
 ENCODERS = {
     # name: (modality, preprocessing, last_stage)
-    "tabular-mlp": ("tabular", {"kind": "tabular", "standardize": "local"}, "block1"),
+    "tabular-mlp": ("tabular", {"kind": "tabular", "standardize": "public"}, "block1"),
     "molecule-mlp": ("molecule", {"kind": "molecule"}, "block1"),
-    "series-cnn": ("series", {"kind": "series", "standardize": "local"}, "conv2"),
-    "series-gru": ("series", {"kind": "series", "standardize": "local"}, "out"),
+    "series-cnn": ("series", {"kind": "series", "standardize": "public"}, "conv2"),
+    "series-gru": ("series", {"kind": "series", "standardize": "public"}, "out"),
 }
 SHAPES = [
     ("tabular-mlp", (5,)),

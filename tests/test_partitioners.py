@@ -104,8 +104,16 @@ def test_dirichlet_on_a_regression_target_skews_its_quantile_bins():
 
 
 def test_train_test_split_keeps_every_example_once():
-    train, test = train_test_split(np.arange(50, 90), 0.25, seed=0)
-    assert len(test) == 10 and np.array_equal(np.sort(np.r_[train, test]), np.arange(50, 90))
+    train, test = train_test_split(np.arange(0, 4000), 0.25, seed=0)
+    assert abs(len(test) - 1000) < 100  # membership is drawn per record, about 25% held out
+    assert np.array_equal(np.sort(np.r_[train, test]), np.arange(0, 4000))
+
+
+def test_train_test_split_membership_is_per_record_so_one_more_record_moves_no_other():
+    digests = np.arange(1000, 1401, dtype=np.uint64) * np.uint64(7919)
+    _, test = train_test_split(np.arange(400), 0.2, 0, digests)
+    _, test_plus = train_test_split(np.arange(401), 0.2, 0, digests)
+    assert np.array_equal(test_plus[test_plus < 400], test)
 
 
 def test_chronological_split_holds_out_each_tickers_latest_windows_with_an_embargo():

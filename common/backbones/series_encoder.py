@@ -25,7 +25,7 @@ from common.backbones.registry import register_backbone
 from common.errors import FerryError
 
 FEATURES = 64
-PREPROCESSING = {"kind": "series", "standardize": "local"}
+PREPROCESSING = {"kind": "series", "standardize": "public"}
 
 
 def _conv(cin: int, cout: int, dilation: int) -> nn.Sequential:

@@ -10,8 +10,9 @@ The input width is the width of the source data's layout (``ferry pretrain`` rec
 manifest); every institution's table must have the same columns.
 
 One architecture, two names: a spec carries one modality and one preprocessing, and tables
-(standardised locally, missing values filled) and fingerprints (bits used as they are) need
-different ones, so each gets its own entry.
+(standardised with the public pretraining data's statistics that ``ferry pretrain`` writes
+into the manifest, missing values filled with that mean) and fingerprints (bits used as they
+are) need different ones, so each gets its own entry.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def mlp_encoder(width: int) -> nn.Sequential:
     "tabular-mlp",
     feature_dim=FEATURES,
     input_shape=(16,),
-    preprocessing={"kind": "tabular", "standardize": "local"},
+    preprocessing={"kind": "tabular", "standardize": "public"},
     modality="tabular",
     last_stage="block1",
     lora_targets=("block1.0", "out.0"),

@@ -2,9 +2,9 @@
 
 A loader (image folder, DICOM, tabular CSV/Parquet, price series, molecules, or a built-in
 synthetic generator) turns an institution's files into a :class:`Dataset`. Loaders are
-stateless: they never compute statistics over the data (means, vocabularies). Statistics are
-fitted later, on one client's own training split, by :mod:`common.data.preprocess`, and they
-never leave that client.
+stateless: they never compute statistics over the data (means, vocabularies). Standardisation
+uses the public statistics in the backbone's manifest (:mod:`common.data.preprocess`), so one
+record's presence changes no other record's features.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class Dataset:
     ``x`` (float32), by modality:
       * ``image``: (n, c, h, w) in [0, 1];
       * ``tabular``: (n, d), NaN where a value is missing; ``numeric[j]`` says whether column
-        j is a measured number (standardised locally) or already an indicator (one-hot /
+        j is a measured number (standardised) or already an indicator (one-hot /
         hashed category, left as is);
       * ``series``: (n, channels, window) sliding windows;
       * ``molecule``: (n, bits) fingerprints in {0, 1}.

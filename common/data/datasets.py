@@ -18,7 +18,12 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from common.data.dataset import Dataset
-from common.data.partition import chronological_split, partition, train_test_split
+from common.data.partition import (
+    chronological_split,
+    partition,
+    record_digests,
+    train_test_split,
+)
 from common.errors import FerryError
 
 
@@ -148,7 +153,9 @@ def _split(spec: DataSpec) -> list[tuple[np.ndarray, np.ndarray]]:
         return [
             chronological_split(p, dataset.groups, spec.test_fraction, spec.horizon) for p in parts
         ]
-    return [train_test_split(p, spec.test_fraction, spec.seed + i) for i, p in enumerate(parts)]
+    # Held-out membership is a function of each record alone (see train_test_split).
+    digests = record_digests(dataset.x, dataset.y)
+    return [train_test_split(p, spec.test_fraction, spec.seed, digests) for p in parts]
 
 
 def load_partition(spec: DataSpec, partition_id: int) -> Partition:

@@ -1,10 +1,16 @@
-"""Splitting one dataset among virtual institutions (simulation only).
+"""Splitting one dataset among virtual institutions (simulation only), and each institution's
+train/test split.
 
 :func:`partition` picks a scheme by name; each scheme returns one sorted index array per
-partition, and every example lands in exactly one partition.
+partition, and every example lands in exactly one partition. The shuffled schemes look at
+the pooled data (the simulator plays every institution); a deployed institution holds all of
+its own data as one partition. Its held-out split (:func:`train_test_split`) is decided per
+record, so one record's presence moves no other record in or out of DP training.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
@@ -37,12 +43,45 @@ def dirichlet_label_skew(
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
-def train_test_split(indices: np.ndarray, test_fraction: float, seed: int):
-    """Each institution's own held-out split for federated evaluation."""
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(indices)
-    n_test = max(1, int(round(len(perm) * test_fraction))) if len(perm) > 1 else 0
-    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+def record_digests(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """One 64-bit digest of each example's own content (its ``x`` row and ``y``), uint64."""
+    x = np.ascontiguousarray(x)
+    y = np.ascontiguousarray(y)
+    out = np.empty(len(y), dtype=np.uint64)
+    for i in range(len(y)):
+        h = hashlib.blake2b(x[i].tobytes(), digest_size=8)
+        h.update(y[i].tobytes())
+        out[i] = int.from_bytes(h.digest(), "big")
+    return out
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a fixed bijection of uint64 that spreads every input bit."""
+    z = values.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def train_test_split(
+    indices: np.ndarray, test_fraction: float, seed: int, digests: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each institution's own held-out split for federated evaluation: (train, test) sorted.
+
+    Membership is decided per record: example ``i`` is held out when a hash of the public
+    ``seed`` and its content digest ``digests[i]`` (:func:`record_digests`) falls below
+    ``test_fraction``. So adding or removing one record moves no *other* record between
+    train and test (a seeded permutation of the rows would move many, and so change other
+    records' presence in DP training). Identical records land on the same side. Without
+    ``digests`` the example's index stands for its content (bookkeeping tests only).
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    keys = indices.astype(np.uint64) if digests is None else np.asarray(digests)[indices]
+    salt = _mix(np.asarray([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    draws = (_mix(keys ^ salt) >> np.uint64(11)).astype(np.float64) / float(2**53)
+    held = draws < test_fraction
+    return np.sort(indices[~held]), np.sort(indices[held])
 
 
 SCHEMES = ("dirichlet", "iid", "natural", "quantity")
@@ -150,7 +189,13 @@ def chronological_split(
     whose windows sit at consecutive indices in time order, the latest ``test_fraction`` are
     held out, and training windows whose forecast period reaches into the held-out period
     (the ``horizon - 1`` windows just before it) are dropped, so no training target overlaps
-    a held-out target."""
+    a held-out target.
+
+    Not decided per record: the held-out count is a fraction of the group's windows, so one
+    added window can shift the boundary and move one *other* window in or out of training
+    (training sets still differ by at most two windows). A per-record rule needs a public
+    cutoff date per run.
+    """
     indices = np.sort(np.asarray(indices, dtype=np.int64))
     keys = np.zeros(len(indices), dtype=np.int64) if groups is None else groups[indices]
     train, test = [], []

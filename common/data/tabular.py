@@ -3,7 +3,8 @@
 Contract (stateless: nothing here looks at more than one row to decide how to encode a value):
 
 * **Numeric columns** stay measured numbers, float with NaN where a value is missing (blank,
-  ``NA``, ``null``...). They are standardised later, on each client's own training split.
+  ``NA``, ``null``...). They are standardised later with the backbone manifest's public
+  statistics (:mod:`common.data.preprocess`), never with statistics of the data itself.
 * **Categorical columns** (listed in ``categorical``, or holding non-numeric text) become
   *hashed indicator* columns: each value ``v`` of column ``c`` sets two of the column's
   ``hash_buckets`` indicators, chosen by SHA-1 of ``"c=v"``. Every institution gets the same

@@ -1,0 +1,257 @@
+"""Attack: one record must not move any *other* record's features or clipped gradient.
+
+DP-SGD bounds one record's influence on a step by the clipping norm C only if every other
+record's clipped gradient is the same with or without it. The adversary is a hostile
+institution member (or the operator, who picks the record to probe): it adds one extreme
+record to an institution's data (or has one removed) and looks for the change in the others'
+contributions. Preprocessing fitted on the institution's data (the old per-client
+standardisation) or a train/test split that reshuffles when the row count changes lets one
+record move every other record's clipped gradient (measured up to ~3.9 C per step).
+
+Every non-image preset is checked the way its client computes features
+(:func:`client.runtime._local_data`): at the level of the client's partition, and, for the
+table-shaped presets, end to end from a deployed institution's file (loader, train/test
+split, preprocessing, trunk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client import runtime
+from client.backbone_cache import BackboneCache
+from client.runtime import ClientSettings, RoundRequest
+from common.backbones.registry import backbone_spec
+from common.config import RunConfig
+from common.data.dataset import Dataset
+from common.data.datasets import DataSpec, Partition, load_partition
+from common.errors import FerryError
+from common.scenarios import get_scenario
+from common.scenarios.registry import known_scenarios, with_scenario_defaults
+from common.serialization import BackboneArtifact, backbone_digest, verify
+from server.pretrain import PretrainConfig, pretrain, random_artifact
+
+C = 1.0  # clipping norm
+EXAMPLES = 300
+NON_IMAGE = [
+    name
+    for name in known_scenarios()
+    if backbone_spec(get_scenario(name).backbone).modality != "image"
+]
+TABLE_FILES = {
+    # preset: (generator, columns to drop, label, categorical)
+    "hospital-tabular": ("make_patients", ["site"], "outcome", "sex,smoker"),
+    "bank-credit": ("make_credit", ["branch"], "default", "employment"),
+    "drug-activity": ("make_molecules", [], "activity", ""),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+_BACKBONES: dict[str, BackboneArtifact] = {}
+
+
+def _backbone(scenario: str) -> BackboneArtifact:
+    """The preset's own backbone, pretrained briefly on its public source task."""
+    if scenario not in _BACKBONES:
+        cfg = PretrainConfig(scenario=scenario, examples=EXAMPLES, epochs=1, batch_size=64)
+        _BACKBONES[scenario] = pretrain(cfg, log=lambda _: None)
+    return _BACKBONES[scenario]
+
+
+def _run(scenario: str, **fields) -> RunConfig:
+    return with_scenario_defaults(
+        RunConfig(scenario=scenario, examples=EXAMPLES, clients=1, partition="iid", **fields)
+    )
+
+
+def _client_view(
+    root: Path, artifact: BackboneArtifact, run: RunConfig, data_path: str = ""
+) -> dict[bytes, tuple[np.ndarray, np.ndarray]]:
+    """What the client trains on, as the client computes it: for each training record (keyed
+    by its raw content), its feature vector and its clipped gradient under a fixed head."""
+    settings = ClientSettings("attacked", root / "state", root / "cache", 0, 1, data_path=data_path)
+    BackboneCache(settings.cache_dir).store(artifact.manifest, artifact.tensors, artifact.sha256)
+    num_classes = 0 if run.task == "regression" else 2
+    data = runtime._local_data(settings, RoundRequest(run, 1, artifact.sha256, num_classes))
+    part, feats = data.part, np.asarray(data.feats["train"])
+    tail = data.model.tail
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # a fixed head, the same for every variant of the data
+        for p in tail.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    regression = part.train.task == "regression"
+    view = {}
+    for i in range(len(part.train)):
+        out = tail(torch.from_numpy(np.ascontiguousarray(feats[i : i + 1])))
+        if regression:
+            loss = torch.nn.functional.mse_loss(out[:, 0], torch.tensor([part.train_y[i]]))
+        else:
+            loss = torch.nn.functional.cross_entropy(out, torch.tensor([int(part.train_y[i])]))
+        grads = torch.autograd.grad(loss, [p for p in tail.parameters() if p.requires_grad])
+        g = torch.cat([x.reshape(-1) for x in grads])
+        g = g * min(1.0, C / (float(g.norm()) + 1e-12))
+        view[_record_key(part.train, i)] = (feats[i].copy(), g.detach().numpy().copy())
+    return view
+
+
+def _record_key(data: Dataset, i: int) -> bytes:
+    return np.ascontiguousarray(data.x[i]).tobytes() + np.asarray(data.y[i]).tobytes()
+
+
+def _assert_others_unchanged(before: dict, after: dict, changed: bytes) -> None:
+    others = [k for k in before if k != changed]
+    missing = [k for k in others if k not in after]
+    moved = [k for k in others if k in after and not np.array_equal(before[k][0], after[k][0])]
+    grad_before = sum((before[k][1] for k in others), np.zeros_like(before[others[0]][1]))
+    grad_after = sum(
+        (after[k][1] for k in others if k in after), np.zeros_like(before[others[0]][1])
+    )
+    shift = float(np.linalg.norm(grad_after - grad_before))
+    assert not missing and not moved and shift == 0.0, (
+        f"one record changed the rest: {len(missing)} of {len(others)} other records left "
+        f"training, {len(moved)} changed features; their clipped-gradient sum moved by "
+        f"{shift / C:.3f} C"
+    )
+    for k in others:
+        np.testing.assert_array_equal(after[k][1], before[k][1])
+
+
+def _hostile(data: Dataset, i: int) -> np.ndarray:
+    """Record ``i`` pushed to an extreme (what moves fitted statistics most)."""
+    x = np.array(data.x[i], dtype=np.float32, copy=True)
+    if data.modality == "molecule":
+        return np.ones_like(x)
+    if data.modality == "tabular" and data.numeric is not None:
+        x[np.asarray(data.numeric, dtype=bool)] *= 1000.0
+        return x
+    return x * 50.0
+
+
+def _with_train(part: Partition, train: Dataset, tag: str) -> Partition:
+    fingerprint = hashlib.sha256((part.fingerprint + tag).encode()).hexdigest()
+    return Partition(train, part.test, fingerprint)
+
+
+@pytest.mark.parametrize("change", ["add", "remove"])
+@pytest.mark.parametrize("scenario", NON_IMAGE)
+def test_one_record_added_or_removed_leaves_other_records_features_and_gradients_unchanged(
+    scenario, change, tmp_path, monkeypatch
+):
+    artifact = _backbone(scenario)
+    run = _run(scenario)
+    spec = DataSpec.from_run(run, 1, tuple(artifact.manifest["input_shape"]))
+    part = load_partition(spec, 0)
+    train = part.train
+    if change == "add":
+        x = np.concatenate([train.x, _hostile(train, 0)[None]])
+        y = np.concatenate([train.y, train.y[:1]])
+        groups = None if train.groups is None else np.concatenate([train.groups, train.groups[:1]])
+        changed_train = dataclasses.replace(train, x=x, y=y, groups=groups)
+        changed = _record_key(changed_train, len(train))
+    else:
+        changed_train = train.subset(np.arange(1, len(train)))
+        changed = _record_key(train, 0)
+    variants = {}
+    for name, p in (("base", part), (change, _with_train(part, changed_train, change))):
+        monkeypatch.setattr(runtime, "load_partition", lambda spec, pid, p=p: p)
+        variants[name] = _client_view(tmp_path / name, artifact, run)
+    before, after = variants["base"], variants[change]
+    if change == "add":
+        before, after = after, before  # the added record is the one allowed to differ
+    _assert_others_unchanged(before, after, changed)
+
+
+def _table_file(scenario: str, path: Path, change: str) -> Path:
+    import pandas as pd
+
+    from common.data import synthetic_records
+
+    make, drop, label, _ = TABLE_FILES[scenario]
+    frame = getattr(synthetic_records, make)(EXAMPLES, 0, "target").drop(columns=drop)
+    if change == "add":
+        extra = frame.iloc[[0]].copy()
+        for column in extra.columns:
+            value = extra[column].iloc[0]
+            if column != label and isinstance(value, int | float | np.number):
+                extra[column] = value * 1000 if np.isfinite(value) else value
+        if "smiles" in extra:
+            extra["smiles"] = "CCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCO"
+        frame = pd.concat([frame, extra], ignore_index=True)
+    elif change == "remove":
+        frame = frame.iloc[1:]
+    frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("change", ["add", "remove"])
+@pytest.mark.parametrize("scenario", sorted(TABLE_FILES))
+def test_deployed_file_row_added_or_removed_moves_no_other_row_and_no_other_gradient(
+    scenario, change, tmp_path
+):
+    """End to end from a deployed institution's own file: the loader, the held-out split
+    (membership per record, never a reshuffle of the rows) and the preprocessing."""
+    _, _, label, categorical = TABLE_FILES[scenario]
+    artifact = _backbone(scenario)
+    run = _run(scenario, label_column=label, categorical=categorical)
+    base = _client_view(
+        tmp_path / "base", artifact, run, str(_table_file(scenario, tmp_path / "base.csv", ""))
+    )
+    other = _client_view(
+        tmp_path / change,
+        artifact,
+        run,
+        str(_table_file(scenario, tmp_path / f"{change}.csv", change)),
+    )
+    small, large = (other, base) if change == "remove" else (base, other)
+    extra = set(large) - set(small)
+    assert len(extra) <= 1, f"{len(extra)} records differ between the two training sets"
+    _assert_others_unchanged(large, small, next(iter(extra), b""))
+
+
+def test_pretrained_manifest_carries_public_statistics_covered_by_the_backbone_hash():
+    artifact = _backbone("hospital-tabular")
+    pre = artifact.manifest["preprocessing"]
+    width = artifact.manifest["input_shape"][0]
+    assert pre["standardize"] == "public"
+    assert len(pre["mean"]) == len(pre["std"]) == width and pre["clip"] > 0
+    altered = BackboneArtifact(
+        {**artifact.manifest, "preprocessing": {**pre, "mean": [0.0] * width}}, artifact.tensors
+    )
+    with pytest.raises(FerryError, match="hash mismatch"):
+        verify(altered)
+
+
+@pytest.mark.parametrize("scenario", ["hospital-tabular", "bank-stocks"])
+def test_backbone_asking_clients_to_fit_statistics_on_private_data_is_refused(scenario, tmp_path):
+    """A manifest written before statistics were public (``"standardize": "local"``)."""
+    fresh = _backbone(scenario)
+    manifest = {k: v for k, v in fresh.manifest.items() if k != "sha256"}
+    manifest["preprocessing"] = {"kind": manifest["preprocessing"]["kind"], "standardize": "local"}
+    manifest["sha256"] = backbone_digest(manifest, fresh.tensors)
+    old = BackboneArtifact(manifest, fresh.tensors)
+    with pytest.raises(FerryError, match="ferry pretrain") as err:
+        _client_view(tmp_path, old, _run(scenario))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("arch", ["tabular-mlp", "series-cnn"])
+def test_random_init_backbone_carries_fixed_statistics(arch):
+    pre = random_artifact(arch, 0, (5,) if arch == "tabular-mlp" else (2, 30)).manifest[
+        "preprocessing"
+    ]
+    width = 5 if arch == "tabular-mlp" else 2
+    assert pre["standardize"] == "public"
+    assert pre["mean"] == [0.0] * width and pre["std"] == [1.0] * width
