@@ -2,10 +2,10 @@
 
 Private (never leaves this process): raw examples, their features, per-example gradients,
 preprocessing statistics, split-point activations. Released per round: the trained part's
-arrays (head, adapters or last block: :mod:`common.trainable`), train metrics
-(example count, mean loss, accuracy: aggregate statistics of the local training set that are
-*not* covered by the DP guarantee), the privacy report, and evaluation metrics on the local
-held-out split (also not covered by DP).
+arrays (head, adapters or last block: :mod:`common.trainable`), the training example count
+n (it sets q; not covered by DP), the privacy report, and the sufficient statistics of the
+local held-out split (counts and sums, not covered by DP). Nothing else computed on the
+training split is released (:mod:`common.privacy.statement`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from client.privacy_state import PrivacyState
 from common.config import RunConfig
 from common.data.datasets import DataSpec, Partition, load_partition, whole
 from common.errors import FerryError
-from common.metrics import classification_metrics, regression_metrics
+from common.metrics import classification_statistics, regression_statistics
 from common.model import out_dim, split_for_run
 from common.privacy import UNIT_OF_PRIVACY
 from common.privacy.accounting import MechanismSegment, noise_multiplier_for_target
@@ -230,7 +230,7 @@ def noise_for(req: RoundRequest, num_examples: int, state_dir: Path | None = Non
 def train_round(
     settings: ClientSettings, req: RoundRequest, arrays: dict
 ) -> tuple[dict, dict, dict]:
-    """One DP training round: (trainable arrays, train metrics, privacy report)."""
+    """One DP training round: (trainable arrays, ``{"num-examples": n}``, privacy report)."""
     data = _local_data(settings, req)
     part = data.part
     n = part.num_train
@@ -294,9 +294,9 @@ def train_round(
         report.update(
             {"noise-multiplier": 0.0, "sample-rate": 1.0, "steps": 0, "epsilon": math.inf}
         )
-    metrics = {"num-examples": n, "train-loss": outcome.loss}
-    if req.task == "classification":
-        metrics["train-accuracy"] = outcome.accuracy
+    # Nothing computed on the training split is released but the DP arrays and n (which
+    # sets q): no train loss or accuracy (a free query with a head the server chooses).
+    metrics = {"num-examples": n}
     return outcome.trainable_state, metrics, report
 
 
@@ -307,13 +307,15 @@ def _opacus_version() -> str:
 
 
 def evaluate_round(settings: ClientSettings, req: RoundRequest, arrays: dict) -> dict:
-    """Metrics of the global model on this institution's held-out split (not DP)."""
+    """The sufficient statistics of the global model's predictions on this institution's
+    held-out split (counts and sums, :mod:`common.metrics`; not DP): the server computes
+    every metric from them. Nothing computed on the training split is released here."""
     data = _local_data(settings, req)
     y = data.part.test_y
-    out = predict_tail(_tail(data, arrays), data.feats["test"]) if len(y) else np.zeros((0, 1))
+    width = 1 if req.task == "regression" else req.num_classes
+    out = predict_tail(_tail(data, arrays), data.feats["test"]) if len(y) else np.zeros((0, width))
     if req.task == "regression":
-        metrics = regression_metrics(y, out[:, 0], directional=data.part.test.directional)
+        stats = regression_statistics(y, out[:, 0], directional=data.part.test.directional)
     else:
-        metrics = classification_metrics(y, out, req.num_classes)
-    released = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
-    return {"num-examples": len(y), **released}
+        stats = classification_statistics(y, out, req.num_classes)
+    return stats.to_record()

@@ -1,28 +1,50 @@
-"""Task metrics, computed by each institution on its held-out split, and their federated
-aggregation on the server.
+"""Task metrics, and the sufficient statistics by which institutions release them.
 
-Classification: ``accuracy``, ``balanced-accuracy``, ``roc-auc``, ``loss`` (cross-entropy).
-Regression: ``rmse``, ``mae``, ``loss`` (MSE), and for returns ``directional-accuracy``.
-Pure numpy; ROC AUC is the exact rank statistic (Mann-Whitney U, tied scores count one
-half), equal to scikit-learn's ``roc_auc_score``.
+An institution never releases a metric computed on its data; it releases the *sufficient
+statistics* of its held-out split (:func:`classification_statistics`,
+:func:`regression_statistics`: counts and sums, listed below), and the server computes every
+metric from them (:func:`metrics_from_statistics`), per institution and on the pool of all
+institutions' statistics (:func:`pool_statistics`), i.e. as if on the pooled held-out set.
 
-A metric that is undefined on a split (AUC when ``y_true`` holds one class; directional
-accuracy when every true value is 0) is NaN here. NaN (non-finite) values are dropped before
-a client releases its metrics (:func:`client.runtime.evaluate_round`) and skipped by
-:func:`aggregate_metrics`, so a released record only ever holds defined numbers.
-Evaluation metrics are released without DP (see the README's privacy model).
+Released per institution and round (not covered by DP; see
+:func:`common.privacy.statement.privacy_statement`):
+
+* classification: ``num-examples``; ``confusion`` (k x k counts, rows the true class,
+  columns the predicted one); ``score-histogram``: for each scored class (class 1 when k = 2;
+  every class, one-vs-rest, when k > 2) the counts of held-out examples whose predicted
+  probability of that class falls in each of ``score-bins`` equal bins on [0, 1], split into
+  examples of another class and of that class; ``log-loss-sum`` (sum of cross-entropies).
+* regression: ``num-examples``, ``squared-error-sum``, ``absolute-error-sum``,
+  ``target-sum``, ``target-squared-sum``; with returns also ``direction-moved`` (true value
+  nonzero) and ``direction-correct`` (of those, prediction of the same sign).
+
+Metrics (names as in ``metrics.jsonl`` with ``_`` for ``-``): classification ``accuracy``,
+``balanced-accuracy`` (mean recall over the classes present), ``macro-f1`` (over the classes
+present in labels or predictions, as scikit-learn's), ``roc-auc`` (binary: class 1; more
+classes: macro mean of one-vs-rest AUCs over the classes with positives and negatives) with
+``roc-auc-bin-error``, ``loss`` (mean cross-entropy); regression ``rmse``, ``mae``, ``r2``,
+``loss`` (MSE) and for returns ``directional-accuracy``. All are exact except ROC AUC, which
+counts every positive/negative pair within one bin as a tie: its distance to the exact AUC is
+at most ``roc-auc-bin-error`` = 0.5 * (pairs sharing a bin) / (positives * negatives),
+computed from the same histograms. A metric undefined on the statistics (no example, one class
+only, every true value 0) is absent.
+
+:func:`classification_metrics` and :func:`regression_metrics` compute the metrics exactly
+from predictions (ROC AUC as the exact rank statistic), for local use and as the reference.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 # The metric a run is judged by, per task (``ferry simulate``'s summary, benchmarks).
 HEADLINE = {"classification": "accuracy", "regression": "rmse"}
-_HIGHER = {"accuracy", "balanced-accuracy", "roc-auc", "directional-accuracy"}
-_LOWER = {"loss", "rmse", "mae"}
+_HIGHER = {"accuracy", "balanced-accuracy", "macro-f1", "roc-auc", "r2", "directional-accuracy"}
+_LOWER = {"loss", "rmse", "mae", "roc-auc-bin-error"}
+AUC_BINS = 100  # equal bins on [0, 1] of the released score histograms
 
 
 def higher_is_better(metric: str) -> bool:
@@ -67,6 +89,23 @@ def _log_probabilities(scores: np.ndarray, probabilities: bool) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
+def _scored(
+    y_true: np.ndarray, scores: np.ndarray, num_classes: int, probabilities: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, log-probabilities (n, k), predicted classes), after checking the input."""
+    y = np.asarray(y_true).ravel()
+    if len(y) and not (np.all(np.mod(y, 1) == 0) and y.min() >= 0 and y.max() < num_classes):
+        raise ValueError(f"labels must be integers in [0, {num_classes}), got {np.unique(y)[:8]}")
+    y = y.astype(np.int64)
+    s = np.asarray(scores, dtype=np.float64)
+    s = s.reshape(len(y), -1) if len(y) else np.zeros((0, num_classes))
+    if s.shape[1] == 1 and num_classes == 2:  # one score for class 1
+        s = np.hstack([1.0 - s, s]) if probabilities else np.hstack([np.zeros_like(s), s])
+    if s.shape[1] != num_classes:
+        raise ValueError(f"scores have {s.shape[1]} columns for {num_classes} classes")
+    return y, _log_probabilities(s, probabilities), s.argmax(axis=1)
+
+
 def classification_metrics(
     y_true: np.ndarray,
     scores: np.ndarray,
@@ -74,7 +113,8 @@ def classification_metrics(
     *,
     probabilities: bool = False,
 ) -> dict[str, float]:
-    """Metrics of class ``scores`` against integer labels ``y_true`` in ``[0, num_classes)``.
+    """Metrics of class ``scores`` against integer labels ``y_true`` in ``[0, num_classes)``,
+    exactly, from the predictions (local use; the reference for the released statistics).
 
     ``scores`` is ``(n, num_classes)`` logits (default) or, with ``probabilities=True``,
     class probabilities whose rows sum to 1. For ``num_classes == 2`` an ``(n,)`` or
@@ -85,20 +125,10 @@ def classification_metrics(
     more classes: macro mean of one-vs-rest AUCs over the classes that have both positives
     and negatives in ``y_true``; NaN when there is none, e.g. one class only) and ``loss``
     (mean cross-entropy, natural log). Empty input gives ``{}``."""
-    y = np.asarray(y_true).ravel()
+    y, log_p, pred = _scored(y_true, scores, num_classes, probabilities)
     if not len(y):
         return {}
-    if not (np.all(np.mod(y, 1) == 0) and y.min() >= 0 and y.max() < num_classes):
-        raise ValueError(f"labels must be integers in [0, {num_classes}), got {np.unique(y)[:8]}")
-    y = y.astype(np.int64)
-    s = np.asarray(scores, dtype=np.float64).reshape(len(y), -1)
-    if s.shape[1] == 1 and num_classes == 2:  # one score for class 1
-        s = np.hstack([1.0 - s, s]) if probabilities else np.hstack([np.zeros_like(s), s])
-    if s.shape[1] != num_classes:
-        raise ValueError(f"scores have {s.shape[1]} columns for {num_classes} classes")
-    log_p = _log_probabilities(s, probabilities)
     probs = np.exp(log_p)
-    pred = s.argmax(axis=1)
     recalls = [float((pred[y == c] == c).mean()) for c in np.unique(y)]
     if num_classes == 2:
         auc = binary_auc(y == 1, probs[:, 1])
@@ -117,8 +147,8 @@ def classification_metrics(
 def regression_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, directional: bool
 ) -> dict[str, float]:
-    """``rmse``, ``mae`` and ``loss`` (mean squared error) of ``y_pred``; with
-    ``directional`` (targets are returns) also ``directional-accuracy``: the fraction of
+    """``rmse``, ``mae`` and ``loss`` (mean squared error) of ``y_pred``, exactly (local use);
+    with ``directional`` (targets are returns) also ``directional-accuracy``: the fraction of
     examples with a nonzero true value whose prediction has the same sign (a prediction
     of exactly 0 counts as wrong; NaN when every true value is 0). Empty input gives ``{}``."""
     y = np.asarray(y_true, dtype=np.float64).ravel()
@@ -136,29 +166,253 @@ def regression_metrics(
     return out
 
 
-def aggregate_metrics(per_client: list[tuple[int, dict]]) -> dict[str, float]:
-    """Federated metrics from ``(num_examples, local_metrics)`` per client.
+# ---------------------------------------------------------------- released statistics
 
-    Each metric is the example-weighted mean of the local values over the clients that
-    report it with a finite value and at least one example (weights renormalised over
-    those clients); ``rmse`` is the square root of the weighted mean of squared local RMSEs,
-    i.e. the pooled RMSE. Accuracy, MAE, MSE ``loss`` and cross-entropy ``loss`` are thus
-    the pooled metrics exactly. Federated ``roc-auc``, ``balanced-accuracy`` and
-    ``directional-accuracy`` are weighted means of local values, *not* the metric of the
-    pooled predictions (which no one holds). A metric no client reports is absent."""
-    keys = sorted({k for _, m in per_client for k in m})
-    out: dict[str, float] = {}
-    for key in keys:
-        pairs = [
-            (n, float(m[key]))
-            for n, m in per_client
-            if key in m and n > 0 and math.isfinite(float(m[key]))
-        ]
-        total = sum(n for n, _ in pairs)
-        if not total:
-            continue
-        if key == "rmse":
-            out[key] = math.sqrt(sum(n * v * v for n, v in pairs) / total)
-        else:
-            out[key] = sum(n * v for n, v in pairs) / total
+
+@dataclass(frozen=True)
+class ClassificationStatistics:
+    """Sufficient statistics of one held-out split (or a pool of them), classification.
+
+    ``confusion``: (k, k) counts, ``[true, predicted]``. ``score_histogram``: (m, 2, bins)
+    counts; m = 1 (class 1) when k = 2, else k (one-vs-rest); ``[c, 0]`` examples not of the
+    scored class, ``[c, 1]`` examples of it; None when a score was not finite (AUC unknown).
+    ``log_loss_sum``: None when not finite."""
+
+    confusion: np.ndarray
+    score_histogram: np.ndarray | None
+    log_loss_sum: float | None
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.confusion.sum())
+
+    def to_record(self) -> dict:
+        """The released record (a Flower MetricRecord's values: ints, floats, lists)."""
+        record: dict = {
+            "num-examples": self.num_examples,
+            "confusion": [int(v) for v in self.confusion.ravel()],
+        }
+        if self.score_histogram is not None:
+            record["score-bins"] = int(self.score_histogram.shape[2])
+            record["score-histogram"] = [int(v) for v in self.score_histogram.ravel()]
+        if self.log_loss_sum is not None:
+            record["log-loss-sum"] = float(self.log_loss_sum)
+        return record
+
+
+@dataclass(frozen=True)
+class RegressionStatistics:
+    """Sufficient statistics of one held-out split (or a pool), regression. The direction
+    counts are None unless the targets are returns."""
+
+    num_examples: int
+    squared_error_sum: float
+    absolute_error_sum: float
+    target_sum: float
+    target_squared_sum: float
+    direction_moved: int | None = None
+    direction_correct: int | None = None
+
+    def to_record(self) -> dict:
+        record: dict = {
+            "num-examples": int(self.num_examples),
+            "squared-error-sum": float(self.squared_error_sum),
+            "absolute-error-sum": float(self.absolute_error_sum),
+            "target-sum": float(self.target_sum),
+            "target-squared-sum": float(self.target_squared_sum),
+        }
+        if self.direction_moved is not None:
+            record["direction-moved"] = int(self.direction_moved)
+            record["direction-correct"] = int(self.direction_correct or 0)
+        return record
+
+
+EvaluationStatistics = ClassificationStatistics | RegressionStatistics
+
+
+def _scored_classes(num_classes: int) -> list[int]:
+    return [1] if num_classes == 2 else list(range(num_classes))
+
+
+def classification_statistics(
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    num_classes: int,
+    *,
+    probabilities: bool = False,
+    bins: int = AUC_BINS,
+) -> ClassificationStatistics:
+    """The released statistics of predictions ``scores`` (as :func:`classification_metrics`
+    takes them) on labels ``y_true``: confusion counts, score histograms, log-loss sum."""
+    y, log_p, pred = _scored(y_true, scores, num_classes, probabilities)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (y, pred), 1)
+    probs = np.exp(log_p)
+    classes = _scored_classes(num_classes)
+    histogram = None
+    if np.isfinite(probs).all():
+        histogram = np.zeros((len(classes), 2, bins), dtype=np.int64)
+        for i, c in enumerate(classes):
+            b = np.clip(np.floor(probs[:, c] * bins), 0, bins - 1).astype(np.int64)
+            np.add.at(histogram[i], ((y == c).astype(np.int64), b), 1)
+    loss = float(-log_p[np.arange(len(y)), y].sum()) if len(y) else 0.0
+    return ClassificationStatistics(confusion, histogram, loss if math.isfinite(loss) else None)
+
+
+def regression_statistics(
+    y_true: np.ndarray, y_pred: np.ndarray, directional: bool
+) -> RegressionStatistics:
+    """The released statistics of ``y_pred`` against ``y_true`` (see the module docstring)."""
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(y_pred, dtype=np.float64).reshape(len(y))
+    err = p - y
+    moved = y != 0
+    return RegressionStatistics(
+        len(y),
+        float(np.sum(err**2)),
+        float(np.sum(np.abs(err))),
+        float(np.sum(y)),
+        float(np.sum(y**2)),
+        int(moved.sum()) if directional else None,
+        int((np.sign(p[moved]) == np.sign(y[moved])).sum()) if directional else None,
+    )
+
+
+def _count(record: dict, key: str) -> int:
+    v = record.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{key} {v!r} is not a count")
+    return v
+
+
+def _finite(record: dict, key: str, nonnegative: bool = False) -> float:
+    v = record.get(key)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ValueError(f"{key} {v!r} is not a finite number")
+    if nonnegative and v < 0:
+        raise ValueError(f"{key} {v!r} is negative")
+    return float(v)
+
+
+def _counts(record: dict, key: str, size: int) -> np.ndarray:
+    v = record.get(key)
+    if not isinstance(v, list) or len(v) != size:
+        raise ValueError(f"{key} must be a list of {size} counts")
+    a = np.asarray(v)
+    if a.dtype.kind not in "iu" or (a < 0).any():
+        raise ValueError(f"{key} must hold non-negative integer counts")
+    return a.astype(np.int64)
+
+
+def statistics_from_record(record: dict, task: str, num_classes: int) -> EvaluationStatistics:
+    """Decode and check a released record (what arrives from an institution); ValueError
+    naming the first inconsistency (wrong sizes, negative or non-integer counts, counts that
+    do not add up to ``num-examples``, non-finite sums)."""
+    n = _count(record, "num-examples")
+    if task == "regression":
+        moved = correct = None
+        if "direction-moved" in record:
+            moved, correct = _count(record, "direction-moved"), _count(record, "direction-correct")
+            if not correct <= moved <= n:
+                raise ValueError(f"direction counts {correct} <= {moved} <= {n} do not hold")
+        return RegressionStatistics(
+            n,
+            _finite(record, "squared-error-sum", True),
+            _finite(record, "absolute-error-sum", True),
+            _finite(record, "target-sum"),
+            _finite(record, "target-squared-sum", True),
+            moved,
+            correct,
+        )
+    k = num_classes
+    confusion = _counts(record, "confusion", k * k).reshape(k, k)
+    if confusion.sum() != n:
+        raise ValueError(f"confusion counts add up to {confusion.sum()}, not num-examples {n}")
+    histogram = None
+    if "score-histogram" in record:
+        bins = _count(record, "score-bins")
+        if not 1 <= bins <= 10_000:
+            raise ValueError(f"score-bins {bins} is outside [1, 10000]")
+        classes = _scored_classes(k)
+        histogram = _counts(record, "score-histogram", len(classes) * 2 * bins)
+        histogram = histogram.reshape(len(classes), 2, bins)
+        for i, c in enumerate(classes):
+            pos, neg = int(histogram[i, 1].sum()), int(histogram[i, 0].sum())
+            if pos != confusion[c].sum() or pos + neg != n:
+                raise ValueError(f"score histogram of class {c} disagrees with the confusion")
+    loss = _finite(record, "log-loss-sum", True) if "log-loss-sum" in record else None
+    return ClassificationStatistics(confusion, histogram, loss)
+
+
+def pool_statistics(parts: list[EvaluationStatistics]) -> EvaluationStatistics | None:
+    """The statistics of the union of the parts' held-out sets (None for no part). A sum
+    or histogram that one part with examples lacks is unknown for the pool."""
+    if not parts:
+        return None
+    if isinstance(parts[0], RegressionStatistics):
+        directional = all(p.direction_moved is not None for p in parts)
+        return RegressionStatistics(
+            sum(p.num_examples for p in parts),
+            sum(p.squared_error_sum for p in parts),
+            sum(p.absolute_error_sum for p in parts),
+            sum(p.target_sum for p in parts),
+            sum(p.target_squared_sum for p in parts),
+            sum(p.direction_moved for p in parts) if directional else None,
+            sum(p.direction_correct for p in parts) if directional else None,
+        )
+    counted = [p for p in parts if p.num_examples]
+    shapes = {p.score_histogram.shape for p in counted if p.score_histogram is not None}
+    histogram = None
+    if len(shapes) == 1 and all(p.score_histogram is not None for p in counted):
+        histogram = sum(p.score_histogram for p in counted)
+    losses = [p.log_loss_sum for p in counted]
+    return ClassificationStatistics(
+        sum(p.confusion for p in parts),
+        histogram,
+        None if None in losses else float(sum(losses)),
+    )
+
+
+def _histogram_auc(neg: np.ndarray, pos: np.ndarray) -> tuple[float, float]:
+    """(AUC counting same-bin pairs as ties, its largest distance to the exact AUC)."""
+    p, n = float(pos.sum()), float(neg.sum())
+    if not p or not n:
+        return math.nan, math.nan
+    below = np.cumsum(neg) - neg  # negatives in lower bins
+    ties = float(np.dot(pos, neg))
+    return float(np.dot(pos, below) + 0.5 * ties) / (p * n), 0.5 * ties / (p * n)
+
+
+def metrics_from_statistics(stats: EvaluationStatistics) -> dict[str, float]:
+    """The metrics (see the module docstring) of a held-out set with these statistics;
+    undefined metrics are absent, so every value is finite."""
+    n = stats.num_examples
+    if not n:
+        return {}
+    if isinstance(stats, RegressionStatistics):
+        mse = stats.squared_error_sum / n
+        out = {"rmse": math.sqrt(mse), "mae": stats.absolute_error_sum / n, "loss": mse}
+        spread = stats.target_squared_sum - stats.target_sum**2 / n
+        if spread > 0:
+            out["r2"] = 1.0 - stats.squared_error_sum / spread
+        if stats.direction_moved:
+            out["directional-accuracy"] = stats.direction_correct / stats.direction_moved
+        return out
+    cm = stats.confusion.astype(np.float64)
+    true, predicted, hits = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
+    present = true > 0
+    seen = present | (predicted > 0)
+    out = {
+        "accuracy": float(hits.sum() / n),
+        "balanced-accuracy": float(np.mean(hits[present] / true[present])),
+        "macro-f1": float(np.mean(2 * hits[seen] / (true[seen] + predicted[seen]))),
+    }
+    if stats.score_histogram is not None:
+        pairs = [_histogram_auc(h[0], h[1]) for h in stats.score_histogram]
+        pairs = [pair for pair in pairs if not math.isnan(pair[0])]
+        if pairs:
+            out["roc-auc"] = float(np.mean([a for a, _ in pairs]))
+            out["roc-auc-bin-error"] = float(np.mean([e for _, e in pairs]))
+    if stats.log_loss_sum is not None:
+        out["loss"] = stats.log_loss_sum / n
     return out

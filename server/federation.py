@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 
 from common.errors import FerryError
 from common.model import initial_trainable_arrays, out_dim
-from common.privacy import UNIT_OF_PRIVACY
+from common.privacy.statement import privacy_statement
 from server.checkpoint import (
     Checkpoint,
     check_ledger_prefix,
@@ -106,7 +106,7 @@ def _fresh(plan: FederationPlan) -> tuple[FederationState, np.random.Generator, 
         run_id=plan.run_id,
         config=cfg.to_record(),
         backbone_sha256=plan.artifact.sha256,
-        privacy={"unit": UNIT_OF_PRIVACY, "accountant": "prv", "delta": cfg.delta},
+        privacy=privacy_statement(cfg.delta, accountant="prv", non_private=cfg.non_private),
     )
     arrays = initial_trainable_arrays(plan.artifact, cfg, out_dim(cfg.task, plan.num_classes))
     return FederationState(arrays), np.random.default_rng(cfg.seed), 1

@@ -8,16 +8,20 @@ import os
 from pathlib import Path
 
 from common.errors import FerryError
+from common.privacy.statement import privacy_statement
 
 RUN_FILES = ("metrics.jsonl", "summary.json")
 # Federated evaluation metrics carried into summary.json's "final" (those the task has).
 FINAL_METRICS = (
     "accuracy",
     "balanced_accuracy",
+    "macro_f1",
     "roc_auc",
+    "roc_auc_bin_error",
     "loss",
     "rmse",
     "mae",
+    "r2",
     "directional_accuracy",
     "eval_examples",
 )
@@ -64,7 +68,9 @@ def write_summary(out: Path, summary: dict) -> None:
 
 
 def build_summary(plan, state, end_reason: str, wall_time_s: float) -> dict:
-    """``summary.json``: final metrics, per-institution privacy, traffic, wall time."""
+    """``summary.json``: final metrics, per-institution privacy, traffic, wall time, and the
+    privacy statement (:func:`common.privacy.statement.privacy_statement`: what each release
+    covers, against whom, and what the accountant does not cover)."""
     cfg = plan.cfg
     rounds = state.rounds
     last = rounds[-1] if rounds else {"round": 0, "accuracy": None, "loss": None}
@@ -74,15 +80,9 @@ def build_summary(plan, state, end_reason: str, wall_time_s: float) -> dict:
         "rounds_completed": len(rounds),
         "end_reason": end_reason,
         "privacy": {
-            "unit": "one example (record) at one institution",
-            "mechanism": "PoissonSampled(q, Gaussian(noise_multiplier)) per step, per-example "
-            "clipping to max_grad_norm, composed over every round a client took part in",
-            "accountant": "PRV (Opacus)",
-            "delta": cfg.delta,
+            **privacy_statement(cfg.delta, non_private=cfg.non_private),
             "non_private": cfg.non_private,
             "max_epsilon": max(eps) if eps else 0.0,
-            "not_covered": "train metrics (count, loss, accuracy) and evaluation metrics on "
-            "held-out splits are released without DP",
             "ledger": "ledger.jsonl (verify with `ferry audit`)",
         },
         "backbone": {

@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.metrics import aggregate_metrics
+from common.metrics import metrics_from_statistics, pool_statistics, statistics_from_record
 from server.aggregation import aggregate
 from server.client_reports import ledger_trained, update_client_summary
 from server.exchange import Traffic, array_record, exchange
@@ -179,7 +179,6 @@ def train_round(
     content = RecordDict({"head": array_record(state.arrays), "run": _run_record(plan, rnd)})
     messages = _messages([n for n in nodes if n in state.holders], content, "train", rnd)
     updates, rejected, participants, refused = [], {}, [], {}
-    train_loss, train_n = 0.0, 0
     for node, reply in _exchange(grid, plan, state, messages, rnd, "train", traffic):
         inst = institution_name(plan, state, node)
         if not reply.has_error() and "refusal" in reply.content:
@@ -228,8 +227,6 @@ def train_round(
             continue
         updates.append((arrays, float(examples)))
         participants.append(inst)
-        train_loss += float(metrics["train-loss"]) * examples
-        train_n += examples
     aggregated = len(updates) >= plan.cfg.min_clients
     if aggregated:
         state.arrays = aggregate("fedavg", updates)
@@ -246,7 +243,6 @@ def train_round(
         "rejected": rejected,
         "refused": refused,
         "dropped": {str(n): why for n, why in state.dropped.items()},
-        "train_loss": train_loss / max(train_n, 1),
     }
 
 
@@ -258,19 +254,41 @@ def evaluate_round(
     traffic: Traffic,
     online: Iterable[int] | None = None,
 ) -> dict:
-    """Federated evaluation on every online holder not dropped from this round."""
+    """Federated evaluation on every online holder not dropped from this round.
+
+    Each institution releases the sufficient statistics of its held-out split
+    (:mod:`common.metrics`); the federation's metrics are those of the pooled statistics, as
+    if computed on the pooled held-out set, and ``per_institution`` holds each institution's
+    own. A reply whose statistics do not add up is left out, and the log says why."""
     online = set(state.holders if online is None else online)
     nodes = sorted(n for n in state.holders if n in online and n not in state.dropped)
     content = RecordDict({"head": array_record(state.arrays), "run": _run_record(plan, rnd)})
-    per_client = []
+    task = "regression" if plan.cfg.task == "regression" else "classification"
+    parts, per_institution = [], {}
     messages = _messages(nodes, content, "evaluate", rnd)
-    for _, reply in _exchange(grid, plan, state, messages, rnd, "evaluate", traffic):
+    for node, reply in _exchange(grid, plan, state, messages, rnd, "evaluate", traffic):
         if _problem(reply, "metrics"):
             continue
-        m = {k: float(v) for k, v in reply.content["metrics"].items()}
-        per_client.append((int(m.pop("num-examples")), m))
-    n_total = sum(n for n, _ in per_client)
-    if not n_total:
-        return {"loss": float("nan"), "eval_examples": 0}
-    metrics = {k.replace("-", "_"): v for k, v in aggregate_metrics(per_client).items()}
-    return {**metrics, "eval_examples": int(n_total)}
+        inst = institution_name(plan, state, node) or f"node {node}"
+        try:
+            stats = statistics_from_record(dict(reply.content["metrics"]), task, plan.num_classes)
+        except ValueError as exc:
+            plan.log(f"  {inst} evaluation left out ({exc})")
+            continue
+        parts.append(stats)
+        per_institution[inst] = {
+            **_underscored(metrics_from_statistics(stats)),
+            "eval_examples": stats.num_examples,
+        }
+    pooled = pool_statistics(parts)
+    if pooled is None or not pooled.num_examples:
+        return {"loss": float("nan"), "eval_examples": 0, "per_institution": per_institution}
+    return {
+        **_underscored(metrics_from_statistics(pooled)),
+        "eval_examples": pooled.num_examples,
+        "per_institution": per_institution,
+    }
+
+
+def _underscored(metrics: dict[str, float]) -> dict[str, float]:
+    return {k.replace("-", "_"): v for k, v in metrics.items()}

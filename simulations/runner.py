@@ -168,7 +168,9 @@ def simulate(cfg: RunConfig, log=print, client_app=None) -> dict:
     headline = "  ".join(
         f"{k.replace('_', ' ')} {v:.3f}"
         for k, v in final.items()
-        if k in FINAL_METRICS and k not in ("loss", "eval_examples") and isinstance(v, float)
+        if k in FINAL_METRICS
+        and k not in ("loss", "eval_examples", "roc_auc_bin_error")
+        and isinstance(v, float)
     )
     log(
         f"done in {summary['wall_time_s']:.0f}s: federated {headline or 'no evaluation'} "

@@ -1,4 +1,4 @@
-"""Task metrics (common.metrics) against scikit-learn, and their federated aggregation."""
+"""Task metrics (common.metrics) against scikit-learn, and the pooled released statistics."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ from sklearn import metrics as skm
 
 from common.metrics import (
     HEADLINE,
-    aggregate_metrics,
     binary_auc,
     classification_metrics,
+    classification_statistics,
     higher_is_better,
+    metrics_from_statistics,
+    pool_statistics,
     regression_metrics,
+    regression_statistics,
+    statistics_from_record,
 )
 
 
@@ -152,45 +156,109 @@ def test_directional_accuracy_ignores_flat_targets_and_counts_zero_predictions_w
     assert math.isnan(flat["directional-accuracy"])
 
 
-# ---------------------------------------------------------------- aggregation
+# ---------------------------------------------------------------- released statistics
 
 
-def test_aggregation_is_example_weighted_and_pools_accuracy_and_rmse_exactly():
+def _pooled_classification(seed: int, k: int, cuts) -> tuple:
+    y, logits = _classified(seed, cuts[-1][1], k)
+    parts = [classification_statistics(y[a:b], logits[a:b], k) for a, b in cuts]
+    return y, logits, parts
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_metrics_of_pooled_statistics_equal_sklearn_on_pooled_predictions(k):
+    y, logits, parts = _pooled_classification(k, k, [(0, 40), (40, 41), (41, 180), (180, 400)])
+    pooled = metrics_from_statistics(pool_statistics(parts))
+    pred, probs = logits.argmax(1), _softmax(logits)
+    assert pooled["accuracy"] == skm.accuracy_score(y, pred)
+    assert pooled["balanced-accuracy"] == pytest.approx(
+        skm.balanced_accuracy_score(y, pred), abs=1e-15
+    )
+    assert pooled["macro-f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"), abs=1e-15)
+    assert pooled["loss"] == pytest.approx(skm.log_loss(y, probs, labels=range(k)), rel=1e-12)
+    exact = classification_metrics(y, logits, k)["roc-auc"]
+    assert 0 < pooled["roc-auc-bin-error"] < 0.05
+    assert abs(pooled["roc-auc"] - exact) <= pooled["roc-auc-bin-error"] + 1e-12
+
+
+def test_histogram_auc_is_exact_when_no_pair_shares_a_bin():
+    y = np.array([0, 0, 1, 0, 1, 1])
+    p1 = np.array([0.05, 0.15, 0.25, 0.45, 0.75, 0.95])  # one example per bin
+    stats = classification_statistics(y, p1, 2, probabilities=True)
+    got = metrics_from_statistics(stats)
+    assert got["roc-auc-bin-error"] == 0.0
+    assert got["roc-auc"] == pytest.approx(skm.roc_auc_score(y, p1), abs=1e-15)
+
+
+def test_histogram_auc_error_bound_is_reached_when_all_scores_share_one_bin():
+    y = np.array([0, 1, 0, 1])
+    p1 = np.array([0.500, 0.501, 0.502, 0.503])  # exact AUC 0.75, one bin: counted 0.5
+    got = metrics_from_statistics(classification_statistics(y, p1, 2, probabilities=True))
+    assert got["roc-auc"] == 0.5 and got["roc-auc-bin-error"] == 0.5
+    assert abs(got["roc-auc"] - skm.roc_auc_score(y, p1)) <= got["roc-auc-bin-error"]
+
+
+def test_regression_statistics_pool_to_sklearn_metrics():
     rng = np.random.default_rng(5)
-    parts = [(rng.normal(size=n), rng.normal(size=n)) for n in (10, 40, 150)]
-    local = [(len(y), regression_metrics(y, p, directional=True)) for y, p in parts]
-    pooled = regression_metrics(
-        np.concatenate([y for y, _ in parts]), np.concatenate([p for _, p in parts]), True
+    parts = [(rng.normal(2, 1, n), rng.normal(2, 1, n)) for n in (10, 40, 150)]
+    parts[0][0][:3] = 0.0  # true values of 0 do not count for direction
+    stats = [regression_statistics(y, p, directional=True) for y, p in parts]
+    got = metrics_from_statistics(pool_statistics(stats))
+    y = np.concatenate([y for y, _ in parts])
+    p = np.concatenate([p for _, p in parts])
+    assert got["rmse"] == pytest.approx(math.sqrt(skm.mean_squared_error(y, p)), rel=1e-12)
+    assert got["mae"] == pytest.approx(skm.mean_absolute_error(y, p), rel=1e-12)
+    assert got["loss"] == pytest.approx(skm.mean_squared_error(y, p), rel=1e-12)
+    assert got["r2"] == pytest.approx(skm.r2_score(y, p), rel=1e-9)
+    exact = regression_metrics(y, p, directional=True)
+    assert got["directional-accuracy"] == exact["directional-accuracy"]
+    plain_mean_rmse = np.mean([metrics_from_statistics(s)["rmse"] for s in stats])
+    assert got["rmse"] != pytest.approx(plain_mean_rmse)
+
+
+def test_statistics_record_round_trips_and_undefined_metrics_are_absent():
+    y, logits = _classified(1, 50, 3)
+    stats = classification_statistics(y, logits, 3)
+    back = statistics_from_record(stats.to_record(), "classification", 3)
+    assert metrics_from_statistics(back) == metrics_from_statistics(stats)
+    one_class = metrics_from_statistics(
+        classification_statistics(np.zeros(4), np.eye(3)[[0, 0, 0, 1]], 3)
     )
-    fed = aggregate_metrics(local)
-    for key in ("rmse", "mae", "loss", "directional-accuracy"):
-        # No true value is 0 here, so even directional accuracy pools exactly.
-        assert fed[key] == pytest.approx(pooled[key], rel=1e-12), key
-    plain_mean_rmse = np.mean([m["rmse"] for _, m in local])
-    assert fed["rmse"] != pytest.approx(plain_mean_rmse)
-
-    ys, logits = _classified(9, 300, 3)
-    cuts = [(0, 50), (50, 120), (120, 300)]
-    local = [(b - a, classification_metrics(ys[a:b], logits[a:b], 3)) for a, b in cuts]
-    fed = aggregate_metrics(local)
-    assert fed["accuracy"] == pytest.approx(classification_metrics(ys, logits, 3)["accuracy"])
-    assert fed["roc-auc"] == pytest.approx(sum(n * m["roc-auc"] for n, m in local) / 300)
+    assert "roc-auc" not in one_class and one_class["accuracy"] == 0.75
+    empty = classification_statistics(np.zeros(0, np.int64), np.zeros((0, 3)), 3)
+    assert empty.num_examples == 0 and metrics_from_statistics(empty) == {}
+    flat = metrics_from_statistics(regression_statistics(np.zeros(3), np.ones(3), True))
+    assert "directional-accuracy" not in flat and "r2" not in flat and flat["rmse"] == 1.0
+    reg = regression_statistics(np.ones(3), np.zeros(3), True)
+    assert statistics_from_record(reg.to_record(), "regression", 0) == reg
 
 
-def test_aggregation_skips_nan_missing_and_empty_clients_per_metric():
-    fed = aggregate_metrics(
-        [
-            (10, {"accuracy": 0.5, "roc-auc": float("nan"), "loss": 1.0}),
-            (30, {"accuracy": 0.9, "roc-auc": 0.8}),
-            (0, {"accuracy": 0.0, "roc-auc": 0.0, "loss": 9.0}),
-            (20, {"accuracy": 0.6, "roc-auc": 0.5, "loss": 4.0}),
-        ]
-    )
-    assert fed["accuracy"] == pytest.approx((10 * 0.5 + 30 * 0.9 + 20 * 0.6) / 60)
-    assert fed["roc-auc"] == pytest.approx((30 * 0.8 + 20 * 0.5) / 50)
-    assert fed["loss"] == pytest.approx((10 * 1.0 + 20 * 4.0) / 30)
-    assert aggregate_metrics([(5, {"roc-auc": float("nan")})]) == {}
-    assert aggregate_metrics([]) == {}
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"num-examples": 51}, "confusion counts add up"),
+        ({"confusion": [1] * 8}, "list of 9 counts"),
+        ({"confusion": [-1] + [0] * 8}, "non-negative integer"),
+        ({"score-bins": 0}, "outside"),
+        ({"log-loss-sum": float("inf")}, "finite"),
+        ({"num-examples": True}, "not a count"),
+    ],
+)
+def test_hostile_statistics_record_is_refused_with_the_reason(change, problem):
+    y, logits = _classified(1, 50, 3)
+    record = {**classification_statistics(y, logits, 3).to_record(), **change}
+    with pytest.raises(ValueError, match=problem):
+        statistics_from_record(record, "classification", 3)
+
+
+def test_hostile_histogram_that_disagrees_with_confusion_is_refused():
+    y, logits = _classified(1, 50, 2)
+    record = classification_statistics(y, logits, 2).to_record()
+    hist = record["score-histogram"]
+    i, j = hist.index(next(v for v in hist if v > 0)), len(hist) - 1
+    hist[i], hist[j] = hist[i] - 1, hist[j] + 1  # one negative moved to the positives
+    with pytest.raises(ValueError, match="disagrees"):
+        statistics_from_record(record, "classification", 2)
 
 
 def test_headline_metrics_and_their_direction():
