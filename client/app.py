@@ -4,6 +4,8 @@ Message types:
   ``query.backbone_offer``  config{sha256} -> config{has}
   ``query.backbone_ship``   arrays{backbone}, config{sha256, manifest} -> config{stored}
   ``train``                 arrays{head}, config{run} -> arrays{head}, metrics, config{privacy}
+                            (privacy: the report's values plus ``signed-report`` and
+                            ``signature``, :mod:`common.privacy.report`)
   ``evaluate``              arrays{head}, config{run} -> metrics
 A client-side refusal (bad input, unverifiable backbone) is a reply with config{refusal}.
 """
@@ -78,7 +80,11 @@ def train(msg: Message, context: Context) -> Message:
         {
             "head": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in head.items()}),
             "metrics": MetricRecord(metrics),
-            "privacy": ConfigRecord(report),
+            # The signed report (canonical JSON text + signature) travels verbatim; the
+            # other values are its unsigned copy, for the server's own bookkeeping.
+            "privacy": ConfigRecord(
+                {k: v for k, v in report.items() if isinstance(v, str | int | float | bool)}
+            ),
         }
     )
     return Message(content, reply_to=msg)

@@ -197,6 +197,8 @@ def write_node_config(s: InstitutionSettings) -> Path:
         "budget-epsilon": float(s.budget_epsilon),
         "budget-delta": float(s.budget_delta),
     }
+    if s.key is not None:  # its registered identity also signs its privacy reports
+        values["report-key"] = str(s.key.resolve())
     path = s.state_dir / NODE_CONFIG_FILE
     lines = [f"{k} = {json.dumps(v) if isinstance(v, str) else repr(v)}" for k, v in values.items()]
     path.write_text(

@@ -180,7 +180,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from server.audit import run_audit
 
-    return run_audit(args.path, as_json=args.json, plot=not args.no_plot)
+    return run_audit(
+        args.path,
+        as_json=args.json,
+        plot=not args.no_plot,
+        keys=args.keys,
+        receipts=args.receipts,
+    )
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -337,6 +343,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run directory holding ledger.jsonl, or the ledger file")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--no-plot", action="store_true", help="skip the ε-per-round plot")
+    p.add_argument(
+        "--keys",
+        action="append",
+        metavar="DIR_OR_FILE",
+        help="institutions' public keys: a directory of NAME.pub files (`ferry certs`), a "
+        "client state root, or one .pub file; repeatable (default: a simulation's own keys, "
+        "in RUN/clients)",
+    )
+    p.add_argument(
+        "--receipts",
+        nargs="+",
+        metavar="STATE_DIR",
+        help="institutions' state directories (or their root): cross-check their receipt "
+        "chains with the ledger",
+    )
     p.set_defaults(func=cmd_audit)
     _add_deployment_commands(sub)
     return parser

@@ -7,6 +7,7 @@ import math
 
 from common.privacy.accounting import MechanismSegment
 from common.privacy.dp_events import event_to_json, segment_event
+from common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
 from server.ledger import Ledger
 
 
@@ -23,7 +24,18 @@ def _num(value: object, default: float | None = None) -> float | None:
 def ledger_trained(
     ledger: Ledger, run_id: str, rnd: int, node: int, report: dict, examples: int
 ) -> dict:
-    """Append a ``client_trained`` record describing the mechanism the client ran."""
+    """Append a ``client_trained`` record describing the mechanism the client ran.
+
+    ``signed_report`` holds the institution's signed report exactly as it arrived (body text
+    and signature, :mod:`common.privacy.report`), or None when the reply carried none; it is
+    what ``ferry audit`` checks and replays. The other fields are the server's unsigned copy
+    (for summaries); where they contradict the signed report, the audit flags it."""
+    body, signature = report.get(REPLY_BODY), report.get(REPLY_SIGNATURE)
+    signed = (
+        {"body": body, "signature": signature}
+        if isinstance(body, str) and isinstance(signature, str)
+        else None
+    )
     sigma, q, steps = (
         _num(report.get("noise-multiplier"), 0.0),
         _num(report.get("sample-rate"), 1.0),
@@ -52,6 +64,7 @@ def ledger_trained(
         budget_epsilon=_num(report["budget-epsilon"]) if "budget-epsilon" in report else None,
         budget_delta=_num(report["budget-delta"]) if "budget-delta" in report else None,
         examples=examples,
+        signed_report=signed,
     )
 
 

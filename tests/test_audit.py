@@ -1,6 +1,9 @@
 """``ferry audit``: ledgers written with the real Ledger and honest clients' own numbers (noise
-from ``noise_multiplier_for_target``, cumulative epsilon from Opacus PRV) pass; every kind of
-violation is flagged with exit 1; unreadable input exits 2 with one line."""
+from ``noise_multiplier_for_target``, cumulative epsilon from Opacus PRV), signed by each
+institution with the client's own code (:func:`client.receipts.sign_and_keep`, keys in the
+run's client state root where the audit finds a simulation's keys), pass; every kind of
+violation a client signs is flagged with exit 1; unreadable input exits 2 with one line.
+What a server can do to signed reports is in ``test_attack_forged_ledger.py``."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from client.receipts import sign_and_keep
 from common.cli import main
 from common.privacy.accounting import (
     MechanismSegment,
@@ -16,13 +20,14 @@ from common.privacy.accounting import (
     noise_multiplier_for_target,
 )
 from common.privacy.dp_events import event_to_json, segment_event
-from server import audit
+from server import audit, audit_replay
 from server.ledger import LEDGER_FILE, Ledger
 
 DELTA = 1e-5
 ROUNDS = 4
-# (institution, sample rate, steps per round, budget epsilon)
-INSTITUTIONS = [("hospital-a", 0.05, 10, 4.0), ("clinic-b", 0.02, 12, 3.0)]
+BATCH = 10
+# (institution, sample rate, steps per round, budget epsilon): q = 1/ceil(n/B), one epoch
+INSTITUTIONS = [("hospital-a", 0.05, 20, 4.0), ("clinic-b", 0.02, 50, 3.0)]
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +59,50 @@ def honest() -> dict[str, list[dict]]:
                     client_rounds=rnd,
                     budget_epsilon=budget,
                     budget_delta=DELTA,
-                    examples=round(steps / q),
+                    examples=round(BATCH / q),
                 )
             )
     return out
 
 
+def signed_by_client(directory: Path, fields: dict) -> dict:
+    """``fields`` with the signed report the institution's own code makes of them (its key
+    and receipt chain in ``directory/clients/NAME``, the simulation's client state root)."""
+    report = {
+        "run-id": fields["run_id"],
+        "round": fields["round"],
+        "institution": fields["institution"],
+        "unit": "one example (record) at one institution",
+        "non-private": False,
+        "dp-event": fields["dp_event"],
+        "sampling": fields["sampling"],
+        "noise-multiplier": fields["noise_multiplier"],
+        "sample-rate": fields["sample_rate"],
+        "steps": fields["steps"],
+        "max-grad-norm": fields["max_grad_norm"],
+        "batch-size": BATCH,
+        "local-epochs": max(1, round(fields["steps"] * fields["sample_rate"])),
+        "examples": fields["examples"],
+        "delta": fields["delta"],
+        "epsilon": fields["epsilon_reported"],
+        "accountant": fields["accountant"],
+        "accountant-library": fields["accountant_library"],
+        "rounds": fields["client_rounds"],
+        "budget-epsilon": fields["budget_epsilon"],
+        "budget-delta": fields["budget_delta"],
+    }
+    state_dir = directory / "clients" / fields["institution"]
+    signed = sign_and_keep(state_dir, fields["institution"], report)
+    return {
+        **fields,
+        "signed_report": {"body": signed["signed-report"], "signature": signed["signature"]},
+    }
+
+
 def write_run(directory: Path, records: dict[str, list[dict]], drops: dict | None = None) -> Path:
-    """A run's ledger holding ``records`` (institution -> its client_trained fields), and a
-    ``client_dropped`` at stage "train" for each ``drops`` entry (institution -> round)."""
+    """A run's ledger holding ``records`` (institution -> its client_trained fields, each
+    signed by its institution), and a ``client_dropped`` at stage "train" for each ``drops``
+    entry (institution -> round)."""
     directory.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(directory)
     ledger.append("run_started", run_id="run-a", config={}, backbone_sha256="ab" * 32)
@@ -71,7 +111,7 @@ def write_run(directory: Path, records: dict[str, list[dict]], drops: dict | Non
         for recs in records.values():
             for fields in recs:
                 if fields["round"] == rnd:
-                    ledger.append("client_trained", **fields)
+                    ledger.append("client_trained", **signed_by_client(directory, fields))
         for name, dropped_round in (drops or {}).items():
             if dropped_round == rnd:
                 ledger.append(
@@ -373,7 +413,7 @@ def test_replay_stays_within_half_a_percent_of_a_fine_pld(
 
     rounds, steps = 50, 10
     segments = (MechanismSegment(sigma, q, steps),) * rounds
-    curve, interval, rdp = audit.replay(segments, (DELTA,) * rounds)
+    curve, interval, rdp = audit_replay.replay(segments, (DELTA,) * rounds)
     fine = PLDAccountant(value_discretization_interval=1e-4)
     fine.compose(
         dp_accounting.SelfComposedDpEvent(
@@ -384,7 +424,7 @@ def test_replay_stays_within_half_a_percent_of_a_fine_pld(
     assert curve[-1] == pytest.approx(fine.get_epsilon(DELTA), rel=0.005)
     assert all(a < b for a, b in zip(curve, curve[1:], strict=False))
     assert curve[-1] <= rdp
-    assert (interval < audit.PLD_INTERVAL) == refined
+    assert (interval < audit_replay.PLD_INTERVAL) == refined
 
 
 def test_replay_on_worker_processes_matches_the_replay_in_process(
@@ -393,11 +433,11 @@ def test_replay_on_worker_processes_matches_the_replay_in_process(
     run = write_run(tmp_path / "run", honest)
     curves = {}
     for mode in ("in-process", "workers"):
-        monkeypatch.setattr(audit, "_EPSILON", {})  # no memo: both replay from scratch
-        monkeypatch.setattr(audit, "_FINAL", {})
+        monkeypatch.setattr(audit_replay, "_EPSILON", {})  # no memo: both replay from scratch
+        monkeypatch.setattr(audit_replay, "_FINAL", {})
         if mode == "workers":
-            monkeypatch.setattr(audit, "PARALLEL_MIN_JOBS", 1)
-            monkeypatch.setattr(audit.os, "sched_getaffinity", lambda pid: {0, 1})
+            monkeypatch.setattr(audit_replay, "PARALLEL_MIN_JOBS", 1)
+            monkeypatch.setattr(audit_replay.os, "sched_getaffinity", lambda pid: {0, 1})
         report = audit.audit_ledger(run)
         curves[mode] = {i.institution: i.curve for i in report.institutions}
         assert report.ok

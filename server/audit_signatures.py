@@ -1,0 +1,259 @@
+"""The audit's signature checks: whose key signed each report, and what the server changed.
+
+Keys (public only) come from ``ferry audit --keys`` (a directory of ``NAME.pub`` files as
+``ferry certs`` writes them, a client state root holding ``NAME/report-signing.pub``, or one
+such file), or, without ``--keys``, from the run's own client state root (``<run>/clients``,
+where a simulation's virtual institutions keep their keys). Keys found in the run directory
+were put there by whoever wrote the run: they prove what a simulation's clients signed, not
+who a deployed institution is; the audit says which keys it used.
+
+Findings (kind, one line each) for one ``client_trained`` record:
+
+* *missing signature*: the record holds no signed report;
+* *forged or altered report*: the signature does not verify with the institution's key
+  (altered after signing), or the report names another signer (forged with another key);
+* *no public key*: the institution has no key among those given;
+* *report moved*: the signed run id or round is not the ledger's;
+* *report chain broken*: the report does not name the institution's previous report in this
+  ledger (one was dropped, inserted or reordered), or its rounds go backwards;
+* *server contradicts report*: the ledger's unsigned fields differ from the signed ones;
+* *receipts differ*: ``--receipts`` holds a report of this run the ledger lacks, or the
+  ledger holds one the institution never kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from common.privacy.report import (
+    RECEIPTS_FILE,
+    PrivacyReport,
+    ReportError,
+    SignedReport,
+    fingerprint,
+    load_public_key,
+    read_receipts,
+    verify,
+)
+
+LOCAL_PUB = "report-signing.pub"  # a state directory's own report key (client.receipts)
+CLIENT_STATE_DIR = "clients"  # a simulation's client state root, inside the run directory
+
+UNSIGNED, FORGED, NO_KEY = "missing signature", "forged or altered report", "no public key"
+MOVED, CHAIN, CONTRADICTS = "report moved", "report chain broken", "server contradicts report"
+RECEIPTS = "receipts differ"
+
+
+@dataclass
+class KeyRing:
+    """Institution name -> public key, and where they came from."""
+
+    keys: dict[str, ec.EllipticCurvePublicKey] = field(default_factory=dict)
+    source: str = ""
+    found_in_run: bool = False  # keys from the run directory, not from the auditor
+    problems: list[str] = field(default_factory=list)
+
+    def add_file(self, path: Path) -> None:
+        try:
+            key, comment = load_public_key(path.read_bytes())
+        except (OSError, ReportError) as exc:
+            self.problems.append(f"{path}: {exc}")
+            return
+        name = comment.removeprefix("ferry-") if comment.startswith("ferry-") else path.stem
+        if path.name == LOCAL_PUB and not comment.startswith("ferry-"):
+            name = path.parent.name
+        known = self.keys.get(name)
+        if known is not None and fingerprint(known) != fingerprint(key):
+            self.problems.append(f"{path}: a second, different key for {name} (ignored)")
+            return
+        self.keys[name] = key
+
+
+def load_keys(paths: list[Path]) -> KeyRing:
+    """The keys in ``paths`` (see the module docstring); unreadable files are problems."""
+    ring = KeyRing(source=", ".join(str(p) for p in paths))
+    for path in paths:
+        if path.is_dir():
+            files = sorted(path.glob("*.pub")) + sorted(path.glob(f"*/{LOCAL_PUB}"))
+            if not files:
+                ring.problems.append(f"{path} holds no NAME.pub or NAME/{LOCAL_PUB} file")
+            for file in files:
+                ring.add_file(file)
+        elif path.is_file():
+            ring.add_file(path)
+        else:
+            ring.problems.append(f"{path} does not exist")
+    return ring
+
+
+def discover_keys(run_dir: Path) -> KeyRing:
+    """The keys a simulation left in its client state root (``<run>/clients``)."""
+    root = run_dir / CLIENT_STATE_DIR
+    ring = KeyRing(source=f"{root} (the run's client state root)", found_in_run=True)
+    for file in sorted(root.glob(f"*/{LOCAL_PUB}")) if root.is_dir() else []:
+        ring.add_file(file)
+    return ring
+
+
+def verify_record(record: dict, ring: KeyRing) -> tuple[PrivacyReport | None, list]:
+    """(the signed report, when authentic and readable; findings as (kind, detail))."""
+    name = str(record.get("institution"))
+    try:
+        signed = SignedReport.from_json(record.get("signed_report"))
+    except ReportError as exc:
+        return None, [(UNSIGNED, str(exc))]
+    key = ring.keys.get(name)
+    if key is None:
+        return None, [(NO_KEY, f"no public key for {name} in {ring.source or 'no key source'}")]
+    if not verify(signed, key):
+        claimed = _claimed_signer(signed.body)
+        if claimed is not None and claimed != fingerprint(key):
+            why = f"signed by a key that is not {name}'s (signer {claimed[:16]}...)"
+        else:
+            why = f"the signature does not verify with {name}'s key: altered after signing"
+        return None, [(FORGED, why)]
+    try:
+        report = PrivacyReport.from_body(signed.body)
+    except ReportError as exc:
+        return None, [("malformed record", f"signed but unreadable: {exc}")]
+    if report.signer != fingerprint(key):
+        return None, [(FORGED, f"signed with {name}'s key but names another signer")]
+    return report, [(CONTRADICTS, d) for d in contradictions(record, report)]
+
+
+def _claimed_signer(body: str) -> str | None:
+    try:
+        signer = json.loads(body).get("signer")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return signer if isinstance(signer, str) else None
+
+
+# ledger field -> report field: the server's copy must say what the institution signed
+_COPIES = {
+    "institution": "institution",
+    "noise_multiplier": "noise_multiplier",
+    "sample_rate": "sample_rate",
+    "steps": "steps",
+    "max_grad_norm": "max_grad_norm",
+    "delta": "delta",
+    "epsilon_reported": "epsilon",
+    "client_rounds": "client_rounds",
+    "budget_epsilon": "budget_epsilon",
+    "budget_delta": "budget_delta",
+    "sampling": "sampling",
+    "accountant": "accountant",
+    "dp_event": "dp_event",
+}
+
+
+def contradictions(record: dict, report: PrivacyReport) -> list[str]:
+    """The ledger's unsigned fields that differ from the signed report (absent ones are
+    not contradictions; a non-private round's epsilon is absent on both sides)."""
+    out = []
+    for ledger_key, attr in _COPIES.items():
+        if ledger_key not in record:
+            continue
+        theirs, signed = record[ledger_key], getattr(report, attr)
+        if attr == "epsilon" and report.non_private:
+            continue
+        if not _same(theirs, signed):
+            out.append(f"{ledger_key} {_short(theirs)} but the signed report says {_short(signed)}")
+    return out
+
+
+def _same(a: object, b: object) -> bool:
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool):
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+        except OverflowError:
+            return a == b
+    return a == b
+
+
+def _short(value: object) -> str:
+    text = repr(value) if not isinstance(value, dict) else "a different DpEvent"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def chain_findings(entries: list[tuple[int, int | None, str, PrivacyReport]], run_id: str):
+    """Findings for one institution's authentic reports, in ledger order: entries are
+    (line, the ledger's round, report digest, report); yields (line, kind, detail)."""
+    prev: tuple[int, str, PrivacyReport] | None = None
+    for line, ledger_round, dig, report in entries:
+        if report.run_id != run_id:
+            yield line, MOVED, f"signed for run {report.run_id!r}, not this ledger's {run_id!r}"
+        if ledger_round is not None and report.round != ledger_round:
+            yield line, MOVED, f"signed for round {report.round}, stored as round {ledger_round}"
+        if prev is not None:
+            if report.prev_report != prev[1]:
+                yield (
+                    line,
+                    CHAIN,
+                    f"its previous report is not line {prev[0]}'s "
+                    "(a report was dropped, inserted or reordered)",
+                )
+            elif report.round <= prev[2].round and report.run_id == prev[2].run_id:
+                yield line, CHAIN, f"round {report.round} after round {prev[2].round}"
+        prev = (line, dig, report)
+
+
+def receipt_findings(
+    paths: list[Path], ring: KeyRing, ledger: dict[str, dict[str, int]], run_id: str
+) -> tuple[dict[str, list[str]], list[str]]:
+    """Cross-check receipt chains with the ledger. ``ledger``: institution -> {report digest
+    -> line}. Returns ({institution: details}, problems with the receipt files)."""
+    found: dict[str, list[str]] = {}
+    problems: list[str] = []
+    files = []
+    for path in paths:
+        if path.is_file():
+            files.append(path)
+        elif (path / RECEIPTS_FILE).is_file():
+            files.append(path / RECEIPTS_FILE)
+        elif path.is_dir() and sorted(path.glob(f"*/{RECEIPTS_FILE}")):
+            files += sorted(path.glob(f"*/{RECEIPTS_FILE}"))
+        else:
+            problems.append(f"{path}: no {RECEIPTS_FILE} there")
+    for file in files:
+        try:
+            receipts, bad = read_receipts(file.read_bytes())
+        except OSError as exc:
+            problems.append(f"{file}: unreadable ({exc.strerror})")
+            continue
+        problems += [f"{file}: {b}" for b in bad]
+        kept: dict[str, set[str]] = {}  # institution -> digests of this run's receipts
+        for number, signed in enumerate(receipts, start=1):
+            try:
+                report = PrivacyReport.from_body(signed.body)
+            except ReportError as exc:
+                problems.append(f"{file}: receipt {number} is unreadable ({exc})")
+                continue
+            key = ring.keys.get(report.institution)
+            if key is None or not verify(signed, key):
+                problems.append(
+                    f"{file}: receipt {number} does not verify with {report.institution}'s key"
+                )
+                continue
+            kept.setdefault(report.institution, set())
+            if report.run_id != run_id:
+                continue
+            kept[report.institution].add(signed.digest)
+            if signed.digest not in ledger.get(report.institution, {}):
+                found.setdefault(report.institution, []).append(
+                    f"receipt {number} ({file.name}, round {report.round}) is missing from "
+                    "the ledger"
+                )
+        for name, digests in kept.items():
+            for dig, line in ledger.get(name, {}).items():
+                if dig not in digests:
+                    found.setdefault(name, []).append(
+                        f"line {line}: a report {name} never kept in {file}"
+                    )
+    return found, problems
