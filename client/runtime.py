@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from client.backbone_cache import BackboneCache
-from client.budget_guard import Budget, can_afford_another, check_round
+from client.budget_guard import Budget, can_afford_another, check_steps, reserve_round
 from client.dp_trainer import DPTrainConfig, predict_tail, resolve_device, round_plan, train_tail
 from client.feature_cache import FeatureCache, feature_key
 from client.privacy_state import PrivacyState
@@ -241,7 +241,11 @@ def train_round(
             f"delta {req.run.delta:g} >= 1/n = {1.0 / n:.3g} for {settings.institution} "
             f"({n} examples) gives no meaningful guarantee: use --delta below {1.0 / n:.1g}"
         )
-    state = PrivacyState.open(settings.state_dir, settings.institution)
+    # A foreign, lost or damaged privacy state is refused before anything else (this also
+    # creates the state directory). A server-chosen batch size or epoch count with absurdly
+    # many steps is refused before the noise derivation, the accountant or training hang on it.
+    PrivacyState.open(settings.state_dir, settings.institution)
+    check_steps(round_plan(n, req.run.batch_size, req.run.local_epochs)[1])
     cfg = DPTrainConfig(
         noise_multiplier=noise_for(req, n, settings.state_dir),
         max_grad_norm=req.run.max_grad_norm,
@@ -257,9 +261,20 @@ def train_round(
     cfg.validate()
     q, steps = round_plan(n, cfg.batch_size, cfg.local_epochs)
     planned = MechanismSegment(cfg.noise_multiplier, q, steps)
-    if settings.budget is not None:
-        # Before any training: refuse a round that would take us over budget.
-        check_round(state.history, planned, req.run.delta, settings.budget, ACCOUNTANT)
+    # Before any training, under the state's lock: re-read the spend on disk, refuse a round
+    # that would take us over budget, and record the planned round (write-ahead; a round that
+    # then fails or never replies is over-counted, never lost).
+    state = reserve_round(
+        settings.state_dir,
+        settings.institution,
+        planned,
+        req.run.delta,
+        settings.budget,
+        ACCOUNTANT,
+        spend=not cfg.non_private,
+        round=req.round,
+        run=req.run_id,
+    )
     outcome = train_tail(_tail(data, arrays), data.feats["train"], part.train_y, cfg, req.task)
     report = {
         "institution": settings.institution,
@@ -277,8 +292,7 @@ def train_round(
     if outcome.segment is not None:
         if outcome.segment != planned:
             raise FerryError(f"Opacus ran {outcome.segment}, not the planned {planned}")
-        # Write-ahead: the spend is on disk before the update can leave this process.
-        state.record(outcome.segment, round=req.round, run=req.run_id)
+        # The spend was recorded (write-ahead) by reserve_round, before training.
         report.update(
             {
                 "noise-multiplier": outcome.segment.noise_multiplier,

@@ -96,5 +96,5 @@ def test_restarted_client_keeps_cumulative_epsilon(tmp_path, artifact):
     )
     assert second["rounds"] == 2
     assert second["epsilon"] > first["epsilon"]
-    history = PrivacyState.open(settings.state_dir, "x").history
+    history = PrivacyState.open(settings.state_dir, settings.institution).history
     assert second["epsilon"] == pytest.approx(epsilon_for_history(history, 1e-5))

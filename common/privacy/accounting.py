@@ -13,6 +13,12 @@ The same segments are described in ``dp-accounting``'s DpEvent vocabulary by
 
 epsilon computations are costly (~0.1 s each), so they are memoised per distinct compacted
 history: 1,000 clients with the same (sigma, q, steps) cost one computation.
+
+Hostile mechanisms (a server-chosen sigma of 0.01, or steps in the billions) would make the PRV
+accountant allocate a grid of billions of points (sigma 0.01, q 0.1, 100 steps: 3.5e9 points,
+26 GiB); :func:`epsilon_for_history` refuses them first with :class:`UnaccountableMechanism`
+(its grid size is predicted from the cheap RDP bound, exactly as Opacus sizes it), and
+:func:`epsilon_lower_bound` gives a cheap, rigorous floor of any history's epsilon.
 """
 
 from __future__ import annotations
@@ -22,7 +28,23 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from common.errors import FerryError
+
 ACCOUNTANTS = ("prv", "rdp")
+
+# The largest PRV grid epsilon_for_history runs: about 160 bytes and 1 µs per point measured
+# (2e7 points: 3.3 GB above the process, 20 s), so 3e7 is ~5 GB. Honest runs stay far below:
+# sigma derived for epsilon 10 at q 0.02 over 100,000 steps needs 1.8e7 points.
+MAX_PRV_GRID_POINTS = 30_000_000
+
+
+class UnaccountableMechanism(FerryError):
+    """The PRV accountant cannot evaluate this history in bounded memory (a sigma far too
+    small, or absurdly many steps); no accountant was run."""
+
+    kind = "mechanism"
 
 
 @dataclass(frozen=True)
@@ -93,9 +115,98 @@ def epsilon_for_history(
 def _epsilon_cached(compact: tuple[MechanismSegment, ...], delta: float, accountant: str) -> float:
     from opacus.accountants import PRVAccountant, RDPAccountant
 
+    if accountant == "prv":
+        points = prv_grid_points(compact, delta)
+        if points > MAX_PRV_GRID_POINTS:
+            mechs = ", ".join(
+                f"σ={s.noise_multiplier:g} q={s.sample_rate:g} steps={s.steps}" for s in compact
+            )
+            raise UnaccountableMechanism(
+                f"the PRV accountant would need {points:.3g} grid points for {mechs} (limit "
+                f"{MAX_PRV_GRID_POINTS:.0e}): the noise is far too small or the steps absurdly "
+                "many; use a larger noise multiplier or fewer steps"
+            )
     acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
     acc.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in compact]
     return float(acc.get_epsilon(delta))
+
+
+def prv_grid_points(compact: Sequence[MechanismSegment], delta: float) -> float:
+    """How many grid points Opacus' PRV accountant would discretise ``compact`` on, at
+    ``get_epsilon(delta)``'s default errors (its own ``_get_domain`` formula, from the cheap
+    RDP bound); ``inf`` when even the RDP bound overflows."""
+    from opacus.accountants import RDPAccountant
+
+    eps_error, delta_error = 0.01, delta / 1000
+    total = sum(int(s.steps) for s in compact)
+    try:
+        rdp = RDPAccountant()
+        rdp.history = [(s.noise_multiplier, s.sample_rate, int(s.steps)) for s in compact]
+        size = rdp.get_epsilon(delta_error / 4)
+        for s in compact:
+            one = RDPAccountant()
+            one.history = [(s.noise_multiplier, s.sample_rate, 1)]
+            size = max(size, one.get_epsilon(delta_error / (8 * total)))
+        half_width = max(size, eps_error) + 3
+        mesh = eps_error / math.sqrt(total * math.log(12 / delta_error) / 2)
+        points = 2 * half_width / mesh
+    except (OverflowError, ValueError, ZeroDivisionError, FloatingPointError):
+        return math.inf
+    return points if math.isfinite(points) else math.inf
+
+
+def epsilon_lower_bound(history: Iterable[MechanismSegment], delta: float) -> float:
+    """A rigorous floor of the epsilon (at ``delta``) of ``history``, in microseconds.
+
+    Dropping every step but one is post-processing, so a history is at least as leaky as its
+    leakiest single step; one step of PoissonSampled(q, Gaussian(sigma)) has an exact
+    epsilon(delta) (the hockey-stick divergence of (1-q)N(0,σ²)+qN(1,σ²) from N(0,σ²), the
+    direction Opacus' PRV accounts). A round whose floor exceeds the budget cannot fit it,
+    whatever the accountant says; honest runs (sigma near 1) have floors near 0.
+    """
+    floor = 0.0
+    for seg in compact_history(history):
+        if seg.noise_multiplier <= 0:
+            return math.inf
+        floor = max(floor, _one_step_epsilon(seg.noise_multiplier, seg.sample_rate, delta))
+    return floor
+
+
+def _one_step_epsilon(sigma: float, q: float, delta: float) -> float:
+    from scipy.special import log_ndtr
+
+    q = min(max(float(q), 0.0), 1.0)
+    if q == 0.0:
+        return 0.0
+
+    def log_delta(x: float) -> float:
+        # delta at the threshold x where the privacy loss equals epsilon(x), divided by q:
+        # Φ̄((x-1)/σ) - exp((2x-1)/(2σ²)) Φ̄(x/σ), computed in logs (σ may be 1e-6).
+        a = log_ndtr(-(x - 1) / sigma)
+        b = (2 * x - 1) / (2 * sigma**2) + log_ndtr(-x / sigma)
+        if b >= a:
+            return -math.inf
+        return math.log(q) + a + math.log1p(-math.exp(b - a))
+
+    def eps_at(x: float) -> float:
+        z = (2 * x - 1) / (2 * sigma**2)
+        return z if q == 1.0 else float(np.logaddexp(math.log1p(-q), math.log(q) + z))
+
+    target = math.log(delta)
+    lo, step = 0.5, max(sigma, 1e-3)
+    if log_delta(lo) <= target:
+        return 0.0
+    hi = lo + step
+    while log_delta(hi) > target:
+        lo, step = hi, step * 2
+        hi = lo + step
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if log_delta(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return max(0.0, eps_at(lo))  # lo: delta(lo) > target, so eps_at(lo) is below the answer
 
 
 @functools.lru_cache(maxsize=1024)
