@@ -12,6 +12,13 @@ clipping runs the same mechanism vectorised (:mod:`client.linear_dp`, checked ag
 Opacus' per-example gradients in tests), without Opacus' fixed per-step cost; its segment is
 the one its loop ran.
 
+Randomness (:mod:`client.dp_randomness`): Poisson sampling and noise come from generators
+seeded from this institution's OS entropy afresh each round (sampling on the CPU, where
+Opacus' sampler draws; noise on the parameters' device), never from anything the server
+sends; Opacus' noise is drawn in its ``secure_mode`` (the sum of four Gaussian draws, against
+floating-point attacks). Two identical rounds release different arrays. A non-private
+round's shuffling is unseeded too.
+
 The tail (:mod:`common.trainable`) runs on activations the frozen trunk computed once (feature
 cache): the trunk never enters Opacus. Only parameters with ``requires_grad`` are optimised and
 get per-example gradients; frozen layers and parameter-free modules (dropout) run in eval mode
@@ -33,6 +40,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from client import dp_randomness
 from common.errors import FerryError
 from common.privacy.accounting import MechanismSegment
 from common.trainable import set_train_mode, trainable_state
@@ -49,7 +57,6 @@ class DPTrainConfig:
     local_epochs: int = 1
     lr: float = 1.0
     non_private: bool = False
-    seed: int = 0
     device: str = "cpu"
     # > 0: split each (logical) Poisson batch into physical batches of at most this many
     # examples (Opacus BatchMemoryManager); accounting still counts logical steps.
@@ -121,7 +128,6 @@ def train_tail(
         raise FerryError(f"unknown task {task!r}: use classification or regression")
     if len(inputs) != len(targets):
         raise FerryError(f"{len(inputs)} inputs but {len(targets)} targets: give one per example")
-    torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     rows = _Rows(inputs, device)
     y = torch.as_tensor(
@@ -136,18 +142,21 @@ def train_tail(
         return _train_linear(tail, inputs, targets, rows, y, cfg, task)
     optimizer = torch.optim.SGD(params, lr=cfg.lr)
     criterion = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
-    generator = torch.Generator().manual_seed(cfg.seed)
+    # Opacus' Poisson sampler (and a non-private round's shuffle) draws on the CPU.
+    sampling = dp_randomness.round_generator("cpu")
     indices = _Indices(n)
     model, engine = tail, None
     if not cfg.non_private or cfg.noise_multiplier > 0:
         from opacus import PrivacyEngine
 
-        engine = PrivacyEngine(accountant="prv")
         loader = DataLoader(
-            indices, batch_size=cfg.batch_size, collate_fn=_collate, generator=generator
+            indices, batch_size=cfg.batch_size, collate_fn=_collate, generator=sampling
         )
         with warnings.catch_warnings():
+            # "Secure RNG turned off": its secure RNG needs torchcsprng (no wheel for current
+            # torch); our generators are seeded from OS entropy instead (client.dp_randomness).
             warnings.simplefilter("ignore")
+            engine = PrivacyEngine(accountant="prv")
             private = engine.make_private(
                 module=set_train_mode(tail),
                 optimizer=optimizer,
@@ -157,18 +166,22 @@ def train_tail(
                 max_grad_norm=cfg.max_grad_norm,
                 poisson_sampling=True,
                 grad_sample_mode="ghost" if cfg.clipping == "ghost" else "hooks",
+                noise_generator=dp_randomness.round_generator(params[0].device),
             )
         if cfg.clipping == "ghost":
             model, optimizer, criterion, loader = private
         else:
             model, optimizer, loader = private
+        # The noise as Opacus' secure mode draws it (one draw discarded, four summed, / 2),
+        # from our generator: make_private refuses a generator together with secure_mode.
+        optimizer.secure_mode = True
     else:
         loader = DataLoader(
             indices,
             batch_size=cfg.batch_size,
             shuffle=True,
             collate_fn=_collate,
-            generator=generator,
+            generator=sampling,
         )
     set_train_mode(tail)
     total_loss, seen = 0.0, 0
@@ -239,7 +252,6 @@ def _train_linear(tail, inputs, targets, rows, y, cfg: DPTrainConfig, task: str)
         steps=steps,
         lr=cfg.lr,
         task=task,
-        seed=cfg.seed,
         private=not cfg.non_private or cfg.noise_multiplier > 0,
     )
     tail.eval()

@@ -11,6 +11,11 @@ factor ``min(1, C / (||g_i|| + 1e-6))``, Gaussian noise of std ``sigma * C`` add
 sum, division by the expected batch size ``int(n * q)``, an SGD step. Mechanism and
 accounting are unchanged: ``steps`` of PoissonSampled(q, Gaussian(sigma)).
 
+Randomness: the Poisson masks and the noise come from a generator seeded from this
+institution's OS entropy for each round (:mod:`client.dp_randomness`), never from anything
+the server sends; the noise is drawn with Opacus' defence against floating-point attacks
+(:func:`client.dp_randomness.gaussian_noise`). Two identical rounds release different arrays.
+
 Why: on a 64-feature head Opacus adds ~0.4 ms of fixed cost per step to a ~0.1 ms step
 (``BENCHMARKS.md``). A non-private run of a linear head runs the same loop without clipping
 and noise, so the two differ by exactly what DP adds.
@@ -21,9 +26,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from client import dp_randomness
 from common.privacy.accounting import MechanismSegment
 
-NOISE_BLOCK = 1 << 22  # noise values drawn per call (16 MiB of float32)
+NOISE_BLOCK = 1 << 22  # noise values drawn per call (16 MiB of float32, twice: secure sum)
 
 
 def row_norms(x: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -76,15 +82,18 @@ def train_linear(
     steps: int,
     lr: float,
     task: str,
-    seed: int,
     private: bool = True,
+    generator: torch.Generator | None = None,
 ) -> tuple[float, int, MechanismSegment | None]:
     """Run ``steps`` DP-SGD steps on ``layer`` in place; (summed loss, examples seen, the
     mechanism that ran). ``private=False``: the same loop without clipping and noise (the
-    non-private baseline; no mechanism)."""
+    non-private baseline; no mechanism). ``generator``: None (what Ferry always passes) draws
+    masks and noise from a fresh OS-seeded :func:`client.dp_randomness.round_generator` on
+    ``x``'s device; tests may pass their own to pin a distribution."""
     n = len(y)
     expected = max(1, int(n * sample_rate))  # Opacus: int(len(dataset) * sample_rate)
-    generator = torch.Generator(device=x.device).manual_seed(seed)
+    if generator is None:
+        generator = dp_randomness.round_generator(x.device)
     std = noise_multiplier * max_grad_norm if private else 0.0
     clip = max_grad_norm if private else None
     x_norm = row_norms(x, layer.bias is not None)  # once per round: the rows do not change
@@ -105,11 +114,11 @@ def train_linear(
             if private:  # N(0, (sigma C)^2) on every coordinate of the clipped sum
                 if i % per_block == 0:
                     rows = min(per_block, steps - i)
-                    noise = torch.randn((rows, sum(sizes)), generator=generator, device=x.device)
+                    noise = dp_randomness.gaussian_noise((rows, sum(sizes)), std, generator)
                 z = noise[i % per_block]
-                g_w.add_(z[: sizes[0]].view_as(g_w), alpha=std)
+                g_w.add_(z[: sizes[0]].view_as(g_w))
                 if g_b is not None:
-                    g_b.add_(z[sizes[0] :], alpha=std)
+                    g_b.add_(z[sizes[0] :])
             w.sub_(g_w, alpha=step)
             if g_b is not None:
                 b.sub_(g_b, alpha=step)

@@ -253,7 +253,6 @@ def train_round(
         local_epochs=req.run.local_epochs,
         lr=req.run.learning_rate,
         non_private=req.run.non_private,
-        seed=req.run.seed * 100_003 + req.round * 1_009 + settings.partition_id,
         device=resolve_device(req.run.device),
         max_physical_batch=req.run.max_physical_batch,
         clipping=req.run.clipping,

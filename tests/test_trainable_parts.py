@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from client import dp_randomness
 from client.dp_trainer import DPTrainConfig, predict_tail, train_tail
 from common.adapters import ConvAdapter, LoRALinear
 from common.backbones import build_backbone
@@ -35,6 +36,18 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def same_draws(monkeypatch):
+    """Every round draws the same sampling and noise (a fixed seed in place of OS entropy):
+    how a test compares two implementations of one mechanism. Ferry itself has no such mode
+    (``tests/test_attack_operator_noise.py``)."""
+
+    def fixed(device="cpu"):
+        return torch.Generator(device=torch.device(device)).manual_seed(0)
+
+    monkeypatch.setattr(dp_randomness, "round_generator", fixed)
 
 
 def _cnn():
@@ -236,8 +249,7 @@ def test_fedavg_of_two_clients_loads_into_a_fresh_split(model):
         split = split_model(backbone, spec, part, 3)
         load_trainable_state(split.tail, start)
         x, y = _data(spec.input_shape, n=16 + 8 * client, seed=client)
-        cfg = dataclasses.replace(DP, seed=client)
-        outcome = train_tail(split.tail, _activations(split, x), y, cfg)
+        outcome = train_tail(split.tail, _activations(split, x), y, DP)
         updates.append((outcome.trainable_state, outcome.num_examples))
     averaged = aggregate("fedavg", updates)
 
@@ -429,7 +441,7 @@ def test_trainable_arrays_of_the_wrong_shape_or_names_are_refused():
 
 
 @pytest.mark.parametrize("model", ["cnn-conv-adapter", "vit-lora"])
-def test_ghost_clipping_trains_and_accounts_the_same_mechanism_as_flat(model):
+def test_ghost_clipping_trains_and_accounts_the_same_mechanism_as_flat(model, same_draws):
     backbone, spec = _cnn() if model.startswith("cnn") else _tiny_vit()
     part = TrainableSpec(kind=model.split("-", 1)[1], lora_rank=4)
     x, y = _data(spec.input_shape, n=20)
@@ -448,7 +460,7 @@ def test_ghost_clipping_trains_and_accounts_the_same_mechanism_as_flat(model):
     flat, ghost = outcomes["flat"], outcomes["ghost"]
     assert held == {"flat": {"grad_sample"}, "ghost": {"_norm_sample"}}  # ghost really ran
     assert ghost.segment == flat.segment and flat.segment.steps == 3
-    # Same sampling, same noise, same clipped sum: the same update.
+    # Same draws of sampling and noise, same clipped sum: the same update.
     for k, v in flat.trainable_state.items():
         np.testing.assert_allclose(ghost.trainable_state[k], v, rtol=1e-4, atol=1e-5)
     with pytest.raises(FerryError, match="--clipping flat or --clipping ghost"):
@@ -456,7 +468,7 @@ def test_ghost_clipping_trains_and_accounts_the_same_mechanism_as_flat(model):
 
 
 @pytest.mark.parametrize("clipping", ["flat", "ghost"])
-def test_physical_batches_split_a_logical_batch_without_changing_the_update(clipping):
+def test_physical_batches_split_a_logical_batch_without_changing_the_update(clipping, same_draws):
     backbone, spec = _cnn()
     x, y = _data((1, 32, 32))
     outcomes = []
@@ -486,7 +498,7 @@ def test_regression_tail_trains_on_mse_and_reports_rmse():
         train_tail(three.tail, _activations(three, x), targets, DP, task="regression")
 
 
-def test_memory_mapped_activations_train_exactly_like_an_array(tmp_path):
+def test_memory_mapped_activations_train_exactly_like_an_array(tmp_path, same_draws):
     backbone, spec = _cnn()
     x, y = _data((1, 32, 32))
     results = []
