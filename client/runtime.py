@@ -24,6 +24,7 @@ from client.budget_guard import Budget, can_afford_another, check_steps, reserve
 from client.dp_trainer import DPTrainConfig, predict_tail, resolve_device, round_plan, train_tail
 from client.feature_cache import FeatureCache, feature_key
 from client.privacy_state import PrivacyState
+from client.receipts import sign_and_keep
 from common.config import RunConfig
 from common.data.datasets import DataSpec, Partition, load_partition, whole
 from common.errors import FerryError
@@ -31,6 +32,8 @@ from common.metrics import classification_statistics, regression_statistics
 from common.model import out_dim, split_for_run
 from common.privacy import UNIT_OF_PRIVACY
 from common.privacy.accounting import MechanismSegment, noise_multiplier_for_target
+from common.privacy.dp_events import event_to_json, segment_event
+from common.privacy.report import NON_PRIVATE_EVENT
 from common.trainable import SplitModel, load_trainable_state
 
 ACCOUNTANT = "prv"
@@ -47,6 +50,7 @@ class ClientSettings:
     num_partitions: int
     budget: Budget | None = None  # None: no budget (only allowed for non-private runs)
     data_path: str = ""  # a deployed institution's own data (all of it is this client's)
+    report_key: Path | None = None  # signs privacy reports; None: a key in state_dir
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ NODE_CONFIG_KEYS = (
     "cache-dir",
     "budget-epsilon",
     "budget-delta",
+    "report-key",
 )
 
 
@@ -117,6 +122,9 @@ def settings_for_deployment(node_config: dict) -> ClientSettings:
         num_partitions=1,
         budget=Budget(float(node_config["budget-epsilon"]), float(node_config["budget-delta"])),
         data_path=str(node_config["data-path"]),
+        report_key=(
+            Path(str(node_config["report-key"])) if node_config.get("report-key") else None
+        ),
     )
 
 
@@ -276,8 +284,14 @@ def train_round(
     )
     outcome = train_tail(_tail(data, arrays), data.feats["train"], part.train_y, cfg, req.task)
     report = {
+        "run-id": req.run_id,
+        "round": req.round,
         "institution": settings.institution,
         "unit": UNIT_OF_PRIVACY,
+        # q = 1/ceil(n/B) and steps = epochs * ceil(n/B): an auditor checks them from these
+        "examples": n,
+        "batch-size": cfg.batch_size,
+        "local-epochs": cfg.local_epochs,
         "delta": req.run.delta,
         "max-grad-norm": req.run.max_grad_norm,
         "non-private": outcome.segment is None,
@@ -297,6 +311,7 @@ def train_round(
                 "noise-multiplier": outcome.segment.noise_multiplier,
                 "sample-rate": outcome.segment.sample_rate,
                 "steps": outcome.segment.steps,
+                "dp-event": event_to_json(segment_event(outcome.segment)),
                 "epsilon": state.epsilon(req.run.delta, ACCOUNTANT),
                 "rounds": state.rounds(),
                 "budget-left-for-another-round": settings.budget is None
@@ -307,6 +322,12 @@ def train_round(
         report.update(
             {"noise-multiplier": 0.0, "sample-rate": 1.0, "steps": 0, "epsilon": math.inf}
         )
+        report.update({"dp-event": NON_PRIVATE_EVENT, "rounds": state.rounds()})
+    # Signed with a key only this institution holds and kept in its receipt chain before
+    # the reply leaves: the server can store it, not alter it (client.receipts).
+    report.update(
+        sign_and_keep(settings.state_dir, settings.institution, report, settings.report_key)
+    )
     # Nothing computed on the training split is released but the DP arrays and n (which
     # sets q): no train loss or accuracy (a free query with a head the server chooses).
     metrics = {"num-examples": n}

@@ -149,6 +149,7 @@ _COPIES = {
     "sampling": "sampling",
     "accountant": "accountant",
     "dp_event": "dp_event",
+    "examples": "examples",
 }
 
 

@@ -1,0 +1,389 @@
+"""The operator rewrites its own ledger: ``ferry audit`` must notice.
+
+The adversary runs the server. It holds the ledger and every reply, and it rewrites the
+ledger with the ledger's own functions (read, edit, append again through
+:class:`server.ledger.Ledger`, so the hash chain and head verify). It cannot sign as an
+institution. Each attack below passed the audit before institutions signed their reports;
+each must now fail it with exit 1, naming the institution and the line. A hostile
+institution's numbers (it can sign anything) get a verdict, never a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from test_audit import BATCH, DELTA, ROUNDS, ferry_audit, signed_by_client, write_run
+
+from common.privacy.accounting import MechanismSegment, epsilon_for_history
+from common.privacy.dp_events import event_to_json, segment_event
+from common.privacy.report import (
+    SIGNATURE_CONTEXT,
+    PrivacyReport,
+    digest,
+    fingerprint,
+    load_private_key,
+    public_key_text,
+    sign,
+)
+from server import audit
+from server.ledger import HEAD_FILE, LEDGER_FILE, Ledger, read_ledger
+
+SIGMA = {"hospital-a": 1.1, "clinic-b": 1.3}
+Q = {"hospital-a": 0.05, "clinic-b": 0.02}
+
+
+def honest_fields(run_id: str = "run-a") -> dict[str, list[dict]]:
+    """Each institution's client_trained fields per round, with its honest PRV epsilon."""
+    out: dict[str, list[dict]] = {}
+    for name, sigma in SIGMA.items():
+        q = Q[name]
+        steps = round(1 / q)  # one epoch
+        history: list[MechanismSegment] = []
+        out[name] = []
+        for rnd in range(1, ROUNDS + 1):
+            history.append(MechanismSegment(sigma, q, steps))
+            out[name].append(
+                dict(
+                    run_id=run_id,
+                    round=rnd,
+                    institution=name,
+                    node_id=name,
+                    dp_event=event_to_json(segment_event(history[-1])),
+                    sampling="poisson",
+                    noise_multiplier=sigma,
+                    sample_rate=q,
+                    steps=steps,
+                    max_grad_norm=1.0,
+                    delta=DELTA,
+                    accountant="prv",
+                    accountant_library="opacus 1.6.0",
+                    epsilon_reported=epsilon_for_history(history, DELTA, "prv"),
+                    client_rounds=rnd,
+                    budget_epsilon=10.0,
+                    budget_delta=DELTA,
+                    examples=round(BATCH / q),
+                )
+            )
+    return out
+
+
+@pytest.fixture(scope="module")
+def honest_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = write_run(tmp_path_factory.mktemp("honest") / "run", honest_fields())
+    return run
+
+
+@pytest.fixture
+def run(honest_run: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the honest run (ledger and the clients' state) for one attack."""
+    return Path(shutil.copytree(honest_run, tmp_path / "run"))
+
+
+def records_of(run: Path) -> list[dict]:
+    return read_ledger(run / LEDGER_FILE).records
+
+
+def rechain(run: Path, records: list[dict]) -> None:
+    """The operator's rewrite: the edited records, appended again in a fresh, valid chain."""
+    (run / LEDGER_FILE).unlink()
+    (run / HEAD_FILE).unlink()
+    ledger = Ledger(run)
+    for record in records:
+        fields = {k: v for k, v in record.items() if k not in ("seq", "prev", "time", "event")}
+        ledger.append(record["event"], **fields)
+    assert read_ledger(run / LEDGER_FILE).records  # the chain verifies: only signatures tell
+
+
+def line_of(records: list[dict], name: str, rnd: int) -> int:
+    return next(
+        i
+        for i, r in enumerate(records, start=1)
+        if r.get("event") == "client_trained" and r["institution"] == name and r["round"] == rnd
+    )
+
+
+def edit_body(record: dict, **changes) -> None:
+    """Change the signed body's values (the signature stays the institution's)."""
+    body = json.loads(record["signed_report"]["body"])
+    body.update(changes)
+    record["signed_report"] = {**record["signed_report"], "body": json.dumps(body)}
+
+
+def assert_fails_naming(capsys, run: Path, name: str, line: int, *kinds: str) -> str:
+    code, out, err = ferry_audit(capsys, run, "--no-plot")
+    assert code == 1, out
+    assert out.strip().splitlines()[-1].startswith("FAIL")
+    assert "Traceback" not in out + err
+    for kind in kinds:
+        assert f"{name}: {kind}: line {line}" in out, out
+    return out
+
+
+def test_honest_ledger_passes(run: Path, capsys) -> None:
+    code, out, _ = ferry_audit(capsys, run, "--no-plot", "--receipts", run / "clients")
+    assert code == 0, out
+    assert "signatures verified" in out.strip().splitlines()[-1]
+
+
+def test_halved_sample_rate_rechained_fails(run: Path, capsys) -> None:
+    """The operator claims clinic-b ran at half its q in round 2 (a smaller spend), in the
+    server's fields and in the signed body, and re-chains the ledger."""
+    records = records_of(run)
+    line = line_of(records, "clinic-b", 2)
+    rec = records[line - 1]
+    half = rec["sample_rate"] / 2
+    rec["sample_rate"] = half
+    rec["dp_event"] = event_to_json(segment_event(MechanismSegment(SIGMA["clinic-b"], half, 50)))
+    edit_body(rec, sample_rate=half, dp_event=rec["dp_event"])
+    rechain(run, records)
+    assert_fails_naming(capsys, run, "clinic-b", line, "forged or altered report")
+
+
+def test_halved_sample_rate_in_server_fields_only_is_a_contradiction(run: Path, capsys) -> None:
+    records = records_of(run)
+    line = line_of(records, "clinic-b", 2)
+    records[line - 1]["sample_rate"] /= 2
+    rechain(run, records)
+    out = assert_fails_naming(capsys, run, "clinic-b", line, "server contradicts report")
+    assert "sample_rate 0.01 but the signed report says 0.02" in out
+
+
+def test_changed_epsilon_rechained_fails(run: Path, capsys) -> None:
+    """The operator raises hospital-a's reported epsilon in round 1 (to call its budget
+    spent); above the replay and under budget, the unsigned audit saw nothing wrong."""
+    records = records_of(run)
+    line = line_of(records, "hospital-a", 1)
+    rec = records[line - 1]
+    rec["epsilon_reported"] *= 1.5
+    edit_body(rec, epsilon=rec["epsilon_reported"])
+    rechain(run, records)
+    assert_fails_naming(capsys, run, "hospital-a", line, "forged or altered report")
+
+
+def test_dropped_report_rechained_fails(run: Path, capsys) -> None:
+    """The operator deletes hospital-a's round-2 report and renumbers the later rounds' counts
+    in its own fields, so no gap shows there."""
+    records = records_of(run)
+    dropped = line_of(records, "hospital-a", 2)
+    del records[dropped - 1]
+    for rec in records:
+        if rec.get("institution") == "hospital-a" and rec.get("round", 0) > 2:
+            rec["client_rounds"] -= 1
+    rechain(run, records)
+    nxt = line_of(records, "hospital-a", 3)
+    assert_fails_naming(capsys, run, "hospital-a", nxt, "report chain broken", "missing round")
+
+
+def test_inserted_report_signed_with_another_key_fails(run: Path, capsys) -> None:
+    """The operator adds a fifth round for hospital-a, well-formed and signed with its own key:
+    a tiny spend whose claimed epsilon stays above the replay and under budget."""
+    records = records_of(run)
+    last = records[line_of(records, "hospital-a", ROUNDS) - 1]
+    previous = json.loads(last["signed_report"]["body"])
+    seg = MechanismSegment(50.0, Q["hospital-a"], 20)
+    operator_key = ec.generate_private_key(ec.SECP384R1())
+    forged = PrivacyReport(
+        **{
+            **previous,
+            "round": ROUNDS + 1,
+            "client_rounds": ROUNDS + 1,
+            "noise_multiplier": seg.noise_multiplier,
+            "dp_event": event_to_json(segment_event(seg)),
+            "epsilon": previous["epsilon"] * 1.01,
+            "prev_report": digest(last["signed_report"]["body"]),
+            "signer": fingerprint(operator_key.public_key()),
+        }
+    )
+    signed = sign(forged, operator_key)
+    fields = {k: v for k, v in last.items() if k not in ("seq", "prev", "time", "event")}
+    fields.update(
+        round=ROUNDS + 1,
+        client_rounds=ROUNDS + 1,
+        noise_multiplier=seg.noise_multiplier,
+        dp_event=forged.dp_event,
+        epsilon_reported=forged.epsilon,
+        signed_report=signed.to_json(),
+    )
+    records.append({**fields, "event": "client_trained"})
+    rechain(run, records)
+    out = assert_fails_naming(capsys, run, "hospital-a", len(records), "forged or altered report")
+    assert "signed by a key that is not hospital-a's" in out
+
+
+def test_report_moved_from_another_run_fails(run: Path, capsys) -> None:
+    """clinic-b also trained in run-b (same key, same numbers). The operator swaps run-b's
+    round-2 report into run-a's ledger in place of run-a's, its run id field rewritten."""
+    other = honest_fields("run-b")["clinic-b"][1]
+    from_b = signed_by_client(run, other)  # what clinic-b signed in run-b
+    records = records_of(run)
+    line = line_of(records, "clinic-b", 2)
+    records[line - 1] = {**records[line - 1], "signed_report": from_b["signed_report"]}
+    rechain(run, records)
+    out = assert_fails_naming(capsys, run, "clinic-b", line, "report moved")
+    assert "signed for run 'run-b', not this ledger's 'run-a'" in out
+
+
+def test_report_moved_to_another_round_fails(run: Path, capsys) -> None:
+    """The operator swaps the round labels of clinic-b's rounds 2 and 3 and their order."""
+    records = records_of(run)
+    two, three = line_of(records, "clinic-b", 2), line_of(records, "clinic-b", 3)
+    records[two - 1], records[three - 1] = records[three - 1], records[two - 1]
+    records[two - 1]["round"], records[three - 1]["round"] = 2, 3
+    rechain(run, records)
+    assert_fails_naming(capsys, run, "clinic-b", two, "report moved")
+
+
+def test_receipts_show_a_report_missing_from_the_ledger(run: Path, capsys) -> None:
+    """Dropped at the end (no later report shows the gap): only the receipts tell."""
+    records = records_of(run)
+    last = line_of(records, "hospital-a", ROUNDS)
+    del records[last - 1]
+    rechain(run, records)
+    code, out, _ = ferry_audit(capsys, run, "--no-plot")
+    assert code == 0  # nothing in the ledger itself betrays the drop...
+    code, out, _ = ferry_audit(capsys, run, "--no-plot", "--receipts", run / "clients")
+    assert code == 1  # ...but the institution's own receipt chain does
+    assert f"hospital-a: receipts differ: receipt {ROUNDS}" in out
+    assert "is missing from the ledger" in out
+
+
+def test_receipts_show_a_ledger_report_the_institution_never_kept(run: Path, capsys) -> None:
+    receipts = run / "clients" / "clinic-b" / "receipts.jsonl"
+    lines = receipts.read_text().splitlines(keepends=True)
+    receipts.write_text("".join(lines[:-1]))  # as if round 4 had never been signed by it
+    code, out, _ = ferry_audit(capsys, run, "--no-plot", "--receipts", run / "clients" / "clinic-b")
+    assert code == 1
+    line = line_of(records_of(run), "clinic-b", ROUNDS)
+    assert f"clinic-b: receipts differ: line {line}: a report clinic-b never kept" in out
+
+
+def test_unsigned_record_fails(run: Path, capsys) -> None:
+    records = records_of(run)
+    line = line_of(records, "clinic-b", 1)
+    del records[line - 1]["signed_report"]
+    rechain(run, records)
+    assert_fails_naming(capsys, run, "clinic-b", line, "missing signature")
+
+
+def test_no_keys_is_a_failure_not_a_pass(run: Path, capsys) -> None:
+    shutil.rmtree(run / "clients")
+    code, out, _ = ferry_audit(capsys, run, "--no-plot")
+    assert code == 1
+    assert out.strip().splitlines()[-1].startswith("FAIL: no public keys")
+
+
+def test_keys_given_by_the_auditor_verify(run: Path, tmp_path: Path, capsys) -> None:
+    """Deployment: the auditor holds the institutions' NAME.pub files, not the run's."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name in SIGMA:
+        shutil.copy(run / "clients" / name / "report-signing.pub", keys / f"{name}.pub")
+    code, out, _ = ferry_audit(capsys, run, "--no-plot", "--keys", keys)
+    assert code == 0, out
+    other = ec.generate_private_key(ec.SECP384R1()).public_key()
+    (keys / "clinic-b.pub").write_bytes(public_key_text(other) + b" ferry-clinic-b\n")
+    code, out, _ = ferry_audit(capsys, run, "--no-plot", "--keys", keys)
+    assert code == 1
+    assert "clinic-b: forged or altered report: line" in out
+
+
+# -- hostile numbers: a verdict for every record, never a traceback ---------------------------
+
+
+HOSTILE = {
+    "steps-1e18-float": {"steps": 1e18},
+    "steps-1e18-int": {"steps": 10**18},
+    "huge-int": {"examples": 10**400},
+    "sigma-1e-6": {"noise_multiplier": 1e-6, "dp_event": "sigma"},
+    "sigma-1e-300": {"noise_multiplier": 1e-300, "dp_event": "sigma"},
+    "q-2": {"sample_rate": 2.0},
+    "negative-sigma": {"noise_multiplier": -1.0, "dp_event": "sigma"},
+    "nan-string": {"noise_multiplier": "NaN"},
+    "steps-as-string": {"steps": "20"},
+    "dp-event-list": {"dp_event": [1, 2]},
+    "dp-event-count-nan": {"dp_event": "count-nan"},
+    "epsilon-negative": {"epsilon": -3.0},
+    "round-bool": {"round": True},
+}
+
+
+def _hostile_event(kind: str, body: dict) -> object:
+    event = json.loads(json.dumps(body["dp_event"]))
+    if kind == "sigma":
+        event["event"]["event"]["noise_multiplier"] = body["noise_multiplier"]
+    elif kind == "count-nan":
+        event["count"] = "NaN"
+    return event
+
+
+@pytest.mark.parametrize("where", ["signed", "server"])
+@pytest.mark.parametrize("change", list(HOSTILE.values()), ids=list(HOSTILE))
+def test_hostile_numbers_get_a_verdict_not_a_traceback(
+    run: Path, capsys, change: dict, where: str
+) -> None:
+    """``signed``: a hostile institution signs the numbers with its real key. ``server``:
+    the operator writes them into its own fields (which the audit never replays)."""
+    records = records_of(run)
+    line = line_of(records, "hospital-a", 2)
+    rec = records[line - 1]
+    body = json.loads(rec["signed_report"]["body"])
+    event = body["dp_event"]
+    body.update(change)
+    if isinstance(change.get("dp_event"), str):
+        body["dp_event"] = _hostile_event(change["dp_event"], {**body, "dp_event": event})
+    if where == "signed":
+        key_file = run / "clients" / "hospital-a" / "report-signing.key"
+        key = load_private_key(key_file.read_bytes())
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        signature = key.sign(SIGNATURE_CONTEXT + text.encode(), ec.ECDSA(hashes.SHA384()))
+        rec["signed_report"] = {"body": text, "signature": base64.b64encode(signature).decode()}
+    else:
+        server_names = {"epsilon": "epsilon_reported"}
+        for k, v in change.items():
+            rec[server_names.get(k, k)] = body[k] if k == "dp_event" else v
+    rechain(run, records)
+    code, out, err = ferry_audit(capsys, run, "--no-plot")
+    assert code == 1, out
+    assert "Traceback" not in out + err and err == ""
+    assert "hospital-a: " in out and f"line {line}" in out
+    report = audit.audit_ledger(run)
+    assert {i.institution for i in report.institutions} == set(SIGMA)
+    assert [i.status for i in report.institutions if i.institution == "clinic-b"] == ["ok"]
+
+
+def test_replay_of_extreme_mechanisms_is_a_failure_value_not_an_exception() -> None:
+    from server.audit_replay import ReplayFailure, replay_all
+
+    jobs = {
+        ((MechanismSegment(1e-6, 0.05, 10),), (DELTA,)),
+        ((MechanismSegment(1.0, 0.05, 10**18),), (DELTA,)),
+        ((MechanismSegment(1e-300, 0.05, 10),), (DELTA,)),
+    }
+    results = replay_all(jobs)
+    assert all(isinstance(r, ReplayFailure) for r in results.values())
+
+
+@pytest.mark.slow
+def test_honest_small_simulation_audits_clean_with_its_own_keys(tmp_path: Path, capsys) -> None:
+    """`ferry simulate` then `ferry audit RUN`: each virtual institution signed with the key
+    in its state directory, the audit finds those keys and the receipts match the ledger."""
+    from common.cli import main
+
+    run = tmp_path / "run"
+    args = ["--examples", "400", "--clients", "3", "--rounds", "2", "--weights", "random"]
+    assert main(["simulate", *args, "--out", str(run)]) == 0
+    code, out, _ = ferry_audit(capsys, run, "--no-plot", "--receipts", run / "clients")
+    assert code == 0, out
+    report = audit.audit_ledger(run, receipts=[run / "clients"])
+    assert len(report.institutions) == 3 and report.ok
+    for inst in report.institutions:
+        assert inst.rounds == 2
+        assert inst.epsilon_reported == pytest.approx(inst.epsilon_replayed, rel=0.01)
+    for receipts in (run / "clients").glob("*/receipts.jsonl"):
+        assert len(receipts.read_text().splitlines()) == 2
