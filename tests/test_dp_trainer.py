@@ -202,8 +202,9 @@ def test_client_cumulative_epsilon_strictly_increases_and_survives_restart(clien
     assert reported[2] <= run.epsilon  # the planned 3 rounds stay within the target
 
     restart_process()
-    reopened = PrivacyState.open(settings.state_dir, "someone-else")
-    assert reopened.institution == settings.institution
+    with pytest.raises(FerryError, match="belongs to institution"):
+        PrivacyState.open(settings.state_dir, "someone-else")  # never another's spend
+    reopened = PrivacyState.open(settings.state_dir, settings.institution)
     assert reopened.rounds() == 3
     assert reopened.epsilon(run.delta) == pytest.approx(reported[2], rel=1e-9)
 
