@@ -91,6 +91,8 @@ def test_bank_credit_on_a_user_csv_split_naturally_by_branch(tmp_path, ray_env):
 
     sizes = sorted(c["examples"] for c in summary["clients"].values())
     counts = frame["branch"].value_counts().to_numpy()
-    # Each bank holds exactly one branch's loans, 20% of them held out for evaluation.
-    assert sizes == sorted(int(n - max(1, round(n * 0.2))) for n in counts)
+    # Each bank holds exactly one branch's loans, about 20% of them held out for evaluation
+    # (drawn per record, so one loan's presence moves no other loan in or out of training).
+    for size, n in zip(sizes, sorted(counts), strict=True):
+        assert abs(size - 0.8 * n) <= 3 * (0.16 * n) ** 0.5 + 1, (sizes, sorted(counts))
     assert isinstance(summary["final"]["roc_auc"], float)
