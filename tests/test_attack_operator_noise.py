@@ -208,6 +208,33 @@ def test_opacus_draws_noise_in_secure_mode_from_a_generator_on_the_parameters_de
     assert len({id(g) for g, _, _ in calls}) == 1  # one generator for the round's noise
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_on_cuda_the_dp_draws_come_from_fresh_generators_on_the_gpu(monkeypatch, model):
+    devices = []
+    real = dp_randomness.round_generator
+
+    def spy(device="cpu"):
+        generator = real(device)
+        devices.append(generator.device.type)
+        return generator
+
+    monkeypatch.setattr(dp_randomness, "round_generator", spy)
+    x, y = _features()
+    cfg = DPTrainConfig(noise_multiplier=SIGMA, batch_size=16, lr=0.5, device="cuda")
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        tail = nn.Linear(12, 3) if model == "linear" else _mlp()
+        states.append(train_tail(tail, x, y, cfg).trainable_state)
+    assert not any(np.array_equal(v, states[1][k]) for k, v in states[0].items())
+    # vectorised: one generator on the GPU; Opacus: sampling on the CPU, noise on the GPU
+    assert devices == (["cuda"] if model == "linear" else ["cpu", "cuda"]) * 2
+    noise = dp_randomness.gaussian_noise((1_000_000,), 0.7, real("cuda"))
+    assert noise.device.type == "cuda"
+    assert float(noise.std()) == pytest.approx(0.7, rel=0.01)
+
+
 # --- the sampler --------------------------------------------------------------------------
 
 
