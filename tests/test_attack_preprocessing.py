@@ -72,8 +72,11 @@ def _backbone(scenario: str) -> BackboneArtifact:
 
 
 def _run(scenario: str, **fields) -> RunConfig:
+    task = get_scenario(scenario).synthetic(DataSpec(scenario, examples=EXAMPLES), "target").task
     return with_scenario_defaults(
-        RunConfig(scenario=scenario, examples=EXAMPLES, clients=1, partition="iid", **fields)
+        RunConfig(
+            scenario=scenario, examples=EXAMPLES, clients=1, partition="iid", task=task, **fields
+        )
     )
 
 
@@ -113,6 +116,7 @@ def _record_key(data: Dataset, i: int) -> bytes:
 
 def _assert_others_unchanged(before: dict, after: dict, changed: bytes) -> None:
     others = [k for k in before if k != changed]
+    assert len(others) > 100, "too few training records to measure anything"
     missing = [k for k in others if k not in after]
     moved = [k for k in others if k in after and not np.array_equal(before[k][0], after[k][0])]
     grad_before = sum((before[k][1] for k in others), np.zeros_like(before[others[0]][1]))
