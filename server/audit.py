@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import FerryError
-from common.privacy.report import digest
 from server import audit_signatures as sigs
 from server.audit_checks import (
     MALFORMED,
@@ -252,15 +251,16 @@ def audit_ledger(
             continue
         inst = gathered.setdefault(name, _Institution())
         rnd = record.get("round")
-        signed, findings = sigs.verify_record(record, ring)
-        for kind, detail in findings:
+        verified = sigs.verify_record(record, ring)
+        for kind, detail in verified.findings:
             inst.find(kind, line, rnd, detail)
+        if verified.authentic:
+            inst.chain.append((line, rnd, verified.digest, verified.report))
+        signed = verified.report
         if signed is None:
             continue
         if signed.accountant_library.startswith("dp-accounting"):
             self_audited.add(name)
-        body = record["signed_report"]["body"]
-        inst.chain.append((line, rnd if isinstance(rnd, int) else None, digest(body), signed))
         try:
             inst.records.append(trained_record(signed, line))
         except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
@@ -272,7 +272,7 @@ def audit_ledger(
         )
     this_run = run_id if isinstance(run_id, str) else None
     for inst in gathered.values():
-        ids = this_run or next((rep.run_id for *_, rep in inst.chain), "")
+        ids = this_run or next((rep.run_id for *_, rep in inst.chain if rep), "")
         for line, kind, detail in sigs.chain_findings(inst.chain, ids):
             inst.find(kind, line, None, detail)
     if receipts:
@@ -298,7 +298,7 @@ def _describe(ring: sigs.KeyRing) -> str:
 def _cross_check(report, gathered, ring, paths: list[Path], run_id: str) -> None:
     in_ledger = {
         name: {dig: line for line, _, dig, _ in inst.chain} for name, inst in gathered.items()
-    }
+    }  # authentic reports only: a forged one is no institution's receipt
     found, problems = sigs.receipt_findings(paths, ring, in_ledger, run_id)
     report.warnings += problems
     for name, details in found.items():
@@ -320,14 +320,15 @@ def _replay_and_flag(report: AuditReport, gathered: dict[str, _Institution]) -> 
         if isinstance(result, ReplayFailure) or result is None:
             nan = [math.nan] * len(g.records)
             inst = InstitutionAudit(name, g.records, nan, math.nan, PLD_INTERVAL)
-            if result is not None:
-                inst.flag(UNREPLAYABLE, [f"lines {g.records[0].line}-: {result.reason}"])
         else:
             curve, interval, rdp = result
             inst = InstitutionAudit(name, g.records, curve, rdp, interval)
-        check_institution(inst, g.dropped)
-        for kind, where in g.findings.items():
+        for kind, where in g.findings.items():  # the records' own findings first
             inst.flag(kind, where)
+        if isinstance(result, ReplayFailure):
+            first = g.records[0].line
+            inst.flag(UNREPLAYABLE, [f"its reports from line {first} on: {result.reason}"])
+        check_institution(inst, g.dropped)
         if inst.partial:
             first = inst.records[0]
             inst.details.append(

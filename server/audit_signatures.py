@@ -100,30 +100,47 @@ def discover_keys(run_dir: Path) -> KeyRing:
     return ring
 
 
-def verify_record(record: dict, ring: KeyRing) -> tuple[PrivacyReport | None, list]:
-    """(the signed report, when authentic and readable; findings as (kind, detail))."""
+@dataclass
+class Verified:
+    """One record's signed report: ``authentic`` when the institution's key signed these
+    bytes; ``report`` when it is also readable; ``findings`` as (kind, detail)."""
+
+    authentic: bool = False
+    report: PrivacyReport | None = None
+    digest: str = ""
+    findings: list[tuple[str, str]] = field(default_factory=list)
+
+
+def verify_record(record: dict, ring: KeyRing) -> Verified:
+    """Verify one ``client_trained`` record's signed report with its institution's key."""
     name = str(record.get("institution"))
     try:
         signed = SignedReport.from_json(record.get("signed_report"))
     except ReportError as exc:
-        return None, [(UNSIGNED, str(exc))]
+        return Verified(findings=[(UNSIGNED, str(exc))])
     key = ring.keys.get(name)
     if key is None:
-        return None, [(NO_KEY, f"no public key for {name} in {ring.source or 'no key source'}")]
+        where = ring.source or "no key source"
+        return Verified(findings=[(NO_KEY, f"no public key for {name} in {where}")])
     if not verify(signed, key):
         claimed = _claimed_signer(signed.body)
         if claimed is not None and claimed != fingerprint(key):
             why = f"signed by a key that is not {name}'s (signer {claimed[:16]}...)"
         else:
             why = f"the signature does not verify with {name}'s key: altered after signing"
-        return None, [(FORGED, why)]
+        return Verified(findings=[(FORGED, why)])
+    out = Verified(authentic=True, digest=signed.digest)
     try:
         report = PrivacyReport.from_body(signed.body)
-    except ReportError as exc:
-        return None, [("malformed record", f"signed but unreadable: {exc}")]
+    except ReportError as exc:  # the institution signed it: its own malformed report
+        out.findings.append(("malformed record", f"signed but unreadable: {exc}"))
+        return out
     if report.signer != fingerprint(key):
-        return None, [(FORGED, f"signed with {name}'s key but names another signer")]
-    return report, [(CONTRADICTS, d) for d in contradictions(record, report)]
+        out.findings.append((FORGED, f"signed with {name}'s key but names another signer"))
+        return out
+    out.report = report
+    out.findings += [(CONTRADICTS, d) for d in contradictions(record, report)]
+    return out
 
 
 def _claimed_signer(body: str) -> str | None:
@@ -163,7 +180,11 @@ def contradictions(record: dict, report: PrivacyReport) -> list[str]:
         theirs, signed = record[ledger_key], getattr(report, attr)
         if attr == "epsilon" and report.non_private:
             continue
-        if not _same(theirs, signed):
+        if _same(theirs, signed):
+            continue
+        if attr == "dp_event":
+            out.append("dp_event is not the DpEvent in the signed report")
+        else:
             out.append(f"{ledger_key} {_short(theirs)} but the signed report says {_short(signed)}")
     return out
 
@@ -179,20 +200,23 @@ def _same(a: object, b: object) -> bool:
 
 
 def _short(value: object) -> str:
-    text = repr(value) if not isinstance(value, dict) else "a different DpEvent"
+    text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def chain_findings(entries: list[tuple[int, int | None, str, PrivacyReport]], run_id: str):
+def chain_findings(entries: list[tuple], run_id: str):
     """Findings for one institution's authentic reports, in ledger order: entries are
-    (line, the ledger's round, report digest, report); yields (line, kind, detail)."""
-    prev: tuple[int, str, PrivacyReport] | None = None
+    (line, the ledger's round, report digest, report or None when unreadable); yields
+    (line, kind, detail)."""
+    prev: tuple | None = None
     for line, ledger_round, dig, report in entries:
-        if report.run_id != run_id:
+        if report is not None and report.run_id != run_id:
             yield line, MOVED, f"signed for run {report.run_id!r}, not this ledger's {run_id!r}"
-        if ledger_round is not None and report.round != ledger_round:
-            yield line, MOVED, f"signed for round {report.round}, stored as round {ledger_round}"
-        if prev is not None:
+        if report is not None and (type(ledger_round) is not int or report.round != ledger_round):
+            stored = repr(ledger_round)[:20]
+            yield line, MOVED, f"signed for round {report.round}, stored as round {stored}"
+        if prev is not None and report is not None:
+            before = prev[2]
             if report.prev_report != prev[1]:
                 yield (
                     line,
@@ -200,8 +224,9 @@ def chain_findings(entries: list[tuple[int, int | None, str, PrivacyReport]], ru
                     f"its previous report is not line {prev[0]}'s "
                     "(a report was dropped, inserted or reordered)",
                 )
-            elif report.round <= prev[2].round and report.run_id == prev[2].run_id:
-                yield line, CHAIN, f"round {report.round} after round {prev[2].round}"
+            elif before is not None and report.run_id == before.run_id:
+                if report.round <= before.round:
+                    yield line, CHAIN, f"round {report.round} after round {before.round}"
         prev = (line, dig, report)
 
 

@@ -387,3 +387,66 @@ def test_honest_small_simulation_audits_clean_with_its_own_keys(tmp_path: Path, 
         assert inst.epsilon_reported == pytest.approx(inst.epsilon_replayed, rel=0.01)
     for receipts in (run / "clients").glob("*/receipts.jsonl"):
         assert len(receipts.read_text().splitlines()) == 2
+
+
+def test_deployed_institution_signs_with_its_ferry_certs_key(tmp_path: Path, capsys) -> None:
+    """Deployment: `ferry client --key` hands the SuperNode key to the ClientApp (node config
+    ``report-key``), which signs with it; the auditor verifies with ``ferry certs``' NAME.pub."""
+    import tomllib
+
+    from client.receipts import LOCAL_KEY, sign_and_keep
+    from client.runtime import settings_for_deployment
+    from client.supernode import InstitutionSettings, write_node_config
+    from common.certs import make_auth_key_pair
+
+    key, _ = make_auth_key_pair(tmp_path / "institutions", "clinic-b")
+    state = tmp_path / "state"
+    state.mkdir()
+    node_config = write_node_config(
+        InstitutionSettings("127.0.0.1:9092", tmp_path, state, "clinic-b", 3.0, 1e-5, key=key)
+    )
+    settings = settings_for_deployment(tomllib.loads(node_config.read_text()))
+    assert settings.report_key == key.resolve()
+
+    fields = honest_fields()["clinic-b"][0]
+    signed = sign_and_keep(settings.state_dir, "clinic-b", _client_report(fields), key)
+    assert not (state / LOCAL_KEY).exists()  # the registered identity signed, no local key
+    run = tmp_path / "run"
+    run.mkdir()
+    ledger = Ledger(run)
+    ledger.append("run_started", run_id="run-a", config={}, backbone_sha256="ab" * 32)
+    ledger.append(
+        "client_trained",
+        **fields,
+        signed_report={"body": signed["signed-report"], "signature": signed["signature"]},
+    )
+    code, out, _ = ferry_audit(capsys, run, "--no-plot")
+    assert code == 1 and "FAIL: no public keys" in out  # nothing in the run to trust
+    code, out, _ = ferry_audit(capsys, run, "--no-plot", "--keys", tmp_path / "institutions")
+    assert code == 0, out
+
+
+def _client_report(fields: dict) -> dict:
+    return {
+        "run-id": fields["run_id"],
+        "round": fields["round"],
+        "institution": fields["institution"],
+        "unit": "one example (record) at one institution",
+        "non-private": False,
+        "dp-event": fields["dp_event"],
+        "sampling": "poisson",
+        "noise-multiplier": fields["noise_multiplier"],
+        "sample-rate": fields["sample_rate"],
+        "steps": fields["steps"],
+        "max-grad-norm": 1.0,
+        "batch-size": BATCH,
+        "local-epochs": 1,
+        "examples": fields["examples"],
+        "delta": DELTA,
+        "epsilon": fields["epsilon_reported"],
+        "accountant": "prv",
+        "accountant-library": "opacus 1.6.0",
+        "rounds": fields["client_rounds"],
+        "budget-epsilon": fields["budget_epsilon"],
+        "budget-delta": DELTA,
+    }
