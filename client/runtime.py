@@ -268,6 +268,7 @@ def train_round(
     cfg.validate()
     q, steps = round_plan(n, cfg.batch_size, cfg.local_epochs)
     planned = MechanismSegment(cfg.noise_multiplier, q, steps)
+    tail = _tail(data, arrays)  # arrays that do not fit this model fail here, spending nothing
     # Before any training, under the state's lock: re-read the spend on disk, refuse a round
     # that would take us over budget, and record the planned round (write-ahead; a round that
     # then fails or never replies is over-counted, never lost).
@@ -282,7 +283,7 @@ def train_round(
         round=req.round,
         run=req.run_id,
     )
-    outcome = train_tail(_tail(data, arrays), data.feats["train"], part.train_y, cfg, req.task)
+    outcome = train_tail(tail, data.feats["train"], part.train_y, cfg, req.task)
     report = {
         "run-id": req.run_id,
         "round": req.round,
