@@ -178,6 +178,8 @@ def _one_step_epsilon(sigma: float, q: float, delta: float) -> float:
     q = min(max(float(q), 0.0), 1.0)
     if q == 0.0:
         return 0.0
+    if not (math.isfinite(sigma) and math.isfinite(delta) and 0 < delta < 1):
+        return math.inf if sigma == 0 or math.isnan(sigma) else 0.0
 
     def log_delta(x: float) -> float:
         # delta at the threshold x where the privacy loss equals epsilon(x), divided by q:
@@ -197,7 +199,9 @@ def _one_step_epsilon(sigma: float, q: float, delta: float) -> float:
     if log_delta(lo) <= target:
         return 0.0
     hi = lo + step
-    while log_delta(hi) > target:
+    for _ in range(2000):  # doubling: reaches any finite x; bounded for hostile numbers
+        if not log_delta(hi) > target:
+            break
         lo, step = hi, step * 2
         hi = lo + step
     for _ in range(100):
