@@ -14,14 +14,30 @@ which :func:`read_ledger` reports (``incomplete_tail``) instead of failing.
 
 Events (fields besides seq/prev/time/event):
 
-``run_started``      run_id, config, backbone_sha256, privacy (unit, accountant)
+``run_started``      run_id, config, backbone_sha256, privacy: the run's full privacy
+                     statement (:func:`common.privacy.statement.privacy_statement`: unit,
+                     mechanism, accountant, delta, what is covered, against whom, and the
+                     releases not covered with what each reveals)
 ``backbone_shipped`` run_id, round, node_id, backbone_sha256, bytes
 ``client_trained``   run_id, round, institution, node_id, dp_event (see
                      :mod:`common.privacy.dp_events`), sampling ("poisson"), noise_multiplier,
                      sample_rate, steps, max_grad_norm, delta, accountant,
                      accountant_library, epsilon_reported, client_rounds (the client's
                      cumulative count of rounds, this one included), budget_epsilon,
-                     budget_delta, examples
+                     budget_delta, examples: the server's unsigned copy, for summaries;
+                     and signed_report: the institution's signed privacy report exactly as
+                     its reply carried it (:mod:`common.privacy.report`), or null when the
+                     reply held none. ``{"body": <canonical JSON text>, "signature":
+                     <base64>}``: the body holds the report's fields (format, run_id, round,
+                     institution, unit, non_private, dp_event, sampling, noise_multiplier,
+                     sample_rate, steps, max_grad_norm, batch_size, local_epochs, examples,
+                     delta, epsilon, accountant, accountant_library, client_rounds,
+                     budget_epsilon, budget_delta, extra, prev_report: sha256 of the same
+                     institution's previous report body, signer: sha256 of its public key);
+                     the signature is ECDSA-SHA384 with the institution's key over a fixed
+                     context string followed by the body's bytes. ``ferry audit`` verifies
+                     it, replays only the signed numbers and flags any unsigned field that
+                     contradicts them
 ``client_refused``   run_id, round, institution (or null), node_id, reason, kind
                      ("budget" when the institution's budget would be exceeded)
 ``update_rejected``  run_id, round, institution (or null), node_id, reason
