@@ -23,6 +23,7 @@ import fcntl
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -95,28 +96,46 @@ def signing_key(state_dir: Path, institution: str, key_path: Path | None = None)
 
 
 def _make_local_key(state_dir: Path, institution: str) -> None:
-    """A fresh P-384 key (OpenSSH, 0600) and its public half, never replacing an existing one."""
+    """A fresh P-384 key (OpenSSH, 0600) and its public half, never replacing an existing key.
+
+    Safe against concurrent makers (threads or processes): each writes its key under a unique
+    temporary name and hard-links it to the final name, which succeeds for the first only;
+    every maker then writes the public half *of the key that won* (derived from it), so the
+    pair on disk always matches and every caller loads the same key."""
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
     )
-    public = public_key_text(key.public_key()) + f" ferry-{institution}\n".encode()
     state_dir.mkdir(parents=True, exist_ok=True)
-    for name, data, mode in ((LOCAL_PUB, public, 0o644), (LOCAL_KEY, private, 0o600)):
-        tmp = state_dir / f"{name}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, state_dir / name)  # never overwrite: a concurrent maker wins
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
+    final = state_dir / LOCAL_KEY
+    tmp = _unique_file(state_dir, LOCAL_KEY, private, 0o600)
+    try:
+        os.link(tmp, final)  # never overwrite: the first maker wins
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    try:
+        winner = load_private_key(final.read_bytes())
+    except (OSError, ReportError):
+        return  # a damaged key file: signing_key names it and the fix
+    public = public_key_text(winner.public_key()) + f" ferry-{institution}\n".encode()
+    pub = state_dir / LOCAL_PUB
+    if not pub.is_file() or pub.read_bytes() != public:
+        os.replace(_unique_file(state_dir, LOCAL_PUB, public, 0o644), pub)
+
+
+def _unique_file(folder: Path, name: str, data: bytes, mode: int) -> Path:
+    """``data`` written and fsynced under a temporary name no other writer can share."""
+    tmp = folder / f"{name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
 
 
 def report_fields(report: dict) -> dict:

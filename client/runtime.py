@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -229,7 +230,7 @@ def noise_for(req: RoundRequest, num_examples: int, state_dir: Path | None = Non
     sigma = noise_multiplier_for_target(run.epsilon, run.delta, q, steps * run.rounds, ACCOUNTANT)
     if cache_file:
         cache[key] = sigma
-        tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp")
+        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
         tmp.write_text(json.dumps(cache))
         os.replace(tmp, cache_file)
     return sigma
