@@ -10,10 +10,12 @@ training split is released (:mod:`common.privacy.statement`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import secrets
+import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -21,9 +23,16 @@ import numpy as np
 import torch
 
 from client.backbone_cache import BackboneCache
-from client.budget_guard import Budget, can_afford_another, check_steps, reserve_round
+from client.budget_guard import (
+    Budget,
+    BudgetExceeded,
+    can_afford_another,
+    check_steps,
+    reserve_round,
+)
 from client.dp_trainer import DPTrainConfig, predict_tail, resolve_device, round_plan, train_tail
 from client.feature_cache import FeatureCache, feature_key
+from client.held_out import HeldOutSplit, pin_split
 from client.privacy_state import PrivacyState
 from client.receipts import sign_and_keep
 from common.config import RunConfig
@@ -52,6 +61,9 @@ class ClientSettings:
     budget: Budget | None = None  # None: no budget (only allowed for non-private runs)
     data_path: str = ""  # a deployed institution's own data (all of it is this client's)
     report_key: Path | None = None  # signs privacy reports; None: a key in state_dir
+    # A deployed institution's own held-out split (client.held_out); None: the run's settings
+    # decide it (simulation, where the researcher owns the data).
+    held_out: HeldOutSplit | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,25 @@ class RoundRequest:
     @property
     def task(self) -> str:
         return "regression" if self.run.task == "regression" else "classification"
+
+    def validate(self) -> RoundRequest:
+        """Return self, or refuse (:class:`FerryError`, one line) a request any of whose
+        server-chosen values is out of range: the whole run config, the round and the class
+        count. Checked where the message arrives, before any accounting, reservation or
+        training, so a hostile value is a refusal that spends nothing, never a traceback."""
+        self.run.validate()
+        if not 0 <= self.round <= MAX_ROUND:
+            raise FerryError(f"round {self.round!r} is invalid: use 0 to {MAX_ROUND:,}")
+        if self.task == "classification" and not 2 <= self.num_classes <= MAX_CLASSES:
+            raise FerryError(
+                f"num-classes {self.num_classes!r} is invalid: a classification task has 2 to "
+                f"{MAX_CLASSES:,} classes"
+            )
+        return self
+
+
+MAX_ROUND = 1_000_000_000
+MAX_CLASSES = 100_000
 
 
 def settings_for_simulation(node_config: dict, run: dict) -> ClientSettings:
@@ -98,6 +129,7 @@ NODE_CONFIG_KEYS = (
     "budget-epsilon",
     "budget-delta",
     "report-key",
+    "test-fraction",
 )
 
 
@@ -126,19 +158,33 @@ def settings_for_deployment(node_config: dict) -> ClientSettings:
         report_key=(
             Path(str(node_config["report-key"])) if node_config.get("report-key") else None
         ),
+        # The institution's own held-out split, pinned in its state directory: the server's
+        # test-fraction and seed never decide which of its records are held out.
+        held_out=pin_split(
+            state_dir,
+            float(node_config["test-fraction"]) if "test-fraction" in node_config else None,
+        ),
     )
 
 
 def request_from_record(record: dict) -> RoundRequest:
+    """The server's message as a validated :class:`RoundRequest` (every value checked once,
+    here, before anything else runs), or a one-line :class:`FerryError`."""
     known = {f.name.replace("_", "-") for f in fields(RunConfig)}
     run = RunConfig.from_mapping({k: v for k, v in record.items() if k in known})
-    return RoundRequest(
-        run,
-        int(record.get("round", 0)),
-        str(record["backbone-sha256"]),
-        int(record["num-classes"]),
-        str(record.get("run-id", "")),
-    )
+    try:
+        req = RoundRequest(
+            run,
+            int(record.get("round", 0)),
+            str(record["backbone-sha256"]),
+            int(record["num-classes"]),
+            str(record.get("run-id", "")),
+        )
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise FerryError(
+            f"the server's message is malformed ({type(exc).__name__}: {exc})"
+        ) from None
+    return req.validate()
 
 
 def has_backbone(settings: ClientSettings, sha256: str) -> bool:
@@ -165,10 +211,23 @@ def _local_data(settings: ClientSettings, req: RoundRequest) -> LocalData:
     artifact, backbone = BackboneCache(settings.cache_dir).load(req.backbone_sha256)
     manifest = artifact.manifest
     spec = DataSpec.from_run(req.run, settings.num_partitions, tuple(manifest["input_shape"]))
+    # The task and the class list are public, from the run config: never inferred here.
+    spec = replace(spec, task=req.task)
+    if req.task == "classification" and spec.classes and len(spec.classes) != req.num_classes:
+        raise FerryError(
+            f"the run lists {len(spec.classes)} classes ({', '.join(spec.classes)}) but "
+            f"num-classes is {req.num_classes}: the operator must list the institutions' "
+            "classes (classes in the run config) with as many names as num-classes"
+        )
     if settings.data_path:
         spec = whole(replace(spec, data=settings.data_path))
-    part = load_partition(spec, settings.partition_id)
-    _check_layout(part, manifest, settings)
+    if settings.held_out is not None:  # the institution's own split, never the server's
+        spec = replace(
+            spec, test_fraction=settings.held_out.test_fraction, seed=settings.held_out.salt
+        )
+    with _data_errors_stay_local(settings):
+        part = load_partition(spec, settings.partition_id)
+        _check_layout(part, manifest, settings)
     model = split_for_run(backbone, manifest, req.run, out_dim(req.task, req.num_classes))
     pre = manifest["preprocessing"]
     key = feature_key(req.backbone_sha256, part.fingerprint, pre, model.split)
@@ -180,6 +239,35 @@ def _local_data(settings: ClientSettings, req: RoundRequest) -> LocalData:
         device=resolve_device(req.run.device),
     )
     return LocalData(part, model, feats, manifest)
+
+
+class DataRefused(FerryError):
+    """A deployed institution's data does not fit the run; the details stay in its log."""
+
+    kind = "data"
+
+
+@contextlib.contextmanager
+def _data_errors_stay_local(settings: ClientSettings):
+    """In a deployed client, a :class:`FerryError` raised while reading and preparing the
+    institution's data (it may quote a cell value, a label or a row number: private) goes to
+    the institution's own log (stderr, which the SuperNode log keeps) and the server gets one
+    generic line. In simulation the researcher owns the data and sees the full message."""
+    if not settings.data_path:
+        yield
+        return
+    try:
+        yield
+    except FerryError as exc:
+        print(
+            f"ferry: {settings.institution}: round refused, data problem: {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise DataRefused(
+            f"{settings.institution}'s data does not fit the run's settings (label column, "
+            "classes, task): details in its own log"
+        ) from None
 
 
 def _check_layout(part: Partition, manifest: dict, settings: ClientSettings) -> None:
@@ -239,7 +327,17 @@ def noise_for(req: RoundRequest, num_examples: int, state_dir: Path | None = Non
 def train_round(
     settings: ClientSettings, req: RoundRequest, arrays: dict
 ) -> tuple[dict, dict, dict]:
-    """One DP training round: (trainable arrays, ``{"num-examples": n}``, privacy report)."""
+    """One DP training round: (trainable arrays, ``{"num-examples": n}``, privacy report).
+
+    Refused (one line, nothing spent) before any data is read: a request with any value out of
+    range (:meth:`RoundRequest.validate`), and a non-private round at an institution with a
+    budget (every deployed one): a budget is never bypassed by the server's mark."""
+    req.validate()
+    if req.run.non_private and settings.budget is not None:
+        raise BudgetExceeded(
+            f"{settings.institution} has a privacy budget (ε={settings.budget.epsilon:g}) and "
+            "trains no non-private round: the operator must run without --non-private"
+        )
     data = _local_data(settings, req)
     part = data.part
     n = part.num_train
@@ -254,7 +352,7 @@ def train_round(
     # creates the state directory). A server-chosen batch size or epoch count with absurdly
     # many steps is refused before the noise derivation, the accountant or training hang on it.
     PrivacyState.open(settings.state_dir, settings.institution)
-    check_steps(round_plan(n, req.run.batch_size, req.run.local_epochs)[1])
+    check_steps(round_plan(n, req.run.batch_size, req.run.local_epochs)[1], n)
     cfg = DPTrainConfig(
         noise_multiplier=noise_for(req, n, settings.state_dir),
         max_grad_norm=req.run.max_grad_norm,
@@ -280,7 +378,7 @@ def train_round(
         req.run.delta,
         settings.budget,
         ACCOUNTANT,
-        spend=not cfg.non_private,
+        spend=cfg.private,  # the trainer's own definition: a noised round always spends
         round=req.round,
         run=req.run_id,
     )
@@ -345,7 +443,10 @@ def _opacus_version() -> str:
 def evaluate_round(settings: ClientSettings, req: RoundRequest, arrays: dict) -> dict:
     """The sufficient statistics of the global model's predictions on this institution's
     held-out split (counts and sums, :mod:`common.metrics`; not DP): the server computes
-    every metric from them. Nothing computed on the training split is released here."""
+    every metric from them. Nothing computed on the training split is released here; a
+    deployed institution's held-out split is its own (:mod:`client.held_out`), so no
+    evaluate message can move training records into it."""
+    req.validate()
     data = _local_data(settings, req)
     y = data.part.test_y
     width = 1 if req.task == "regression" else req.num_classes

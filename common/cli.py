@@ -65,6 +65,10 @@ def _add_run_options(p: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> 
         "label_column": "tabular / molecule data: the column to predict",
         "categorical": "tabular data: comma-separated columns to treat as categories",
         "task": "auto, classification or regression (auto: from the label column)",
+        "classes": "the public class list, comma-separated in class-id order; every record's "
+        "label is mapped by it (default: the scenario's built-in classes, or those in --data)",
+        "test_from": "price series: the public held-out cutoff date YYYY-MM-DD (default: the "
+        "latest --test-fraction of the dates in --data)",
         "date_column": "price series: the date column",
         "value_columns": "price series: comma-separated price columns (default: all numeric)",
         "window": "price series: days of past returns per example",
@@ -234,6 +238,7 @@ def cmd_client(args: argparse.Namespace) -> int:
             cache_dir=path(args.cache_dir),
             runtime_port=args.runtime_port,
             insecure=args.insecure,
+            test_fraction=args.test_fraction,
         )
     )
 
@@ -282,6 +287,13 @@ def _add_deployment_commands(sub) -> None:
         "--runtime-port", type=int, default=9094, help="local port of the SuperNode's runtime API"
     )
     p.add_argument("--insecure", action="store_true", help="no TLS: local trials only")
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help="share of records held out for evaluation (default 0.2), pinned with a secret "
+        "salt in --state-dir on first start: the server cannot move records into it",
+    )
     p.set_defaults(func=cmd_client)
 
 

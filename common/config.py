@@ -47,10 +47,18 @@ class RunConfig:
     label_column: str = ""  # tabular / molecules: the column to predict
     categorical: str = ""  # tabular: comma-separated columns to treat as categories
     task: str = "auto"  # auto | classification | regression
+    # The public class list, comma-separated, in class-id order: each record's label is mapped
+    # by it (never by the classes found in the data). "" = the scenario's built-in classes
+    # with its synthetic data; a simulation on --data fixes it from the researcher's data.
+    classes: str = ""
     date_column: str = ""  # price series: the date column
     value_columns: str = ""  # price series: comma-separated price columns ("" = all numeric)
     window: int = 30  # price series: days of past returns per example
     horizon: int = 1  # price series: predict the return over the next HORIZON days
+    # Price series: the public held-out cutoff (YYYY-MM-DD): a window is held out when its
+    # forecast period starts on or after it, trained on when it ends before it. "" = in a
+    # simulation, fixed from the researcher's data; a deployment must give it.
+    test_from: str = ""
     smiles_column: str = ""  # molecules: the SMILES column
     skip_unreadable: bool = False  # image folders / molecules: skip bad files, report the count
     # How a simulation splits the data among virtual institutions.
@@ -111,31 +119,46 @@ class RunConfig:
                     0,
                     "0 gives no privacy; mark the run non-private with --non-private",
                 )
+            if self.noise_multiplier > 1e6:
+                raise bad(
+                    "noise_multiplier",
+                    self.noise_multiplier,
+                    "no model learns under this much noise: use at most 1e6 (typically 0.5-10)",
+                )
+            if self.noise_multiplier > 0 and self.non_private:
+                # One meaning of "private" everywhere: a noised round is accounted, always.
+                raise bad(
+                    "noise_multiplier",
+                    self.noise_multiplier,
+                    "a non-private run adds no noise: drop --noise-multiplier or --non-private",
+                )
         if self.budget_epsilon is not None and not self.budget_epsilon > 0:
             raise bad("budget_epsilon", self.budget_epsilon, "use a positive budget")
         if self.budget_delta is not None and not 0 < self.budget_delta < 1:
             raise bad("budget_delta", self.budget_delta, "use 0 < budget delta < 1")
         if not 1 <= self.min_clients <= self.clients:
             raise bad("min_clients", self.min_clients, f"use 1 to --clients ({self.clients})")
-        if self.max_grad_norm <= 0:
-            raise bad("max_grad_norm", self.max_grad_norm, "use a positive clipping norm")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise bad("max_grad_norm", self.max_grad_norm, "use a positive, finite clipping norm")
         if self.local_epochs < 1:
             raise bad("local_epochs", self.local_epochs, "use at least 1")
         if self.batch_size < 1:
             raise bad("batch_size", self.batch_size, "use at least 1")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise bad("lr", self.lr, "use a positive learning rate")
-        if self.alpha <= 0:
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise bad("alpha", self.alpha, "the Dirichlet concentration must be > 0")
         if not 0 < self.test_fraction < 1:
             raise bad("test_fraction", self.test_fraction, "use a fraction in (0, 1)")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        if self.device not in ("auto", "cpu", "cuda") and not (
+            self.device.startswith("cuda:") and self.device[5:].isdigit()
+        ):
             raise bad("device", self.device, "use auto, cpu, cuda or cuda:N")
         if self.max_physical_batch < 0:
             raise bad("max_physical_batch", self.max_physical_batch, "use 0 (off) or more")
         if not self.cpus_per_client > 0:
             raise bad("cpus_per_client", self.cpus_per_client, "use a positive number of CPUs")
-        if self.gpus_per_client < 0:
+        if not self.gpus_per_client >= 0:
             raise bad("gpus_per_client", self.gpus_per_client, "use 0 or a (fraction of a) GPU")
         from common.trainable import TRAINABLE_PARTS
 
@@ -151,6 +174,14 @@ class RunConfig:
             raise bad("clipping", self.clipping, "use flat or ghost")
         if self.task not in ("auto", "classification", "regression"):
             raise bad("task", self.task, "use auto, classification or regression")
+        if self.classes:
+            names = self.names("classes")
+            if self.task == "regression":
+                raise bad("classes", self.classes, "a regression task has no classes: drop it")
+            if len(names) < 2 or len(set(names)) != len(names):
+                raise bad("classes", self.classes, "list at least two distinct class names")
+        if self.test_from and not _is_date(self.test_from):
+            raise bad("test_from", self.test_from, "write the cutoff date as YYYY-MM-DD")
         if self.window < 2:
             raise bad("window", self.window, "use a window of at least 2 days")
         if self.horizon < 1:
@@ -159,6 +190,8 @@ class RunConfig:
             raise bad("partition", self.partition, "use iid, dirichlet, quantity or natural")
         if self.partition == "natural" and not self.partition_column and self.data:
             raise bad("partition", "natural", "name the institution column with --partition-column")
+        if not 0 <= self.seed < 2**32:
+            raise bad("seed", self.seed, "use a seed from 0 to 2**32 - 1")
         if self.examples < 2 * self.clients:
             raise bad("examples", self.examples, f"give at least 2 per client ({2 * self.clients})")
         return self
@@ -186,8 +219,20 @@ class RunConfig:
             kind = {"bool": bool, "int": int, "float": float}.get(
                 str(names[name].type).split(" ")[0], str
             )
+            if kind is str and isinstance(value, list | tuple):  # e.g. classes = ["a", "b"]
+                value = ",".join(str(v) for v in value)
             values[name] = _coerce(key, value, kind)
         return cls(**values)
+
+
+def _is_date(text: str) -> bool:
+    import numpy as np
+
+    try:
+        np.datetime64(text.strip(), "D")
+    except ValueError:
+        return False
+    return True
 
 
 def _coerce(key: str, value: object, kind: type) -> object:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from client.runtime import ClientSettings, RoundRequest
 from common.backbones.registry import backbone_spec
 from common.config import RunConfig
 from common.data.dataset import Dataset
-from common.data.datasets import DataSpec, Partition, load_partition
+from common.data.datasets import DataSpec, Partition, load_dataset, load_partition, whole
 from common.errors import FerryError
 from common.scenarios import get_scenario
 from common.scenarios.registry import known_scenarios, with_scenario_defaults
@@ -49,6 +50,14 @@ TABLE_FILES = {
     "hospital-tabular": ("make_patients", ["site"], "outcome", "sex,smoker"),
     "bank-credit": ("make_credit", ["branch"], "default", "employment"),
     "drug-activity": ("make_molecules", [], "activity", ""),
+}
+# bank-stocks as a deployed price file: one row per (ticker, day); a window is one record.
+PRICE_DAYS = 120
+PRICE_SETTINGS = {
+    "date_column": "date",
+    "value_columns": "close",
+    "partition_column": "ticker",
+    "test_from": "2012-05-21",  # public: the operator's cutoff (day 100 of the file)
 }
 
 
@@ -81,13 +90,17 @@ def _run(scenario: str, **fields) -> RunConfig:
 
 
 def _client_view(
-    root: Path, artifact: BackboneArtifact, run: RunConfig, data_path: str = ""
+    root: Path,
+    artifact: BackboneArtifact,
+    run: RunConfig,
+    data_path: str = "",
+    num_classes: int = 2,
 ) -> dict[bytes, tuple[np.ndarray, np.ndarray]]:
     """What the client trains on, as the client computes it: for each training record (keyed
     by its raw content), its feature vector and its clipped gradient under a fixed head."""
     settings = ClientSettings("attacked", root / "state", root / "cache", 0, 1, data_path=data_path)
     BackboneCache(settings.cache_dir).store(artifact.manifest, artifact.tensors, artifact.sha256)
-    num_classes = 0 if run.task == "regression" else 2
+    num_classes = 0 if run.task == "regression" else num_classes
     data = runtime._local_data(settings, RoundRequest(run, 1, artifact.sha256, num_classes))
     part, feats = data.part, np.asarray(data.feats["train"])
     tail = data.model.tail
@@ -200,29 +213,204 @@ def _table_file(scenario: str, path: Path, change: str) -> Path:
     return path
 
 
+def _price_file(path: Path, change: str) -> Path:
+    """A deployed bank's price file; ``add``: one more (hostile) day at the end of the first
+    ticker (one more window); ``remove``: its first day gone (its oldest window gone)."""
+    import pandas as pd
+
+    from common.data import synthetic_records
+
+    frame = synthetic_records.make_prices(PRICE_DAYS, 3, 0, "target")
+    first = frame[frame["ticker"] == frame["ticker"].iloc[0]]
+    if change == "add":
+        last = first.iloc[[-1]].copy()
+        last["date"] = (pd.Timestamp(last["date"].iloc[0]) + pd.offsets.BDay(1)).strftime(
+            "%Y-%m-%d"
+        )
+        last["close"] = last["close"] * 1000.0
+        frame = pd.concat([frame, last], ignore_index=True)
+    elif change == "remove":
+        frame = frame.drop(index=first.index[0])
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _deployed_file(scenario: str, path: Path, change: str) -> tuple[RunConfig, Path]:
+    if scenario == "bank-stocks":
+        return _run(scenario, **PRICE_SETTINGS), _price_file(path, change)
+    _, _, label, categorical = TABLE_FILES[scenario]
+    return _run(scenario, label_column=label, categorical=categorical), _table_file(
+        scenario, path, change
+    )
+
+
 @pytest.mark.parametrize("change", ["add", "remove"])
-@pytest.mark.parametrize("scenario", sorted(TABLE_FILES))
+@pytest.mark.parametrize("scenario", [*sorted(TABLE_FILES), "bank-stocks"])
 def test_deployed_file_row_added_or_removed_moves_no_other_row_and_no_other_gradient(
     scenario, change, tmp_path
 ):
     """End to end from a deployed institution's own file: the loader, the held-out split
-    (membership per record, never a reshuffle of the rows) and the preprocessing."""
-    _, _, label, categorical = TABLE_FILES[scenario]
+    (membership per record: a hash of its content, or for price windows the public cutoff
+    date; never a reshuffle or a fraction of the rows), the labels (the run's public class
+    list) and the preprocessing."""
     artifact = _backbone(scenario)
-    run = _run(scenario, label_column=label, categorical=categorical)
-    base = _client_view(
-        tmp_path / "base", artifact, run, str(_table_file(scenario, tmp_path / "base.csv", ""))
-    )
-    other = _client_view(
-        tmp_path / change,
-        artifact,
-        run,
-        str(_table_file(scenario, tmp_path / f"{change}.csv", change)),
-    )
+    run, base_file = _deployed_file(scenario, tmp_path / "base.csv", "")
+    _, other_file = _deployed_file(scenario, tmp_path / f"{change}.csv", change)
+    base = _client_view(tmp_path / "base", artifact, run, str(base_file))
+    other = _client_view(tmp_path / change, artifact, run, str(other_file))
     small, large = (other, base) if change == "remove" else (base, other)
     extra = set(large) - set(small)
     assert len(extra) <= 1, f"{len(extra)} records differ between the two training sets"
     _assert_others_unchanged(large, small, next(iter(extra), b""))
+
+
+def _split_of(run: RunConfig, data: Path) -> dict[bytes, str]:
+    """Which side of the held-out split each record of a deployed file lands on."""
+    spec = whole(replace(DataSpec.from_run(run, 1, (1, 30)), data=str(data)))
+    part = load_partition(spec, 0)
+    sides = {_record_key(part.train, i): "train" for i in range(len(part.train))}
+    sides.update({_record_key(part.test, i): "test" for i in range(len(part.test))})
+    return sides
+
+
+@pytest.mark.parametrize("change", ["add", "remove"])
+def test_price_window_added_or_removed_moves_no_other_window_across_the_split(change, tmp_path):
+    """The held-out split of a price series is the public cutoff date against each window's
+    own forecast period: the old rule (each ticker's latest fraction of windows) moved the
+    boundary, and so another window in or out of DP training, when one window came or went."""
+    run = _run("bank-stocks", **PRICE_SETTINGS)
+    base = _split_of(run, _price_file(tmp_path / "base.csv", ""))
+    other = _split_of(run, _price_file(tmp_path / f"{change}.csv", change))
+    assert sum(side == "test" for side in base.values()) > 20  # a real held-out split
+    moved = [k for k in base.keys() & other.keys() if base[k] != other[k]]
+    assert len(base.keys() ^ other.keys()) == 1 and not moved, (
+        f"one window moved {len(moved)} other windows across the held-out split"
+    )
+
+
+def test_price_windows_straddling_the_public_cutoff_are_embargoed(tmp_path):
+    """No training target overlaps a held-out one: windows whose forecast period straddles
+    the cutoff are used for neither."""
+    run = _run("bank-stocks", **PRICE_SETTINGS, horizon=5)
+    spec = whole(
+        replace(DataSpec.from_run(run, 1, (1, 30)), data=str(_price_file(tmp_path / "p.csv", "")))
+    )
+    part = load_partition(spec, 0)
+    cutoff = np.datetime64(PRICE_SETTINGS["test_from"], "ns")
+    assert len(part.train) and len(part.test)
+    assert (part.train.spans[:, 1] < cutoff).all() and (part.test.spans[:, 0] >= cutoff).all()
+    whole_data = load_dataset(spec)
+    straddling = (whole_data.spans[:, 0] < cutoff) & (whole_data.spans[:, 1] >= cutoff)
+    assert straddling.sum() == 3 * 4  # horizon - 1 windows per ticker
+    assert len(part.train) + len(part.test) + straddling.sum() == len(whole_data)
+
+
+def _molecule_file(path: Path, extra_label: str = "", drop_extra: bool = False) -> Path:
+    import pandas as pd
+
+    from common.data import synthetic_records
+
+    frame = synthetic_records.make_molecules(EXAMPLES, 0, "target")
+    if extra_label:
+        row = frame.iloc[[0]].copy()
+        row["activity"] = extra_label
+        row["smiles"] = "CCCCCCCCCCCCCCCCO"
+        frame = pd.concat([frame, row], ignore_index=True)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_deployed_record_with_a_label_outside_the_public_classes_is_refused_before_training(
+    tmp_path,
+):
+    """The adversary adds a record of a new class (with classes derived from the data it
+    renumbered every other record: ``inactive`` 0 -> 2, ``active`` 1 -> 0). With the run's
+    public class list the round is refused, in one line naming the label, before any spend."""
+    artifact = _backbone("drug-activity")
+    run = _run("drug-activity", label_column="activity")
+    assert run.names("classes") == ["inactive", "active"]  # the preset's public list
+    data = _molecule_file(tmp_path / "m.csv", extra_label="borderline")
+    settings = ClientSettings(
+        "attacked", tmp_path / "state", tmp_path / "cache", 0, 1, data_path=str(data)
+    )
+    BackboneCache(settings.cache_dir).store(artifact.manifest, artifact.tensors, artifact.sha256)
+    with pytest.raises(FerryError, match="'borderline'") as err:
+        runtime.train_round(settings, RoundRequest(run, 1, artifact.sha256, 2), {})
+    message = str(err.value)
+    assert "\n" not in message and "m.csv" in message and "classes" in message
+    assert not settings.state_dir.exists()  # no state opened, nothing reserved
+
+
+@pytest.mark.parametrize("change", ["add", "remove"])
+def test_only_record_of_a_class_added_or_removed_leaves_other_records_labels_and_gradients(
+    change, tmp_path
+):
+    """Under a public class list, the only record of a class coming or going renumbers no
+    other record (data-derived ids shifted every other record's label and gradient)."""
+    artifact = _backbone("drug-activity")
+    run = _run("drug-activity", label_column="activity", classes="inactive,active,borderline")
+    with_it = _client_view(
+        tmp_path / "with", artifact, run, str(_molecule_file(tmp_path / "w.csv", "borderline")), 3
+    )
+    without = _client_view(
+        tmp_path / "without", artifact, run, str(_molecule_file(tmp_path / "o.csv")), 3
+    )
+    extra = set(with_it) - set(without)
+    assert len(extra) <= 1 and len(with_it) - len(extra) == len(without)
+    _assert_others_unchanged(with_it, without, next(iter(extra), b""))
+
+
+def _images(root: Path, counts: dict[str, int]) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = (rng.random((8, 8)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def _image_spec(root: Path, classes: tuple[str, ...] = ("benign", "cyst", "malignant")):
+    spec = DataSpec(
+        "hospital-imaging", input_shape=(1, 8, 8), classes=classes, task="classification"
+    )
+    return whole(replace(spec, data=str(root)))
+
+
+def test_institutions_holding_different_classes_agree_on_every_class_id(tmp_path):
+    """Class ids are positions in the run's public list, not in the classes an institution
+    happens to hold: a hospital without ``benign`` images labels ``malignant`` as the
+    others do, and one holding a single class is not refused for it."""
+    full = load_dataset(_image_spec(_images(tmp_path / "a", {"benign": 3, "malignant": 3})))
+    partial = load_dataset(_image_spec(_images(tmp_path / "b", {"malignant": 3, "cyst": 2})))
+    assert full.classes == partial.classes == ["benign", "cyst", "malignant"]
+    assert sorted(set(full.y.tolist())) == [0, 2] and sorted(set(partial.y.tolist())) == [1, 2]
+    assert (partial.y[:3] == 2).all() or (partial.y[-3:] == 2).all()
+    single = load_dataset(_image_spec(_images(tmp_path / "c", {"cyst": 4})))
+    assert single.y.tolist() == [1, 1, 1, 1]
+
+
+def test_image_folder_of_a_class_outside_the_public_list_is_refused_in_one_line(tmp_path):
+    root = _images(tmp_path / "d", {"benign": 2, "malignant": 2, "aaa-new": 1})
+    with pytest.raises(FerryError, match="'aaa-new'") as err:
+        load_dataset(_image_spec(root, ("benign", "malignant")))
+    assert "\n" not in str(err.value) and "--classes" in str(err.value)
+
+
+def test_deployed_institution_refuses_a_run_without_public_classes_or_cutoff(tmp_path):
+    """Nothing is derived from a deployed institution's own data: no class list, no cutoff."""
+    root = _images(tmp_path / "e", {"benign": 2, "malignant": 2})
+    with pytest.raises(FerryError, match="names no classes"):
+        load_dataset(_image_spec(root, ()))
+    run = _run("bank-stocks", **{**PRICE_SETTINGS, "test_from": ""})
+    spec = whole(
+        replace(DataSpec.from_run(run, 1, (1, 30)), data=str(_price_file(tmp_path / "p.csv", "")))
+    )
+    with pytest.raises(FerryError, match="test-from") as err:
+        load_partition(spec, 0)
+    assert "\n" not in str(err.value)
 
 
 def test_pretrained_manifest_carries_public_statistics_covered_by_the_backbone_hash():
@@ -259,3 +447,18 @@ def test_random_init_backbone_carries_fixed_statistics(arch):
     width = 5 if arch == "tabular-mlp" else 2
     assert pre["standardize"] == "public"
     assert pre["mean"] == [0.0] * width and pre["std"] == [1.0] * width
+
+
+def test_class_list_that_disagrees_with_num_classes_is_refused_before_any_spend(tmp_path):
+    """The operator sends a class list and a head width that do not match."""
+    artifact = _backbone("drug-activity")
+    run = _run("drug-activity", label_column="activity")
+    data = _molecule_file(tmp_path / "m.csv")
+    settings = ClientSettings(
+        "attacked", tmp_path / "state", tmp_path / "cache", 0, 1, data_path=str(data)
+    )
+    BackboneCache(settings.cache_dir).store(artifact.manifest, artifact.tensors, artifact.sha256)
+    with pytest.raises(FerryError, match="2 classes .* num-classes is 3") as err:
+        runtime.train_round(settings, RoundRequest(run, 1, artifact.sha256, 3), {})
+    assert "\n" not in str(err.value)
+    assert not settings.state_dir.exists()

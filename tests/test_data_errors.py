@@ -128,3 +128,44 @@ def test_unreadable_image_is_named_and_can_be_skipped_with_a_count(capsys, tmp_p
     _, err = capsys.readouterr()
     assert len(dataset) == 24
     assert "skipped 1" in err or "1 unreadable" in err, err
+
+
+def test_label_outside_the_public_classes_names_the_line_the_label_and_the_fix(capsys, tmp_path):
+    data = _table(tmp_path / "patients.csv", overrides={9: ["61", "27.0", "no", "maybe"]})
+    argv = ["simulate", "--scenario", "hospital-tabular", "--data", str(data)]
+    argv += ["--label-column", "outcome", "--clients", "2", "--classes", "no,yes"]
+    line = _error_line(capsys, argv, tmp_path / "out")
+    assert "patients.csv" in line and "line 9" in line and "'maybe'" in line
+    assert "(no, yes)" in line and "--classes" in line
+
+
+def test_image_folder_outside_the_public_classes_is_refused(capsys, tmp_path):
+    root = _image_folder(tmp_path / "scans")
+    argv = ["simulate", "--scenario", "hospital-imaging", "--data", str(root)]
+    argv += ["--clients", "2", "--classes", "benign,cyst"]
+    line = _error_line(capsys, argv, tmp_path / "out")
+    assert "'malignant'" in line and "(benign, cyst)" in line
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("--classes", "only-one", "at least two distinct"),
+        ("--classes", "a,b,a", "at least two distinct"),
+        ("--test-from", "2024-13-01", "YYYY-MM-DD"),
+    ],
+)
+def test_bad_public_classes_or_cutoff_is_refused(capsys, tmp_path, option, value, words):
+    data = _table(tmp_path / "patients.csv")
+    argv = ["simulate", "--scenario", "hospital-tabular", "--data", str(data)]
+    argv += ["--label-column", "outcome", option, value]
+    line = _error_line(capsys, argv, tmp_path / "out")
+    assert option in line and words in line
+
+
+def test_public_classes_with_a_regression_task_are_refused(capsys, tmp_path):
+    data = _table(tmp_path / "patients.csv")
+    argv = ["simulate", "--scenario", "hospital-tabular", "--data", str(data)]
+    argv += ["--label-column", "bmi", "--task", "regression", "--classes", "a,b"]
+    line = _error_line(capsys, argv, tmp_path / "out")
+    assert "--classes" in line and "regression" in line

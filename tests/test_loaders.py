@@ -205,6 +205,17 @@ def test_series_windows_hold_percent_log_returns_per_ticker(tmp_path):
         np.testing.assert_allclose(data.y[first + 32], close[-2:].sum(), rtol=1e-4)
 
 
+def test_series_windows_carry_the_dates_of_their_forecast_period(tmp_path):
+    path, frame = _prices(tmp_path)
+    data = load_series(path, "date", ["close"], window=5, horizon=2, group_column="ticker")
+    dates = pd.to_datetime(frame.date[frame.ticker == "AAA"]).to_numpy(dtype="datetime64[ns]")
+    # window i: returns on rows i+1..i+5 as input, the returns on rows i+6..i+7 as target
+    assert data.spans.shape == (66, 2)
+    assert data.spans[0].tolist() == dates[[6, 7]].tolist()
+    assert data.spans[32].tolist() == dates[[38, 39]].tolist()
+    assert data.subset(np.asarray([32])).spans.tolist() == data.spans[[32]].tolist()
+
+
 def test_series_target_column_and_parquet(tmp_path):
     _, frame = _prices(tmp_path)
     frame["date"] = pd.to_datetime(frame["date"])
@@ -498,3 +509,29 @@ def test_synthetic_prices_direction_is_learnable_above_chance():
     )
     hits = np.sign(design[~train] @ weights) == np.sign(data.y[~train])
     assert hits.mean() > 0.53
+
+
+# ---------------------------------------------------------------- public class lists
+
+
+def test_table_labels_map_by_the_public_class_list_alone(tmp_path):
+    path = _csv(tmp_path / "t.csv", "a,y\n1,1.0\n2,0\n3,1\n")
+    data = load_table(path, "y", classes=["2", "1", "0"])
+    assert data.task == "classification" and data.classes == ["2", "1", "0"]
+    assert data.y.tolist() == [1, 2, 1]  # "1.0" is class "1"; no class needs to be present
+    text = _csv(tmp_path / "s.csv", "a,y\n1,yes\n2,yes\n")
+    assert load_table(text, "y", classes=["no", "yes"]).y.tolist() == [1, 1]
+
+
+def test_table_label_outside_the_public_list_is_refused_naming_line_and_label(tmp_path):
+    path = _csv(tmp_path / "t.csv", "a,y\n1,no\n2,maybe\n")
+    message = _error(load_table, path, "y", classes=["no", "yes"])
+    assert "line 3" in message and "'maybe'" in message and "(no, yes)" in message
+    message = _error(load_table, path, "y", task="regression", classes=["no", "yes"])
+    assert "--task regression" in message
+
+
+def test_molecule_activity_maps_by_the_public_class_list(tmp_path):
+    path = _csv(tmp_path / "m.csv", "smiles,activity\nCCO,active\nCCN,active\n")
+    data = load_molecules(path, classes=["inactive", "active"])
+    assert data.y.tolist() == [1, 1] and data.classes == ["inactive", "active"]

@@ -9,9 +9,12 @@ record's presence changes no other record's features.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+
+from common.errors import FerryError
 
 TASKS = ("classification", "regression")
 
@@ -28,7 +31,12 @@ class Dataset:
       * ``series``: (n, channels, window) sliding windows;
       * ``molecule``: (n, bits) fingerprints in {0, 1}.
     ``y``: int64 class ids for classification, float32 targets for regression.
+    ``classes``: the class names in class-id order. Loaders given the run's public class list
+    use it as is (:func:`by_public_classes`); without one the list is derived from the data,
+    which only the researcher's side of a simulation does (never a deployed institution).
     ``groups``: per-example key of a natural split (a hospital or branch id), if any.
+    ``spans``: series only, (n, 2) datetime64[ns]: the first and last day of each example's
+    forecast period (what the public held-out cutoff is compared with).
     ``fingerprint``: identifies the exact content (files' names, sizes and mtimes, or a
     generator's parameters); it keys the feature cache.
     """
@@ -44,6 +52,7 @@ class Dataset:
     numeric: np.ndarray | None = None
     # Regression targets that are returns: report directional accuracy too.
     directional: bool = False
+    spans: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -69,4 +78,48 @@ class Dataset:
             self.columns,
             self.numeric,
             self.directional,
+            None if self.spans is None else self.spans[index],
         )
+
+
+def class_key(name: object) -> str:
+    """How a class name is compared with a label: numbers written canonically (``1.0`` is
+    ``1``), text stripped (see :func:`common.data.tabular.canonical`)."""
+    from common.data.tabular import canonical
+
+    return canonical(name)
+
+
+def public_class_ids(classes: Sequence[str]) -> dict[str, int]:
+    """Each public class name's id (its position in the run's list)."""
+    return {class_key(c): i for i, c in enumerate(classes)}
+
+
+def unknown_label(label: str, where: str, classes: Sequence[str]) -> FerryError:
+    """The one-line refusal of a label that is not one of the run's public classes."""
+    return FerryError(
+        f"{where} holds the label {label!r}, which is not one of the run's classes "
+        f"({', '.join(classes)}): fix or remove those records, or have the run's classes "
+        "include it (--classes, or classes in the run config)"
+    )
+
+
+def by_public_classes(data: Dataset, classes: Sequence[str], where: str) -> Dataset:
+    """``data`` with class ids taken from the run's public list ``classes``: a record's id is
+    the position of its own label in that list, whatever else the data holds. A label not in
+    the list is a :class:`FerryError` naming it (nothing is dropped or renumbered)."""
+    if not classes or (list(data.classes) == list(classes) and data.task == "classification"):
+        return data
+    if data.task != "classification":
+        raise FerryError(
+            f"{where} has a regression target but the run lists classes "
+            f"({', '.join(classes)}): drop the classes setting or use a classification task"
+        )
+    index = public_class_ids(classes)
+    mapping = np.asarray([index.get(class_key(c), -1) for c in data.classes], dtype=np.int64)
+    present = np.unique(data.y) if len(data.y) else np.zeros(0, dtype=np.int64)
+    for k in present:
+        if mapping[k] < 0:
+            raise unknown_label(str(data.classes[int(k)]), where, classes)
+    y = mapping[data.y] if len(data.y) else data.y
+    return replace(data, y=y.astype(np.int64), classes=list(classes))

@@ -6,6 +6,13 @@ every virtual institution reloads (or regenerates) the same dataset and keeps on
 partition; the whole dataset is loaded once per worker process and reused. A deployed
 institution's partition is all of its own data. The ``fingerprint`` identifies the exact
 examples, for the feature cache key.
+
+Nothing an institution trains on is fitted to its own data: class ids come from the run's
+public class list (``classes``; a deployed institution refuses a classification run without
+one), and price series are split by the run's public cutoff date (``test_from``; a deployed
+institution refuses a series without one). Only the researcher's side of a simulation, which
+holds the pooled data and is public to the researcher, may derive either from the data when
+the run leaves it unset.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from common.data.dataset import Dataset
+from common.data.dataset import Dataset, by_public_classes
 from common.data.partition import (
-    chronological_split,
+    cutoff_split,
+    default_cutoff,
     partition,
     record_digests,
     train_test_split,
@@ -44,12 +52,15 @@ class DataSpec:
     label_column: str = ""
     categorical: tuple[str, ...] = ()
     task: str = "auto"
+    classes: tuple[str, ...] = ()  # the run's public class list (() = derive: simulation only)
     date_column: str = ""
     value_columns: tuple[str, ...] = ()
     window: int = 30
     horizon: int = 1
+    test_from: str = ""  # price series: the public held-out cutoff date
     smiles_column: str = ""
     skip_unreadable: bool = False
+    deployed: bool = False  # a deployed institution: nothing may be derived from its data
 
     @classmethod
     def from_run(cls, cfg, num_partitions: int, input_shape: tuple[int, ...]) -> DataSpec:
@@ -69,10 +80,12 @@ class DataSpec:
             label_column=cfg.label_column,
             categorical=tuple(cfg.names("categorical")),
             task=cfg.task,
+            classes=tuple(cfg.names("classes")),
             date_column=cfg.date_column,
             value_columns=tuple(cfg.names("value_columns")),
             window=cfg.window,
             horizon=cfg.horizon,
+            test_from=cfg.test_from,
             smiles_column=cfg.smiles_column,
             skip_unreadable=cfg.skip_unreadable,
         )
@@ -125,7 +138,14 @@ def load_dataset(spec: DataSpec, split: str = "target") -> Dataset:
             f"--task {spec.task} does not fit this data, whose target is {dataset.task}: "
             f"use --task auto or {dataset.task}"
         )
-    return dataset
+    if dataset.task == "classification" and spec.deployed and not spec.classes:
+        raise FerryError(
+            f"the run names no classes for the data in {spec.data}: the operator must list "
+            'them in the run config (e.g. classes = "no,yes"), so that every institution maps '
+            "its labels by the same public list"
+        )
+    where = spec.data or f"the {spec.scenario} synthetic data"
+    return by_public_classes(dataset, spec.classes, where)
 
 
 @functools.lru_cache(maxsize=4)
@@ -149,13 +169,25 @@ def _split(spec: DataSpec) -> list[tuple[np.ndarray, np.ndarray]]:
             spec.seed,
             dataset.task,
         )
-    if dataset.modality == "series":  # hold out the latest windows, not random ones
-        return [
-            chronological_split(p, dataset.groups, spec.test_fraction, spec.horizon) for p in parts
-        ]
+    if dataset.modality == "series":  # hold out the windows after a public cutoff date
+        cutoff = _cutoff(spec, dataset)
+        return [cutoff_split(p, dataset.spans, cutoff) for p in parts]
     # Held-out membership is a function of each record alone (see train_test_split).
     digests = record_digests(dataset.x, dataset.y)
     return [train_test_split(p, spec.test_fraction, spec.seed, digests) for p in parts]
+
+
+def _cutoff(spec: DataSpec, dataset: Dataset):
+    """The public held-out cutoff of a price series (see the module docstring)."""
+    if spec.test_from:
+        return np.datetime64(spec.test_from.strip(), "ns")
+    if spec.deployed:
+        raise FerryError(
+            f"the run names no held-out cutoff for the price series in {spec.data}: the "
+            'operator must give one in the run config (e.g. test-from = "2024-01-01"), so that '
+            "each window's split depends on its own dates alone"
+        )
+    return default_cutoff(dataset.spans, spec.test_fraction)
 
 
 def load_partition(spec: DataSpec, partition_id: int) -> Partition:
@@ -173,8 +205,9 @@ def load_partition(spec: DataSpec, partition_id: int) -> Partition:
 
 
 def whole(spec: DataSpec) -> DataSpec:
-    """A deployed institution's spec: all of its data is one partition."""
-    return replace(spec, num_partitions=1, partition="iid")
+    """A deployed institution's spec: all of its data is one partition, and nothing (class
+    list, held-out cutoff) may be derived from it."""
+    return replace(spec, num_partitions=1, partition="iid", deployed=True)
 
 
 def partition_sizes(spec: DataSpec) -> list[int]:

@@ -1,6 +1,10 @@
 """Image folders: one subfolder per class, PNG/JPEG/BMP/TIFF or DICOM files inside.
 
-``root/<class name>/**/<image>``: class ids follow the sorted class folder names; files are
+``root/<class name>/**/<image>``. With the run's public class list (``classes``, what every
+deployed institution gets) an image's class id is the position of its folder's name in that
+list, so one institution's ids never depend on which classes it happens to hold; a folder
+with images whose name is not in the list is an error naming it. Without a list (only the
+researcher's side of a simulation) class ids follow the sorted class folder names. Files are
 found at any depth below a class folder (e.g. one subfolder per patient), hidden files and
 folders are ignored. DICOM files are recognised by a ``.dcm`` suffix or by their ``DICM``
 marker (many have no suffix) and read by :mod:`common.data.dicom`. Every image becomes
@@ -13,12 +17,12 @@ space) and is reported through ``log``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from common.data.dataset import Dataset
+from common.data.dataset import Dataset, class_key, public_class_ids, unknown_label
 from common.data.dicom import UnreadableImage, is_dicom, read_dicom
 from common.data.tabular import warn
 from common.errors import FerryError
@@ -86,12 +90,14 @@ def load_images(
     size: int | tuple[int, int],
     skip_unreadable: bool = False,
     log: Callable[[str], None] = warn,
+    classes: Sequence[str] = (),
 ) -> Dataset:
     """An image folder as an image :class:`Dataset`: x (n, channels, h, w) float32 in [0, 1].
 
     ``size``: the side of the square output, or (height, width). An unreadable image is a
     FerryError naming it; with ``skip_unreadable`` it is skipped and the count (with the
-    first few names) goes to ``log``.
+    first few names) goes to ``log``. ``classes``: the run's public class list (see the
+    module docstring); an institution may then hold images of a single class.
     """
     root = Path(root)
     if channels not in (1, 3):
@@ -101,20 +107,26 @@ def load_images(
         raise FerryError(
             f"data path {root} is not a directory: give a folder with one subfolder per class"
         )
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    public = list(classes)
+    ids = public_class_ids(public)
+    classes = public or folders
     expected = (
         f"expected {root}/<class name>/<image> ({', '.join(sorted(IMAGE_SUFFIXES))} or DICOM)"
     )
-    if not classes:
+    if not folders:
         raise FerryError(f"{root} holds no class subfolders: {expected}")
-    digest = hashlib.sha256(f"channels={channels}|size={height}x{width};".encode())
+    digest = hashlib.sha256(f"channels={channels}|size={height}x{width}|{public};".encode())
     images, labels, skipped, empty = [], [], [], []
-    for label, name in enumerate(classes):
+    for position, name in enumerate(folders):
+        label = ids.get(class_key(name), -1) if public else position
         found = 0
         for path in _visible_files(root / name):
             dicom = path.suffix.lower() not in IMAGE_SUFFIXES and is_dicom(path)
             if path.suffix.lower() not in IMAGE_SUFFIXES and not dicom:
                 continue
+            if label < 0:
+                raise unknown_label(name, f"{root}/{name}", public)
             st = path.stat()
             digest.update(f"{path.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
             try:
@@ -137,13 +149,14 @@ def load_images(
         )
     if not images:
         raise FerryError(f"no usable images in {root}: {expected}")
-    if len(set(labels)) < 2:
+    if not public and len(set(labels)) < 2:
         raise FerryError(
             f"{root} holds images of a single class ({classes[labels[0]]}): "
             "give at least two class subfolders with images"
         )
     if empty:
-        log(f"{root}: class folder(s) {', '.join(empty)} hold no images; they stay classes")
+        kept = "they stay classes" if not public else "the run's classes are unchanged"
+        log(f"{root}: class folder(s) {', '.join(empty)} hold no images; {kept}")
     return Dataset(
         x=np.stack(images).astype(np.float32),
         y=np.asarray(labels, dtype=np.int64),

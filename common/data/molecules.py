@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -144,8 +144,12 @@ def from_frame(
     origin: Origin | None = None,
     log: Callable[[str], None] = warn,
     min_rows: int = 1,
+    classes: Sequence[str] = (),
 ) -> Dataset:
-    """A table of molecules already in memory (a pandas DataFrame) as a :class:`Dataset`."""
+    """A table of molecules already in memory (a pandas DataFrame) as a :class:`Dataset`.
+
+    ``classes``: the run's public class list; each row's activity is mapped by it alone
+    (:func:`common.data.tabular.parse_target`)."""
     if bits < 8 or radius < 0:
         raise FerryError(f"bits {bits} / radius {radius}: use bits >= 8 and radius >= 0")
     featurizer = _featurizer(featurizer)
@@ -180,10 +184,13 @@ def from_frame(
             raise FerryError(f"{origin.name}: no row holds a valid SMILES: check --smiles-column")
         x, frame, rows = x[keep], frame.iloc[keep].reset_index(drop=True), rows[keep]
         enough_rows(len(frame), min_rows, origin)
-    y, classes, task = parse_target(frame[activity_column], activity_column, task, origin, rows)
+    public = list(classes)
+    y, classes, task = parse_target(
+        frame[activity_column], activity_column, task, origin, rows, public
+    )
     key = (
         f"{origin.fingerprint}|smiles={smiles_column}|activity={activity_column}|task={task}"
-        f"|skip={skip_invalid}|{method}"
+        f"|skip={skip_invalid}|{method}|classes={public}"
     )
     return Dataset(
         x=x,
@@ -206,6 +213,7 @@ def load_molecules(
     featurizer: str = "auto",
     log: Callable[[str], None] = warn,
     min_rows: int = 1,
+    classes: Sequence[str] = (),
 ) -> Dataset:
     """A CSV or Parquet table of molecules as a :class:`Dataset` (see the module docstring)."""
     frame, origin = read_frame(path)
@@ -221,4 +229,5 @@ def load_molecules(
         origin,
         log,
         min_rows,
+        classes,
     )

@@ -192,9 +192,8 @@ def chronological_split(
     a held-out target.
 
     Not decided per record: the held-out count is a fraction of the group's windows, so one
-    added window can shift the boundary and move one *other* window in or out of training
-    (training sets still differ by at most two windows). A per-record rule needs a public
-    cutoff date per run.
+    added window can shift the boundary and move one *other* window in or out of training.
+    Ferry splits price series with :func:`cutoff_split` (a public cutoff date) instead.
     """
     indices = np.sort(np.asarray(indices, dtype=np.int64))
     keys = np.zeros(len(indices), dtype=np.int64) if groups is None else groups[indices]
@@ -213,3 +212,31 @@ def chronological_split(
         np.sort(np.concatenate(train)) if train else empty,
         np.sort(np.concatenate(test)) if test else empty,
     )
+
+
+def cutoff_split(
+    indices: np.ndarray, spans: np.ndarray, cutoff: np.datetime64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train/test split of forecasting windows by a public cutoff date: (train, test) sorted.
+
+    ``spans[i]`` is the first and last date of example ``i``'s forecast period. Example ``i``
+    is held out when its forecast period starts on or after ``cutoff``, trained on when it
+    ends before ``cutoff``, and used for neither when it straddles the cutoff (the embargo:
+    no training target overlaps a held-out one). Membership is a function of the example's
+    own dates and the public cutoff alone, so adding or removing one window moves no other.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    spans = np.asarray(spans, dtype="datetime64[ns]")[indices]
+    cutoff = np.datetime64(cutoff, "ns")
+    held = spans[:, 0] >= cutoff
+    train = spans[:, 1] < cutoff
+    return np.sort(indices[train]), np.sort(indices[held])
+
+
+def default_cutoff(spans: np.ndarray, test_fraction: float) -> np.datetime64:
+    """Simulation only (the researcher's side, whose data is public to the researcher): the
+    cutoff that holds out about the latest ``test_fraction`` of the pooled windows' forecast
+    starts. A deployment takes its cutoff from the run config instead."""
+    starts = np.sort(np.asarray(spans, dtype="datetime64[ns]")[:, 0].astype(np.int64))
+    k = min(len(starts) - 1, max(0, int(np.floor(len(starts) * (1.0 - test_fraction)))))
+    return np.datetime64(int(starts[k]), "ns")

@@ -10,7 +10,10 @@ Contract (stateless: every number depends only on the prices of one ticker):
   returns ``r_i .. r_{i+window-1}``; the target is the sum of the next ``horizon`` returns of
   ``target_column`` (the log return over the horizon, in percent). A group of ``m`` rows
   gives ``m - window - horizon`` examples. The task is regression, with
-  ``directional=True`` (the sign of the return is what a trader acts on).
+  ``directional=True`` (the sign of the return is what a trader acts on). Each example's
+  ``spans`` row holds the first and last date of its forecast period (the dates of the rows
+  closing its first and last target return): the public held-out cutoff is compared with
+  them (:func:`common.data.partition.cutoff_split`).
 * Prices must be present, numeric and positive; dates present, parseable and unique per
   group. Errors name the row as :mod:`common.data.tabular` does (CSV: file line, header = 1).
 """
@@ -166,7 +169,7 @@ def from_frame(
             + ("" if group_column else " (or name a ticker column with --partition-column)")
         )
 
-    xs, ys, gs, short = [], [], [], []
+    xs, ys, gs, spans, short = [], [], [], [], []
     features = np.stack([prices[c] for c in value_columns], axis=1)
     for key in dict.fromkeys(keys[order]):
         idx = order[keys[order] == key]
@@ -181,6 +184,11 @@ def from_frame(
         ahead = np.lib.stride_tricks.sliding_window_view(target[window:], horizon)
         ys.append(ahead[:count].sum(axis=1))
         gs.append(np.full(count, key, dtype=object))
+        # r_k (returns[k]) is realised on row k + 1: example i forecasts rows
+        # window + i + 1 .. window + i + horizon of this group.
+        day = dates[idx]
+        first = np.arange(count) + window + 1
+        spans.append(np.stack([day[first], day[first + horizon - 1]], axis=1))
     need = window + horizon + 1
     if not xs:
         scope = " per group" if group_column else ""
@@ -210,6 +218,7 @@ def from_frame(
         groups=np.concatenate(gs).astype(str) if group_column else None,
         columns=list(value_columns),
         directional=True,
+        spans=np.concatenate(spans).astype("datetime64[ns]"),
     )
 
 

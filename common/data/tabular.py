@@ -15,11 +15,15 @@ Contract (stateless: nothing here looks at more than one row to decide how to en
   are kept verbatim).
 * A column that is mostly numbers with a few non-numeric entries is an error (a typo such as
   ``12,5`` would otherwise turn a measurement into categories).
-* **Label**: ``task="auto"`` picks classification when the label is text or holds at most
-  20 distinct integers, regression otherwise. Class ids follow the sorted class names
-  (numbers sorted by value); of two classes, a conventional negative name (``inactive``,
-  ``no``, ``false``, ``negative``, ``normal``, ``benign``, ``0``) comes first, so class 1 is
-  the positive one.
+* **Label**, with the run's public class list (``classes``, what every deployed institution
+  gets): a row's class id is the position of its own label in that list; a label not in it
+  is an error naming it. Nothing about the other rows enters, so one row's presence moves no
+  other row's label. Without a list (only the researcher's side of a simulation, whose data
+  is public to the researcher, and pretraining on a public source): ``task="auto"`` picks
+  classification when the label is text or holds at most 20 distinct integers, regression
+  otherwise; class ids follow the sorted class names (numbers sorted by value); of two
+  classes, a conventional negative name (``inactive``, ``no``, ``false``, ``negative``,
+  ``normal``, ``benign``, ``0``) comes first, so class 1 is the positive one.
 
 Where errors point: CSV rows by **line in the file**, counting the header as line 1; Parquet
 files and in-memory frames by **row**, counting the first data row as row 1.
@@ -36,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data.dataset import Dataset
+from common.data.dataset import Dataset, public_class_ids, unknown_label
 from common.errors import FerryError
 
 CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
@@ -223,10 +227,21 @@ def _class_order(names: list[str], numeric: bool) -> list[str]:
     return ordered
 
 
-def parse_target(column, name: str, task: str, origin: Origin, rows: np.ndarray):
-    """(y, classes, task) of the label column ``name`` (see the module docstring)."""
+def parse_target(
+    column,
+    name: str,
+    task: str,
+    origin: Origin,
+    rows: np.ndarray,
+    classes: Sequence[str] = (),
+):
+    """(y, classes, task) of the label column ``name`` (see the module docstring).
+
+    ``classes``: the run's public class list; given, each row is mapped by it alone."""
     if task not in ("auto", "classification", "regression"):
         raise FerryError(f"--task {task!r} is unknown: use auto, classification or regression")
+    if classes:
+        return _public_target(column, name, task, origin, rows, list(classes))
     values, missing, bad = numbers(column)
     if missing.any():
         i = int(np.flatnonzero(missing)[0])
@@ -259,6 +274,30 @@ def parse_target(column, name: str, task: str, origin: Origin, rows: np.ndarray)
         )
     index = {c: i for i, c in enumerate(classes)}
     return np.asarray([index[n] for n in names], dtype=np.int64), classes, task
+
+
+def _public_target(column, name: str, task: str, origin: Origin, rows, classes: list[str]):
+    """Class ids of the label column by the run's public list (one row at a time)."""
+    if task == "regression":
+        raise FerryError(
+            f"--task regression does not fit the run's classes ({', '.join(classes)}): "
+            "drop the classes setting or use --task classification"
+        )
+    _, missing, _ = numbers(column)
+    if missing.any():
+        i = int(np.flatnonzero(missing)[0])
+        raise FerryError(
+            f"{origin.name}, {origin.row(int(rows[i]))}: the label column '{name}' is empty: "
+            "fill it in or remove the row"
+        )
+    index = public_class_ids(classes)
+    names = [canonical(v) for v in column.to_numpy()]
+    y = np.asarray([index.get(n, -1) for n in names], dtype=np.int64)
+    if (y < 0).any():
+        i = int(np.flatnonzero(y < 0)[0])
+        where = f"{origin.name}, {origin.row(int(rows[i]))}, column '{name}',"
+        raise unknown_label(names[i], where, classes)
+    return y, classes, "classification"
 
 
 def columns_named(frame, names: Sequence[str], origin: Origin, what: str, flag: str) -> None:
@@ -314,10 +353,12 @@ def from_frame(
     hash_buckets: int = 16,
     min_rows: int = 1,
     origin: Origin | None = None,
+    classes: Sequence[str] = (),
 ) -> Dataset:
     """A table already in memory (a pandas DataFrame) as a tabular :class:`Dataset`.
 
     ``origin`` names it in errors and fingerprints it; by default the frame's content.
+    ``classes``: the run's public class list (see the module docstring).
     """
     if hash_buckets < 4:
         raise FerryError(f"hash_buckets {hash_buckets} is too small: use at least 4 (e.g. 16)")
@@ -333,7 +374,8 @@ def from_frame(
     frame, rows = non_blank_rows(frame)
     enough_rows(len(frame), min_rows, origin)
 
-    y, classes, task = parse_target(frame[label_column], label_column, task, origin, rows)
+    public = list(classes)
+    y, classes, task = parse_target(frame[label_column], label_column, task, origin, rows, public)
     groups = group_keys(frame[group_column], group_column, origin, rows) if group_column else None
     skip = {label_column, group_column, *drop_columns}
     blocks, names, numeric = [], [], []
@@ -371,6 +413,7 @@ def from_frame(
     key = (
         f"{origin.fingerprint}|label={label_column}|task={task}|cat={sorted(categorical)}"
         f"|drop={sorted(drop_columns)}|group={group_column}|buckets={hash_buckets}"
+        f"|classes={public}"
     )
     return Dataset(
         x=np.concatenate(blocks, axis=1).astype(np.float32),
@@ -394,10 +437,12 @@ def load_table(
     group_column: str = "",
     hash_buckets: int = 16,
     min_rows: int = 1,
+    classes: Sequence[str] = (),
 ) -> Dataset:
     """A CSV (``.csv``, ``.tsv``, optionally ``.gz``) or Parquet file as a tabular
     :class:`Dataset` (see the module docstring). ``min_rows``: the number of clients that
-    will share the rows (an error names it when there are fewer rows)."""
+    will share the rows (an error names it when there are fewer rows). ``classes``: the run's
+    public class list."""
     frame, origin = read_frame(path)
     return from_frame(
         frame,
@@ -409,4 +454,5 @@ def load_table(
         hash_buckets,
         min_rows,
         origin,
+        classes,
     )

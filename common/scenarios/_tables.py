@@ -23,4 +23,5 @@ def load_table_for(spec, scenario: str) -> Dataset:
         categorical=list(spec.categorical) or None,
         group_column=spec.partition_column,
         min_rows=spec.num_partitions,
+        classes=spec.classes,
     )

@@ -32,5 +32,6 @@ register_scenario(
         example="ferry simulate --scenario bank-credit --data loans.parquet --label-column default",
         synthetic=synthetic,
         load=load,
+        classes=("0", "1"),
     )
 )

@@ -23,6 +23,7 @@ def load(spec) -> Dataset:
         activity_column=spec.label_column or "activity",
         task=spec.task,
         skip_invalid=spec.skip_unreadable,
+        classes=spec.classes,
     )
 
 
@@ -41,5 +42,6 @@ register_scenario(
         example="ferry simulate --scenario drug-activity --data assays.csv",
         synthetic=synthetic,
         load=load,
+        classes=("inactive", "active"),
     )
 )

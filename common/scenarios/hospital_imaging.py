@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 from common.data.dataset import Dataset
+from common.data.synthetic import class_names
 from common.scenarios.registry import Scenario, register_scenario
 
 
 def synthetic(spec, split: str = "target") -> Dataset:
-    from common.data.synthetic import class_names, make_images
+    from common.data.synthetic import make_images
 
     task = "source" if split == "source" else "target"
     images, labels = make_images(task, spec.examples, spec.seed)
@@ -20,11 +21,20 @@ def synthetic(spec, split: str = "target") -> Dataset:
     )
 
 
+TARGET_CLASSES = class_names("target")
+
+
 def load(spec) -> Dataset:
     from common.data.image_folder import load_images
 
     channels, size = spec.input_shape[0], spec.input_shape[-1]
-    return load_images(Path(spec.data), channels, size, skip_unreadable=spec.skip_unreadable)
+    return load_images(
+        Path(spec.data),
+        channels,
+        size,
+        skip_unreadable=spec.skip_unreadable,
+        classes=spec.classes,
+    )
 
 
 register_scenario(
@@ -40,5 +50,6 @@ register_scenario(
         example="ferry simulate --scenario hospital-imaging --data scans/",
         synthetic=synthetic,
         load=load,
+        classes=tuple(TARGET_CLASSES),
     )
 )

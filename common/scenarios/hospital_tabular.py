@@ -31,5 +31,6 @@ register_scenario(
         "--label-column outcome",
         synthetic=synthetic,
         load=load,
+        classes=("0", "1"),
     )
 )

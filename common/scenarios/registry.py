@@ -16,7 +16,9 @@ class Scenario:
     ``synthetic(spec, split)`` generates the built-in data (``split`` "target" for the
     institutions, "source" for ``ferry pretrain``); ``load(spec)`` reads a user's file or
     folder (``spec.data``) with the options the format needs. Both return a
-    :class:`Dataset` and compute no statistics over it.
+    :class:`Dataset` and compute no statistics over it. ``classes``: the public class list
+    of its built-in task (empty for regression): the run's classes when it gives none and
+    uses the built-in data, or a deployment whose operator lists none.
     """
 
     name: str
@@ -29,6 +31,7 @@ class Scenario:
     synthetic: Callable[..., Dataset]
     load: Callable[..., Dataset]
     lr: float = 1.0  # the DP-SGD learning rate that suits its default head
+    classes: tuple[str, ...] = ()
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -52,15 +55,20 @@ def get_scenario(name: str) -> Scenario:
 
 def with_scenario_defaults(cfg):
     """``cfg`` (a RunConfig) with the scenario's backbone and partition where it left them
-    unset."""
+    unset, and its public class list when the run names none, is not a regression and
+    reads no researcher's ``--data`` (a simulation on ``--data`` fixes the list from it)."""
     from dataclasses import replace
 
     scenario = get_scenario(cfg.scenario)
+    classes = cfg.classes
+    if not classes and not cfg.data and cfg.task != "regression" and scenario.classes:
+        classes = ",".join(scenario.classes)
     return replace(
         cfg,
         backbone=cfg.backbone or scenario.backbone,
         partition=cfg.partition or scenario.partition,
         lr=cfg.learning_rate,
+        classes=classes,
     )
 
 
