@@ -8,11 +8,18 @@ Message types:
                             ``signature``, :mod:`common.privacy.report`)
   ``evaluate``              arrays{head}, config{run} -> metrics
 A client-side refusal (bad input, unverifiable backbone) is a reply with config{refusal}.
+
+In a deployed client every refusal is also written to the institution's own log (stderr, kept
+by the SuperNode log). A refusal about its data reaches the server as one generic line (the
+details may quote private cells: :func:`client.runtime._local_data`), and an unexpected error
+in a deployed client reaches it as one generic line too, its traceback only in that log.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import traceback
 
 import numpy as np
 import torch
@@ -37,8 +44,27 @@ def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
-def _refuse(msg: Message, exc: FerryError) -> Message:
+def _deployed(context: Context) -> bool:
+    return "partition-id" not in context.node_config
+
+
+def _failed(msg: Message, context: Context, exc: Exception) -> Message:
+    """An unexpected error: in simulation it propagates (the researcher's traceback); in a
+    deployed client its text may quote private data, so only this institution's log sees it."""
+    if not _deployed(context):
+        raise exc
+    traceback.print_exception(exc, file=sys.stderr)
+    return _refuse(
+        msg,
+        FerryError("this institution's client failed on the round: details in its own log"),
+        context,
+    )
+
+
+def _refuse(msg: Message, exc: FerryError, context: Context | None = None) -> Message:
     kind = getattr(exc, "kind", "error")
+    if context is not None and _deployed(context):
+        print(f"ferry: refused a {msg.metadata.message_type} message: {exc}", file=sys.stderr)
     return Message(
         RecordDict({"refusal": ConfigRecord({"reason": str(exc), "kind": kind})}), reply_to=msg
     )
@@ -75,7 +101,9 @@ def train(msg: Message, context: Context) -> Message:
         req = runtime.request_from_record(dict(msg.content["run"]))
         head, metrics, report = runtime.train_round(settings, req, _arrays(msg.content["head"]))
     except FerryError as exc:
-        return _refuse(msg, exc)
+        return _refuse(msg, exc, context)
+    except Exception as exc:
+        return _failed(msg, context, exc)
     content = RecordDict(
         {
             "head": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in head.items()}),
@@ -97,5 +125,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         req = runtime.request_from_record(dict(msg.content["run"]))
         metrics = runtime.evaluate_round(settings, req, _arrays(msg.content["head"]))
     except FerryError as exc:
-        return _refuse(msg, exc)
+        return _refuse(msg, exc, context)
+    except Exception as exc:
+        return _failed(msg, context, exc)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

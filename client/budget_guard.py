@@ -36,6 +36,10 @@ from common.privacy.accounting import (
 # beyond any federated round (ceil(n / batch) * local epochs: 100,000 examples, batch 32 and
 # 10 local epochs are 31,250); only a hostile batch size or epoch count gets there.
 MAX_STEPS_PER_ROUND = 1_000_000
+# More example-steps (steps x n: the Poisson draws a round makes, and so its work) than this is
+# refused too: 100,000 examples x 31,250 steps is 3.1e9; 1e6 steps at batch 1 on 20,000
+# examples (2e10) is an operator making the institution burn hours before anything is learnt.
+MAX_EXAMPLE_STEPS_PER_ROUND = 4_000_000_000
 
 
 @dataclass(frozen=True)
@@ -55,13 +59,20 @@ class MechanismRefused(BudgetExceeded):
     small to account); refused like an exceeded budget."""
 
 
-def check_steps(steps: int) -> None:
-    """Refuse a round of absurdly many steps before any noise derivation or training."""
+def check_steps(steps: int, examples: int | None = None) -> None:
+    """Refuse a round of absurdly many steps, or (given the institution's ``examples``)
+    absurdly much work, before any noise derivation, reservation or training."""
     if not 1 <= steps <= MAX_STEPS_PER_ROUND:
         raise MechanismRefused(
             f"the server's round plan has {steps:,} DP-SGD steps (limit "
             f"{MAX_STEPS_PER_ROUND:,}): ask the operator for a larger batch size or fewer "
             "local epochs"
+        )
+    if examples is not None and steps * examples > MAX_EXAMPLE_STEPS_PER_ROUND:
+        raise MechanismRefused(
+            f"the server's round plan has {steps:,} DP-SGD steps over {examples:,} examples "
+            f"({steps * examples:.3g} example-steps, limit {MAX_EXAMPLE_STEPS_PER_ROUND:.3g}): "
+            "ask the operator for a larger batch size or fewer local epochs"
         )
 
 

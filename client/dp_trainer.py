@@ -64,6 +64,13 @@ class DPTrainConfig:
     # flat: per-example gradients, then clipping; ghost: Opacus ghost clipping (same mechanism).
     clipping: str = "flat"
 
+    @property
+    def private(self) -> bool:
+        """The one definition of a private round, used by the trainer, the budget's
+        reservation and the report alike: one not marked non-private. (A non-private round
+        with noise is refused by :meth:`validate`, so no noised round goes unaccounted.)"""
+        return not self.non_private
+
     def validate(self) -> None:
         if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
             raise FerryError(
@@ -75,8 +82,15 @@ class DPTrainConfig:
                 "noise multiplier 0 gives no privacy: give a positive --noise-multiplier, or "
                 "mark the run non-private with --non-private"
             )
-        if self.max_grad_norm <= 0:
-            raise FerryError(f"max grad norm must be > 0, got {self.max_grad_norm}")
+        if self.noise_multiplier > 0 and self.non_private:
+            raise FerryError(
+                f"a non-private round with noise multiplier {self.noise_multiplier:g} is a "
+                "contradiction: drop the noise multiplier or the non-private mark"
+            )
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise FerryError(
+                f"max grad norm must be a positive finite number, got {self.max_grad_norm}"
+            )
         if self.batch_size < 1 or self.local_epochs < 1:
             raise FerryError("batch size and local epochs must be >= 1")
         if self.clipping not in CLIPPING:
@@ -146,7 +160,7 @@ def train_tail(
     sampling = dp_randomness.round_generator("cpu")
     indices = _Indices(n)
     model, engine = tail, None
-    if not cfg.non_private or cfg.noise_multiplier > 0:
+    if cfg.private:
         from opacus import PrivacyEngine
 
         loader = DataLoader(
@@ -252,7 +266,7 @@ def _train_linear(tail, inputs, targets, rows, y, cfg: DPTrainConfig, task: str)
         steps=steps,
         lr=cfg.lr,
         task=task,
-        private=not cfg.non_private or cfg.noise_multiplier > 0,
+        private=cfg.private,
     )
     tail.eval()
     accuracy, rmse = _fit(tail, inputs, targets, task)

@@ -30,6 +30,7 @@ from client import dp_randomness
 from common.privacy.accounting import MechanismSegment
 
 NOISE_BLOCK = 1 << 22  # noise values drawn per call (16 MiB of float32, twice: secure sum)
+MASK_BLOCK = 1 << 24  # Poisson draws per call (64 MiB of float32): memory bounded for any round
 
 
 def row_norms(x: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -102,13 +103,19 @@ def train_linear(
     sizes = (w.numel(), 0 if b is None else b.numel())
     step = lr / expected
     # Draws are made in blocks (a block of Poisson masks, a block of noise vectors) rather
-    # than step by step: the same distributions, a fraction of the per-call overhead.
-    masks = torch.rand((steps, n), generator=generator, device=x.device) < sample_rate
+    # than step by step: the same distributions, a fraction of the per-call overhead, and at
+    # most MASK_BLOCK mask draws and NOISE_BLOCK noise values in memory whatever the round.
+    mask_rows = max(1, min(steps, MASK_BLOCK // max(1, n)))
     per_block = max(1, min(steps, NOISE_BLOCK // max(1, sum(sizes))))
-    noise = torch.empty(0)
+    masks = noise = torch.empty(0)
     with torch.no_grad():
         for i in range(steps):
-            mask = masks[i]
+            if i % mask_rows == 0:
+                rows = min(mask_rows, steps - i)
+                draws = torch.rand((rows, n), generator=generator, device=x.device)
+                masks = draws < sample_rate
+                del draws
+            mask = masks[i % mask_rows]
             xb, yb = x[mask], y[mask]
             g_w, g_b, losses = exact_clipped_sum(layer, xb, yb, clip, task, x_norm[mask])
             if private:  # N(0, (sigma C)^2) on every coordinate of the clipped sum

@@ -10,7 +10,10 @@ is the ground truth of the institution's spend, so:
 - **It is hash-chained**: every entry carries ``prev``, the sha256 of the previous entry (the
   first, of ``ferry-privacy-state`` and the institution's name), so an edited, reordered or
   relabelled entry makes the copy unreadable.
-- **It is never silently recreated.** Only a directory with neither copy is a fresh budget.
+- **It is never silently recreated.** Only a directory with neither copy, and no sign that a
+  state existed, is a fresh budget: a receipt chain (``receipts.jsonl``) recording a private
+  round, or a report-signing key without receipts, means both copies were lost (one
+  ``rm privacy_state.json*``), which is a refusal naming what the receipts record.
   One copy missing, emptied, unreadable, truncated or different from the other is a refusal
   that names the exact fix (e.g. ``cp privacy_state.json.bak privacy_state.json``), with one
   exception that a crash produces: one copy equal to the other plus exactly one more entry is
@@ -49,10 +52,12 @@ from pathlib import Path
 
 from common.errors import FerryError
 from common.privacy.accounting import MechanismSegment, epsilon_for_history
+from common.privacy.report import RECEIPTS_FILE, read_receipts
 
 STATE_FILE = "privacy_state.json"
 BACKUP_FILE = STATE_FILE + ".bak"
 LOCK_FILE = "privacy_state.lock"
+SIGNING_KEY_FILE = "report-signing.key"  # client.receipts.LOCAL_KEY (made on the first report)
 FORMAT = 2
 
 
@@ -235,6 +240,7 @@ def _load(path: Path, institution: str) -> PrivacyState:
                 f"{institution}'s own state directory (never copy another institution's state)"
             )
     if main.problem == backup.problem == "missing":
+        _refuse_if_state_existed(path.parent)
         return PrivacyState(path, institution)
     if main.state is not None and backup.state is not None:
         a, b = main.state.entries, backup.state.entries
@@ -266,6 +272,57 @@ def _load(path: Path, institution: str) -> PrivacyState:
         f"{good.describe()}: restore it with `cp {good.path} {bad.path}` "
         "(a fresh budget is never started over a lost state)"
     )
+
+
+def _refuse_if_state_existed(state_dir: Path) -> None:
+    """Both copies are missing: refuse if the directory shows a state existed (its receipt
+    chain records a private round, is unreadable, or a signing key has no receipts)."""
+    receipts = state_dir / RECEIPTS_FILE
+    try:
+        data = receipts.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    except OSError as exc:
+        raise FerryError(
+            f"{receipts} is unreadable ({exc.strerror}) and no privacy state exists: restore "
+            "the state directory from your backups"
+        ) from None
+    fix = (
+        f"restore {STATE_FILE} and {BACKUP_FILE} in {state_dir} from your own backups (they "
+        "are the only record of this institution's spend); a fresh budget is never started "
+        "over a lost state"
+    )
+    if data.strip():
+        found, problems = read_receipts(data)
+        private = [r for r in found if not _receipt_non_private(r.body)]
+        if private or problems:
+            last = _receipt_where(private[-1].body) if private else "unreadable"
+            raise FerryError(
+                f"privacy state {state_dir / STATE_FILE} and its backup are both missing, but "
+                f"{receipts} records {len(private)} private rounds (last: {last}): {fix}"
+            )
+    elif (state_dir / SIGNING_KEY_FILE).exists():
+        raise FerryError(
+            f"privacy state {state_dir / STATE_FILE} and its backup are both missing, but "
+            f"{state_dir / SIGNING_KEY_FILE} shows this institution reported rounds: {fix}"
+        )
+
+
+def _receipt_body(body: str) -> dict:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _receipt_non_private(body: str) -> bool:
+    return _receipt_body(body).get("non_private") is True
+
+
+def _receipt_where(body: str) -> str:
+    data = _receipt_body(body)
+    return f"run {data.get('run_id', '?')!r} round {data.get('round', '?')}"
 
 
 def _repaired(state: PrivacyState) -> PrivacyState:

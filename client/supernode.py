@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.held_out import check_test_fraction, pin_split
 from common.certs import check_institution_name
 from common.child_processes import ChildProcess, exit_on_signals, flower_bin, flower_env
 from common.data.image_folder import IMAGE_SUFFIXES
@@ -63,6 +64,9 @@ class InstitutionSettings:
     cache_dir: Path | None = None
     runtime_port: int = 9094
     insecure: bool = False
+    # The institution's held-out fraction, pinned on first start with a secret salt
+    # (client.held_out); None: the pinned one (0.2 on first start).
+    test_fraction: float | None = None
 
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -177,6 +181,8 @@ def check_settings(s: InstitutionSettings) -> tuple[list[str], int]:
     check_state_dir(s.state_dir)
     if s.cache_dir is not None:
         check_state_dir(s.cache_dir)
+    if s.test_fraction is not None:
+        check_test_fraction(s.test_fraction)
     _check_runtime_port(s.runtime_port)
     if not s.insecure and not check_server_identity(host, port, s.root_cert):
         print(
@@ -196,6 +202,9 @@ def write_node_config(s: InstitutionSettings) -> Path:
         "cache-dir": str((s.cache_dir or s.state_dir / "cache").resolve()),
         "budget-epsilon": float(s.budget_epsilon),
         "budget-delta": float(s.budget_delta),
+        # Its own held-out split (fraction and secret salt), pinned in the state directory:
+        # the server's test-fraction and seed never decide which records are held out.
+        "test-fraction": pin_split(s.state_dir, s.test_fraction).test_fraction,
     }
     if s.key is not None:  # its registered identity also signs its privacy reports
         values["report-key"] = str(s.key.resolve())

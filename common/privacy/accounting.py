@@ -47,6 +47,11 @@ class UnaccountableMechanism(FerryError):
     kind = "mechanism"
 
 
+class UnreachableTarget(UnaccountableMechanism, ValueError):
+    """No noise multiplier reaches the target epsilon (a target that is not a positive
+    number, a delta no accountant takes, or a target too small for any bounded noise)."""
+
+
 @dataclass(frozen=True)
 class MechanismSegment:
     """``steps`` steps of PoissonSampled(q=sample_rate, Gaussian(noise_multiplier))."""
@@ -128,7 +133,18 @@ def _epsilon_cached(compact: tuple[MechanismSegment, ...], delta: float, account
             )
     acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
     acc.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in compact]
-    return float(acc.get_epsilon(delta))
+    try:
+        return float(acc.get_epsilon(delta))
+    except (OverflowError, ValueError, ZeroDivisionError, FloatingPointError) as exc:
+        # Hostile numbers (sigma 1e300, delta NaN) are a refusal, never a traceback.
+        raise UnaccountableMechanism(
+            f"the {accountant.upper()} accountant cannot evaluate "
+            + ", ".join(
+                f"σ={s.noise_multiplier:g} q={s.sample_rate:g} steps={s.steps}" for s in compact
+            )
+            + f" at δ={delta:g} ({type(exc).__name__}): use a noise multiplier and delta in "
+            "a sensible range (e.g. σ 0.5 to 100, δ 1e-5)"
+        ) from None
 
 
 def prv_grid_points(compact: Sequence[MechanismSegment], delta: float) -> float:
@@ -168,7 +184,11 @@ def epsilon_lower_bound(history: Iterable[MechanismSegment], delta: float) -> fl
     for seg in compact_history(history):
         if seg.noise_multiplier <= 0:
             return math.inf
-        floor = max(floor, _one_step_epsilon(seg.noise_multiplier, seg.sample_rate, delta))
+        try:
+            one = _one_step_epsilon(seg.noise_multiplier, seg.sample_rate, delta)
+        except (OverflowError, ZeroDivisionError, FloatingPointError):
+            one = 0.0  # 0 is always a valid floor (hostile numbers, e.g. sigma 1e300)
+        floor = max(floor, one)
     return floor
 
 
@@ -226,8 +246,32 @@ def noise_multiplier_for_target(
     stay at or below ``target_epsilon`` at ``delta``. The answer is always on the safe side:
     the returned sigma satisfies epsilon <= target.
     """
-    if target_epsilon <= 0 or not math.isfinite(target_epsilon):
-        raise ValueError(f"target epsilon must be a positive number, got {target_epsilon}")
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise UnreachableTarget(
+            f"target epsilon must be a positive number, got {target_epsilon}: use e.g. 3"
+        )
+    if not 0 < delta < 1:
+        raise UnreachableTarget(f"delta must be in (0, 1), got {delta}: use e.g. 1e-5")
+    try:
+        return _search_sigma(target_epsilon, delta, sample_rate, steps, accountant, rel_tol)
+    except UnaccountableMechanism:
+        raise
+    except (OverflowError, ValueError, ZeroDivisionError, FloatingPointError) as exc:
+        raise UnreachableTarget(
+            f"no noise multiplier reaches epsilon={target_epsilon:g} at delta={delta:g} "
+            f"with sample rate {sample_rate:g} over {steps} steps ({exc}): ask for a larger "
+            "target epsilon"
+        ) from None
+
+
+def _search_sigma(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    rel_tol: float,
+) -> float:
 
     def eps(sigma: float, acc: str = accountant) -> float:
         seg = MechanismSegment(sigma, sample_rate, steps)
@@ -263,9 +307,9 @@ def _bisect_sigma(eps, target: float, rel_tol: float, sample_rate: float, steps:
         lo, hi = hi, hi * 2
         while eps(hi) > target:
             if hi > 1e4:
-                raise ValueError(
-                    f"no noise multiplier reaches epsilon={target} with sample rate "
-                    f"{sample_rate} over {steps} steps"
+                raise UnreachableTarget(
+                    f"no noise multiplier up to 1e4 reaches epsilon={target:g} with sample "
+                    f"rate {sample_rate:g} over {steps} steps: ask for a larger target epsilon"
                 )
             lo, hi = hi, hi * 2
     while (hi - lo) / hi > rel_tol:

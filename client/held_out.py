@@ -1,0 +1,97 @@
+"""A deployed institution's own held-out split: its test fraction and a secret salt, pinned.
+
+The held-out split decides which records train (under DP) and which are only evaluated (their
+sufficient statistics leave without DP). If the server chose it, an evaluate message with
+``test-fraction 0.95`` (or another seed) would turn training records into "held-out" ones and
+release their exact statistics. So a deployed institution's split is its own:
+
+- ``ferry client --test-fraction F`` (default 0.2) fixes the fraction, and a salt is drawn
+  once from OS entropy (:mod:`secrets`); both are written to ``<state_dir>/split.json`` on
+  first start and never change (a different ``--test-fraction`` later is refused: records
+  would move between train and held-out);
+- each record's side is a function of this salt and the record's own content
+  (:func:`common.data.partition.train_test_split`), so the operator can neither predict nor
+  move it, and adding one record moves no other.
+
+The server's ``test-fraction`` and ``seed`` never reach a deployed client's split. In a
+simulation the researcher owns the data, and the run's settings decide the split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import FerryError
+
+SPLIT_FILE = "split.json"
+DEFAULT_TEST_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class HeldOutSplit:
+    """The institution's pinned split: the fraction held out and the private salt."""
+
+    test_fraction: float
+    salt: int  # secret: never sent, never logged
+
+
+def check_test_fraction(value: float) -> float:
+    if not (0 < value < 1 and math.isfinite(value)):
+        raise FerryError(f"--test-fraction {value!r} is invalid: use a fraction in (0, 1)")
+    return float(value)
+
+
+def pin_split(state_dir: str | os.PathLike, test_fraction: float | None = None) -> HeldOutSplit:
+    """The split pinned in ``state_dir`` (made on first use with ``test_fraction``, default
+    0.2, and a fresh salt). A ``test_fraction`` other than the pinned one is refused."""
+    path = Path(state_dir) / SPLIT_FILE
+    if not path.exists():
+        fraction = check_test_fraction(
+            DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+        )
+        text = json.dumps({"test_fraction": fraction, "salt": secrets.randbits(63)})
+        tmp = path.with_name(f"{SPLIT_FILE}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "x") as f:
+                f.write(text + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # exclusive: a concurrent first start keeps the winner's
+            except FileExistsError:
+                pass
+        except OSError as exc:
+            raise FerryError(
+                f"cannot write {path} ({exc.strerror}): give a writable --state-dir"
+            ) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    pinned = _read(path)
+    if test_fraction is not None and test_fraction != pinned.test_fraction:
+        raise FerryError(
+            f"this institution's held-out split is pinned at test fraction "
+            f"{pinned.test_fraction:g} in {path}, not {test_fraction:g}: drop --test-fraction "
+            "or give the pinned value (changing it would move records between training and "
+            "held-out)"
+        )
+    return pinned
+
+
+def _read(path: Path) -> HeldOutSplit:
+    try:
+        data = json.loads(path.read_text())
+        split = HeldOutSplit(check_test_fraction(float(data["test_fraction"])), int(data["salt"]))
+    except (OSError, ValueError, KeyError, TypeError, FerryError):
+        raise FerryError(
+            f"{path} is unreadable: restore it from your backup (it fixes which of your records "
+            "are held out; deleting it would move records between training and held-out)"
+        ) from None
+    if not 0 <= split.salt < 2**63:
+        raise FerryError(f"{path} holds an invalid salt: restore it from your backup")
+    return split
