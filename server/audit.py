@@ -51,11 +51,22 @@ from server.audit_checks import (
     check_institution,
     trained_record,
 )
+from server.audit_presence import REPORT_MISSING, missing_reports
 from server.audit_render import render, write_plot
 from server.audit_replay import PLD_INTERVAL, ReplayFailure, replay_all, replay_description
 from server.ledger import HEAD_FILE, LEDGER_FILE, LedgerError, read_ledger
 
 PLOT_FILE = "audit_epsilon.png"
+# What a verdict says the audit could not see, so that a PASS never claims more than it checked.
+SELF_CONSISTENT = (
+    "signatures are self-consistent; the keys were found in the run directory written by the "
+    "operator, so they do not show who signed: give --keys from the institutions for an "
+    "independent check"
+)
+NO_RECEIPTS = (
+    "a report dropped from the end of an institution's chain, or an institution left out "
+    "entirely, is visible only with --receipts"
+)
 
 
 class AuditInputError(FerryError):
@@ -73,6 +84,9 @@ class AuditReport:
     tampered: str | None = None  # the one-line reason the chain is not trusted
     signatures: str = ""  # which keys verified the reports
     keyless: str | None = None  # why no signature could be verified at all
+    keys_in_run: bool = False  # the keys came from the run directory, not from --keys
+    not_checked: list[str] = field(default_factory=list)  # what only --receipts would show
+    receipts_checked: list[str] = field(default_factory=list)  # institutions cross-checked
     tolerance: float = TOLERANCE
 
     @property
@@ -98,11 +112,25 @@ class AuditReport:
             kinds = ", ".join(f"{k} ({c})" for k, c in self.violations.most_common())
             return f"FAIL: {bad} of {n} institutions in violation: {kinds}"
         partial = sum(1 for inst in self.institutions if inst.partial)
-        return (
-            f"PASS: chain intact ({self.records} records), signatures verified, "
-            f"{n} institutions replayed, no violation"
-            + (f" ({partial} partial: earlier history not in this ledger)" if partial else "")
+        signed = "" if self.keys_in_run else "signatures verified with the given keys, "
+        receipts = (
+            f", receipts of {len(self.receipts_checked)} institution(s) match the ledger"
+            if self.receipts_checked
+            else ""
         )
+        return (
+            f"PASS: chain intact ({self.records} records), {signed}"
+            f"{n} institutions replayed, no violation{receipts}"
+            + (f" ({partial} partial: earlier history not in this ledger)" if partial else "")
+            + "".join(f"; {c}" for c in self.caveats())
+        )
+
+    def caveats(self) -> list[str]:
+        """What a PASS does not show: who signed (keys from the run), and what only the
+        institutions' receipts would show."""
+        return ([SELF_CONSISTENT] if self.keys_in_run else []) + [
+            f"not checked: {n}" for n in self.not_checked
+        ]
 
     def to_json(self) -> dict:
         def num(x: float | None) -> float | None:
@@ -114,6 +142,12 @@ class AuditReport:
             "chain": "broken" if self.tampered else "intact",
             "tampered": self.tampered,
             "signatures": self.signatures,
+            "keys": "found in the run directory" if self.keys_in_run else "given (--keys)",
+            "signature_check": SELF_CONSISTENT
+            if self.keys_in_run
+            else "independent: verified with the keys the auditor gave",
+            "receipts_checked": self.receipts_checked,
+            "not_checked": self.not_checked,
             "keyless": self.keyless,
             "events": dict(self.events),
             "replay": replay_description(),
@@ -233,6 +267,7 @@ def audit_ledger(
         return report
     ring = sigs.load_keys([Path(k) for k in keys]) if keys else sigs.discover_keys(ledger.parent)
     report.signatures = _describe(ring)
+    report.keys_in_run = ring.found_in_run
     report.warnings += ring.problems
     if not ring.keys:
         report.keyless = (
@@ -241,6 +276,10 @@ def audit_ledger(
         )
     run_id = next((r.get("run_id") for r in records if r.get("event") == "run_started"), None)
     gathered: dict[str, _Institution] = {}
+    for name, detail in ring.conflicts:  # a key claiming a name is a finding, never a warning
+        gathered.setdefault(name, _Institution()).findings.setdefault(sigs.KEY_CONFLICT, []).append(
+            detail
+        )
     self_audited = set()
     for line, record in enumerate(records, start=1):
         report.events[str(record.get("event"))] += 1
@@ -275,9 +314,25 @@ def audit_ledger(
         ids = this_run or next((rep.run_id for *_, rep in inst.chain if rep), "")
         for line, kind, detail in sigs.chain_findings(inst.chain, ids):
             inst.find(kind, line, None, detail)
+    missing, notes = missing_reports(records, ring.keys, ring.source)
+    for name, details in missing.items():
+        gathered.setdefault(name, _Institution()).findings.setdefault(REPORT_MISSING, []).extend(
+            details
+        )
+    report.warnings += notes
+    covered: set[str] = set()
     if receipts:
-        _cross_check(report, gathered, ring, [Path(p) for p in receipts], this_run or "")
+        covered = _cross_check(report, gathered, ring, [Path(p) for p in receipts], this_run or "")
+    report.receipts_checked = sorted(covered)
     _replay_and_flag(report, gathered)
+    unchecked = sorted({i.institution for i in report.institutions} - covered - set(missing))
+    if not receipts:
+        report.not_checked.append(NO_RECEIPTS)
+    elif unchecked:
+        report.not_checked.append(
+            f"no receipts were given for {', '.join(unchecked)}: a report dropped from the "
+            "end of their chains is visible only with their receipts (--receipts)"
+        )
     if not any(r.get("event") == "client_trained" for r in records):
         report.warnings.append("no client_trained record: nothing to replay")
     return report
@@ -288,22 +343,21 @@ def _describe(ring: sigs.KeyRing) -> str:
         return f"no keys ({ring.source})"
     text = f"{len(ring.keys)} public key(s) from {ring.source}"
     if ring.found_in_run:
-        text += (
-            "; found in the run directory, so they show what the simulation's clients signed "
-            "(give --keys with keys you hold to check a deployment)"
-        )
+        text += f": {SELF_CONSISTENT}"
     return text
 
 
-def _cross_check(report, gathered, ring, paths: list[Path], run_id: str) -> None:
+def _cross_check(report, gathered, ring, paths: list[Path], run_id: str) -> set[str]:
+    """Flag receipts that differ from the ledger; return the institutions cross-checked."""
     in_ledger = {
         name: {dig: line for line, _, dig, _ in inst.chain} for name, inst in gathered.items()
     }  # authentic reports only: a forged one is no institution's receipt
-    found, problems = sigs.receipt_findings(paths, ring, in_ledger, run_id)
+    found, problems, covered = sigs.receipt_findings(paths, ring, in_ledger, run_id)
     report.warnings += problems
     for name, details in found.items():
         inst = gathered.setdefault(name, _Institution())
         inst.findings.setdefault(sigs.RECEIPTS, []).extend(details)
+    return covered
 
 
 def _replay_and_flag(report: AuditReport, gathered: dict[str, _Institution]) -> None:

@@ -4,8 +4,13 @@ Keys (public only) come from ``ferry audit --keys`` (a directory of ``NAME.pub``
 ``ferry certs`` writes them, a client state root holding ``NAME/report-signing.pub``, or one
 such file), or, without ``--keys``, from the run's own client state root (``<run>/clients``,
 where a simulation's virtual institutions keep their keys). Keys found in the run directory
-were put there by whoever wrote the run: they prove what a simulation's clients signed, not
-who a deployed institution is; the audit says which keys it used.
+were put there by whoever wrote the run, who can replace them and re-sign: they show that the
+signatures are self-consistent, not who signed; the audit says so in its verdict.
+
+A key's institution is named by its file only: ``NAME.pub``, or the state directory of
+``NAME/report-signing.pub``. A key whose OpenSSH comment (``ferry-OTHER``) names another
+institution, or a second, different key for one name, is a *key conflict*: a finding (the
+audit fails), never a warning, and the conflicting file's key is not used.
 
 Findings (kind, one line each) for one ``client_trained`` record:
 
@@ -46,17 +51,21 @@ CLIENT_STATE_DIR = "clients"  # a simulation's client state root, inside the run
 
 UNSIGNED, FORGED, NO_KEY = "missing signature", "forged or altered report", "no public key"
 MOVED, CHAIN, CONTRADICTS = "report moved", "report chain broken", "server contradicts report"
-RECEIPTS = "receipts differ"
+RECEIPTS, KEY_CONFLICT = "receipts differ", "key conflict"
 
 
 @dataclass
 class KeyRing:
-    """Institution name -> public key, and where they came from."""
+    """Institution name -> public key, and where they came from. ``conflicts``: (institution,
+    detail) for each key file that claims another institution's name or a second key for
+    one; each is a finding. ``problems``: unreadable files (warnings)."""
 
     keys: dict[str, ec.EllipticCurvePublicKey] = field(default_factory=dict)
     source: str = ""
     found_in_run: bool = False  # keys from the run directory, not from the auditor
     problems: list[str] = field(default_factory=list)
+    conflicts: list[tuple[str, str]] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)  # institution -> its key file
 
     def add_file(self, path: Path) -> None:
         try:
@@ -64,14 +73,31 @@ class KeyRing:
         except (OSError, ReportError) as exc:
             self.problems.append(f"{path}: {exc}")
             return
-        name = comment.removeprefix("ferry-") if comment.startswith("ferry-") else path.stem
-        if path.name == LOCAL_PUB and not comment.startswith("ferry-"):
-            name = path.parent.name
+        # The file names the institution; a comment is whatever its writer typed.
+        name = path.parent.name if path.name == LOCAL_PUB else path.name.removesuffix(".pub")
+        claimed = comment.split()[0].removeprefix("ferry-") if comment.startswith("ferry-") else ""
+        if claimed and claimed != name:
+            self.conflicts.append(
+                (
+                    claimed,
+                    f"key file {path} says it is ferry-{claimed}, but its file names {name}: "
+                    f"not used (a key counts as {claimed}'s only as {claimed}.pub or "
+                    f"{claimed}/{LOCAL_PUB})",
+                )
+            )
+            return
         known = self.keys.get(name)
         if known is not None and fingerprint(known) != fingerprint(key):
-            self.problems.append(f"{path}: a second, different key for {name} (ignored)")
+            self.conflicts.append(
+                (
+                    name,
+                    f"key files {self.files[name]} and {path} hold two different keys for "
+                    f"{name}: the second is not used; give only the key {name} handed over",
+                )
+            )
             return
         self.keys[name] = key
+        self.files.setdefault(name, path)
 
 
 def load_keys(paths: list[Path]) -> KeyRing:
@@ -232,11 +258,13 @@ def chain_findings(entries: list[tuple], run_id: str):
 
 def receipt_findings(
     paths: list[Path], ring: KeyRing, ledger: dict[str, dict[str, int]], run_id: str
-) -> tuple[dict[str, list[str]], list[str]]:
+) -> tuple[dict[str, list[str]], list[str], set[str]]:
     """Cross-check receipt chains with the ledger. ``ledger``: institution -> {report digest
-    -> line}. Returns ({institution: details}, problems with the receipt files)."""
+    -> line}. Returns ({institution: details}, problems with the receipt files, the
+    institutions whose receipts were checked: at least one receipt verified with its key)."""
     found: dict[str, list[str]] = {}
     problems: list[str] = []
+    covered: set[str] = set()
     files = []
     for path in paths:
         if path.is_file():
@@ -276,10 +304,11 @@ def receipt_findings(
                     f"receipt {number} ({file.name}, round {report.round}) is missing from "
                     "the ledger"
                 )
+        covered.update(kept)
         for name, digests in kept.items():
             for dig, line in ledger.get(name, {}).items():
                 if dig not in digests:
                     found.setdefault(name, []).append(
                         f"line {line}: a report {name} never kept in {file}"
                     )
-    return found, problems
+    return found, problems, covered

@@ -34,6 +34,16 @@ from common.privacy.report import (
 from server import audit
 from server.ledger import HEAD_FILE, LEDGER_FILE, Ledger, read_ledger
 
+# What a PASS must say it did not check (the README quotes these lines).
+NO_RECEIPTS = (
+    "a report dropped from the end of an institution's chain, or an institution left out "
+    "entirely, is visible only with --receipts"
+)
+SELF_CONSISTENT = (
+    "signatures are self-consistent; the keys were found in the run directory written by the "
+    "operator, so they do not show who signed: give --keys from the institutions for an "
+    "independent check"
+)
 SIGMA = {"hospital-a": 1.1, "clinic-b": 1.3}
 Q = {"hospital-a": 0.05, "clinic-b": 0.02}
 
@@ -128,7 +138,10 @@ def assert_fails_naming(capsys, run: Path, name: str, line: int, *kinds: str) ->
 def test_honest_ledger_passes(run: Path, capsys) -> None:
     code, out, _ = ferry_audit(capsys, run, "--no-plot", "--receipts", run / "clients")
     assert code == 0, out
-    assert "signatures verified" in out.strip().splitlines()[-1]
+    verdict = out.strip().splitlines()[-1]
+    assert verdict.startswith("PASS") and "receipts of 2 institution(s) match" in verdict
+    assert NO_RECEIPTS not in verdict  # the receipts covered what the ledger cannot
+    assert SELF_CONSISTENT in verdict  # but the keys are the run's own
 
 
 def test_halved_sample_rate_rechained_fails(run: Path, capsys) -> None:
@@ -239,18 +252,213 @@ def test_report_moved_to_another_round_fails(run: Path, capsys) -> None:
     assert_fails_naming(capsys, run, "clinic-b", two, "report moved")
 
 
-def test_receipts_show_a_report_missing_from_the_ledger(run: Path, capsys) -> None:
-    """Dropped at the end (no later report shows the gap): only the receipts tell."""
+def _leave_out(records: list[dict], name: str, rounds: set[int] | None = None) -> list[dict]:
+    """The operator's cut: ``name``'s reports of ``rounds`` (all when None) deleted, and
+    ``name`` struck from those rounds' participants, so no other record names them."""
+    out = []
+    for rec in records:
+        if rounds is None or rec.get("round") in rounds:
+            if rec.get("institution") == name:
+                continue
+            if rec.get("event") == "round_aggregated":
+                rec = {**rec, "participants": [p for p in rec["participants"] if p != name]}
+        out.append(rec)
+    return out
+
+
+def test_last_report_dropped_but_still_a_participant_fails(run: Path, capsys) -> None:
+    """The operator deletes clinic-b's last report (no later report shows a gap in its chain)
+    and re-chains; the round it aggregated still names clinic-b as a participant."""
     records = records_of(run)
-    last = line_of(records, "hospital-a", ROUNDS)
-    del records[last - 1]
+    dropped = line_of(records, "clinic-b", ROUNDS)
+    del records[dropped - 1]
+    rechain(run, records)
+    aggregated = next(
+        i
+        for i, r in enumerate(records, start=1)
+        if r.get("event") == "round_aggregated" and r["round"] == ROUNDS
+    )
+    out = assert_fails_naming(capsys, run, "clinic-b", aggregated, "report missing")
+    assert f"(round {ROUNDS}): a participant of that round, but no report" in out
+
+
+def test_last_report_left_out_entirely_is_a_stated_blind_spot_then_caught_by_receipts(
+    run: Path, capsys
+) -> None:
+    """The operator deletes hospital-a's last report and strikes it from that round's
+    participants: the ledger alone cannot show it. The verdict must say so rather than read
+    as a plain PASS, and the institution's receipts must fail the audit naming the round."""
+    records = _leave_out(records_of(run), "hospital-a", {ROUNDS})
     rechain(run, records)
     code, out, _ = ferry_audit(capsys, run, "--no-plot")
-    assert code == 0  # nothing in the ledger itself betrays the drop...
+    assert code == 0, out  # nothing in the ledger itself betrays the drop...
+    assert out.strip().splitlines()[-1].endswith(f"not checked: {NO_RECEIPTS}")
+    code, out, _ = ferry_audit(capsys, run, "--no-plot", "--json")
+    assert json.loads(out)["not_checked"] == [NO_RECEIPTS]
     code, out, _ = ferry_audit(capsys, run, "--no-plot", "--receipts", run / "clients")
     assert code == 1  # ...but the institution's own receipt chain does
-    assert f"hospital-a: receipts differ: receipt {ROUNDS}" in out
+    assert out.strip().splitlines()[-1].startswith("FAIL")
+    assert f"hospital-a: receipts differ: receipt {ROUNDS} (receipts.jsonl, round {ROUNDS})" in out
     assert "is missing from the ledger" in out
+
+
+def _auditor_keys(run: Path, directory: Path) -> Path:
+    """The institutions' NAME.pub files, as the auditor holds them (copied before any attack)."""
+    directory.mkdir()
+    for name in SIGMA:
+        shutil.copy(run / "clients" / name / "report-signing.pub", directory / f"{name}.pub")
+    return directory
+
+
+def test_institution_left_out_entirely_fails_with_its_key(
+    run: Path, tmp_path: Path, capsys
+) -> None:
+    """Every record of clinic-b deleted (and its name struck from every participants list):
+    the auditor holds clinic-b's key, so an institution without a single report is a finding."""
+    keys = _auditor_keys(run, tmp_path / "keys")
+    rechain(run, _leave_out(records_of(run), "clinic-b"))
+    code, out, err = ferry_audit(capsys, run, "--no-plot", "--keys", keys)
+    assert code == 1, out
+    assert "Traceback" not in out + err
+    assert out.strip().splitlines()[-1].startswith("FAIL")
+    assert "clinic-b: report missing: has a public key in" in out
+    code, out, _ = ferry_audit(capsys, run, "--no-plot")  # the run's own keys: the same
+    assert code == 1 and "clinic-b: report missing" in out
+
+
+def test_institution_left_out_but_sent_the_backbone_fails(run: Path, capsys) -> None:
+    """The operator leaves clinic-b out, its key and state directory too, but forgets that the
+    ledger shows it was sent the backbone to train in round 1."""
+    records = _leave_out(records_of(run), "clinic-b")
+    shipped = dict(
+        event="backbone_shipped",
+        run_id="run-a",
+        round=1,
+        node_id="node-b",
+        backbone_sha256="ab" * 32,
+        bytes=10,
+    )
+    records.insert(1, shipped)
+    rechain(run, records)
+    shutil.rmtree(run / "clients" / "clinic-b")
+    code, out, _ = ferry_audit(capsys, run, "--no-plot")
+    assert code == 1, out
+    assert "node node-b: report missing: line 2 (round 1): sent the backbone to train" in out
+
+
+def test_institution_that_only_refused_is_a_note_not_a_finding(run: Path, capsys) -> None:
+    """An honest run where clinic-c refused (its budget was spent in an earlier run): no
+    report is expected, so the audit passes and says why clinic-c has none."""
+    records = records_of(run)
+    refusal = dict(
+        event="client_refused",
+        run_id="run-a",
+        round=1,
+        institution="clinic-c",
+        node_id="node-c",
+        reason="budget spent",
+        kind="budget",
+    )
+    records.insert(1, refusal)
+    rechain(run, records)
+    code, out, _ = ferry_audit(capsys, run, "--no-plot")
+    assert code == 0, out
+    assert "warning: clinic-c has no report in this ledger: it refused" in out
+
+
+def test_hostile_presence_records_get_a_verdict_not_a_traceback(run: Path, capsys) -> None:
+    records = records_of(run)
+    records += [
+        dict(event="round_aggregated", run_id="run-a", round=[1], participants=[{"a": 1}, None]),
+        dict(event="round_aggregated", run_id="run-a", round=2, participants="clinic-b"),
+        dict(event="round_aggregated", run_id="run-a", round=1e300, participants=["ghost"]),
+        dict(event="backbone_shipped", run_id="run-a", round={"r": 1}, node_id=["n"]),
+        dict(event="client_dropped", run_id="run-a", round=None, institution=7, stage=[1]),
+    ]
+    rechain(run, records)
+    code, out, err = ferry_audit(capsys, run, "--no-plot")
+    assert code == 1 and "Traceback" not in out + err and err == ""
+    assert "ghost: report missing: line" in out  # a participant without a report
+
+
+def _resign(records: list[dict], name: str, key: ec.EllipticCurvePrivateKey) -> None:
+    """Re-sign ``name``'s reports with ``key``, claiming twice the noise (a smaller epsilon)."""
+    prev, history = "0" * 64, []
+    for rec in records:
+        if rec.get("event") == "client_trained" and rec["institution"] == name:
+            body = json.loads(rec["signed_report"]["body"])
+            sigma = body["noise_multiplier"] * 2
+            history.append(MechanismSegment(sigma, body["sample_rate"], body["steps"]))
+            body.update(
+                noise_multiplier=sigma,
+                dp_event=event_to_json(segment_event(history[-1])),
+                epsilon=epsilon_for_history(history, body["delta"]),
+                prev_report=prev,
+                signer=fingerprint(key.public_key()),
+            )
+            signed = sign(PrivacyReport(**body), key)
+            rec["signed_report"], prev = signed.to_json(), signed.digest
+            rec.update(
+                noise_multiplier=sigma, dp_event=body["dp_event"], epsilon_reported=body["epsilon"]
+            )
+
+
+def test_planted_key_naming_another_institution_fails(run: Path, tmp_path: Path, capsys) -> None:
+    """The auditor's key directory gets an extra file, sorting first, whose OpenSSH comment
+    says ferry-hospital-a; the operator re-signs hospital-a's reports with that key."""
+    keys = _auditor_keys(run, tmp_path / "keys")
+    operator = ec.generate_private_key(ec.SECP384R1())
+    planted = keys / "aaa-node.pub"
+    planted.write_bytes(public_key_text(operator.public_key()) + b" ferry-hospital-a\n")
+    records = records_of(run)
+    _resign(records, "hospital-a", operator)
+    rechain(run, records)
+    code, out, err = ferry_audit(capsys, run, "--no-plot", "--keys", keys)
+    assert code == 1, out
+    assert "Traceback" not in out + err
+    assert f"hospital-a: key conflict: key file {planted} says it is ferry-hospital-a" in out
+    assert "hospital-a: forged or altered report: line" in out  # its real key still rules
+
+
+def test_two_keys_for_one_institution_fail(run: Path, tmp_path: Path, capsys) -> None:
+    """Beside the auditor's clinic-b.pub, a state directory clinic-b/ holding another key."""
+    keys = _auditor_keys(run, tmp_path / "keys")
+    operator = ec.generate_private_key(ec.SECP384R1())
+    (keys / "clinic-b").mkdir()
+    (keys / "clinic-b" / "report-signing.pub").write_bytes(
+        public_key_text(operator.public_key()) + b" ferry-clinic-b\n"
+    )
+    code, out, _ = ferry_audit(capsys, run, "--no-plot", "--keys", keys)
+    assert code == 1, out
+    assert "clinic-b: key conflict: key files" in out and "two different keys" in out
+
+
+def test_keys_replaced_in_the_run_directory_show_only_self_consistency(
+    run: Path, tmp_path: Path, capsys
+) -> None:
+    """A simulation's keys live in the run the operator writes: it replaces clinic-b's public
+    key and re-signs its reports with twice the noise. The run's keys cannot show that; the
+    verdict must say so, and the keys the institution handed over must fail the audit."""
+    keys = _auditor_keys(run, tmp_path / "keys")
+    operator = ec.generate_private_key(ec.SECP384R1())
+    (run / "clients" / "clinic-b" / "report-signing.pub").write_bytes(
+        public_key_text(operator.public_key()) + b" ferry-clinic-b\n"
+    )
+    records = records_of(run)
+    _resign(records, "clinic-b", operator)
+    rechain(run, records)
+    code, out, _ = ferry_audit(capsys, run, "--no-plot")
+    assert code == 0, out  # self-consistent: nothing in the run contradicts it...
+    verdict = out.strip().splitlines()[-1]
+    assert verdict.startswith("PASS") and SELF_CONSISTENT in verdict
+    assert "signatures verified" not in verdict
+    code, out, _ = ferry_audit(capsys, run, "--no-plot", "--json")
+    data = json.loads(out)
+    assert data["keys"] == "found in the run directory"
+    assert data["signature_check"] == SELF_CONSISTENT
+    code, out, _ = ferry_audit(capsys, run, "--no-plot", "--keys", keys)
+    assert code == 1  # ...the keys the institutions handed over do
+    assert "clinic-b: forged or altered report: line" in out
 
 
 def test_receipts_show_a_ledger_report_the_institution_never_kept(run: Path, capsys) -> None:

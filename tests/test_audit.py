@@ -101,17 +101,20 @@ def signed_by_client(directory: Path, fields: dict) -> dict:
 
 def write_run(directory: Path, records: dict[str, list[dict]], drops: dict | None = None) -> Path:
     """A run's ledger holding ``records`` (institution -> its client_trained fields, each
-    signed by its institution), and a ``client_dropped`` at stage "train" for each ``drops``
-    entry (institution -> round)."""
+    signed by its institution), a ``client_dropped`` at stage "train" for each ``drops``
+    entry (institution -> round), and a ``round_aggregated`` per round naming the
+    institutions with a report in it."""
     directory.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(directory)
     ledger.append("run_started", run_id="run-a", config={}, backbone_sha256="ab" * 32)
     rounds = sorted({r["round"] for recs in records.values() for r in recs})
     for rnd in rounds:
-        for recs in records.values():
+        participants = []  # as the server lists them: the institutions it logged a report of
+        for name, recs in records.items():
             for fields in recs:
                 if fields["round"] == rnd:
                     ledger.append("client_trained", **signed_by_client(directory, fields))
+                    participants.append(name)
         for name, dropped_round in (drops or {}).items():
             if dropped_round == rnd:
                 ledger.append(
@@ -127,7 +130,7 @@ def write_run(directory: Path, records: dict[str, list[dict]], drops: dict | Non
             "round_aggregated",
             run_id="run-a",
             round=rnd,
-            participants=list(records),
+            participants=participants,
             payload_bytes=1000,
         )
     return directory
