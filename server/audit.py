@@ -22,7 +22,15 @@ chains (``--receipts``). Nothing is released: the report is computed from these 
    *budget overrun* (replayed or reported epsilon above ``budget_epsilon``, or ``delta``
    above ``budget_delta``), *non-Poisson sampling*, *missing round* (a gap in the client's
    own round count), *mechanism mismatch*, *inconsistent report*, *malformed record*,
-   *not replayable* and *accountants disagree* (PLD above RDP), plus the signature findings.
+   *not replayable* and *accountants disagree* (PLD above RDP), plus the signature findings,
+   *key conflict* (a key file claiming another institution's name, or two keys for one) and
+   *report missing* (:mod:`server.audit_presence`: an institution a participants list, a
+   backbone shipment, a drop while training or a trusted key names, without its report).
+
+What a PASS cannot show, it says: with keys found in the run directory (no ``--keys``), that
+the signatures are only self-consistent (:data:`SELF_CONSISTENT`); without ``--receipts``,
+that a report dropped from the end of a chain, or an institution left out with every trace,
+goes unseen (:data:`NO_RECEIPTS`). Both stay exit 0 for an honest run, in the text and JSON.
 
 A ledger whose first report for an institution is client round N > 1 lacks that
 institution's earlier history (it trained in earlier runs): its replay is a lower bound, so
