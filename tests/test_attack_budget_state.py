@@ -72,12 +72,8 @@ def _planned(settings, artifact) -> MechanismSegment:
     n = runtime._local_data(settings, req).part.num_train
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     q, steps = round_plan(n, RUN.batch_size, RUN.local_epochs)
-    try:  # the report-signing key is made once per institution, not by racing rounds
-        from client.receipts import signing_key
-
-        signing_key(settings.state_dir, settings.institution)
-    except ImportError:  # the code before signed reports
-        pass
+    # No report-signing key is made here: a key without a state or receipts is a lost state
+    # (the racing rounds make it safely: tests/test_key_and_cache_races.py).
     return MechanismSegment(runtime.noise_for(req, n, settings.state_dir), q, steps)
 
 
@@ -214,6 +210,71 @@ def test_emptied_state_without_its_backup_is_still_refused(tmp_path, artifact):
 
     _assert_one_line_fix(err.value, "empty", "restore")
     assert (settings.state_dir / STATE).read_text() == ""
+
+
+def test_both_copies_deleted_are_refused_while_the_receipts_record_private_rounds(
+    tmp_path, artifact
+):
+    """One ``rm privacy_state.json*`` left receipts.jsonl (the signed record of every round)
+    and the signing key, yet the next round started a fresh budget."""
+    settings = _settings(tmp_path, artifact, Budget(50.0, DELTA))
+    for rnd in (1, 2):
+        runtime.train_round(settings, _request(artifact, rnd), _head(artifact))
+    receipts = (settings.state_dir / "receipts.jsonl").read_bytes()
+    for name in (STATE, BACKUP):
+        (settings.state_dir / name).unlink()
+
+    with pytest.raises(FerryError) as err:
+        runtime.train_round(settings, _request(artifact, 3), _head(artifact))
+
+    _assert_one_line_fix(err.value, "receipts.jsonl", "2 private rounds", "restore", BACKUP)
+    assert not (settings.state_dir / STATE).exists()  # never recreated as a fresh budget
+    assert (settings.state_dir / "receipts.jsonl").read_bytes() == receipts
+
+
+def test_both_copies_deleted_with_only_the_signing_key_left_are_refused(tmp_path, artifact):
+    settings = _settings(tmp_path, artifact, Budget(50.0, DELTA))
+    runtime.train_round(settings, _request(artifact), _head(artifact))
+    for name in (STATE, BACKUP, "receipts.jsonl"):
+        (settings.state_dir / name).unlink()
+
+    with pytest.raises(FerryError) as err:
+        PrivacyState.open(settings.state_dir, settings.institution)
+
+    _assert_one_line_fix(err.value, "report-signing.key", "restore")
+
+
+def test_receipts_of_non_private_rounds_alone_are_not_a_lost_state(tmp_path):
+    """A simulated non-private run (no budget) signs receipts but spends nothing: its
+    directory is still a fresh budget."""
+    from client.receipts import sign_and_keep
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    report = {
+        "run-id": "r",
+        "round": 1,
+        "institution": "hospital-a",
+        "unit": "example",
+        "non-private": True,
+        "dp-event": {"module_name": "dp_accounting.dp_event", "class_name": "NonPrivateDpEvent"},
+        "sampling": "poisson",
+        "noise-multiplier": 0.0,
+        "sample-rate": 1.0,
+        "steps": 0,
+        "max-grad-norm": 1.0,
+        "batch-size": 10,
+        "local-epochs": 1,
+        "examples": 100,
+        "delta": DELTA,
+        "epsilon": float("inf"),
+        "accountant": "prv",
+        "accountant-library": "opacus",
+        "rounds": 0,
+    }
+    sign_and_keep(state_dir, "hospital-a", report)
+    assert (state_dir / "receipts.jsonl").read_bytes().count(b"\n") == 1
+    assert PrivacyState.open(state_dir, "hospital-a").rounds() == 0
 
 
 def test_state_truncated_to_fewer_entries_is_refused_and_nothing_is_rewritten(tmp_path, artifact):
