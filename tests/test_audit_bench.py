@@ -12,6 +12,7 @@ import pytest
 from common.privacy.accounting import MechanismSegment, epsilon_for_history
 from common.privacy.report import RECEIPTS_FILE, SignedReport, fingerprint, load_public_key
 from server.audit import audit_ledger
+from server.audit_signatures import discover_keys, verify_record
 from server.ledger import read_ledger
 from simulations.bench.audit_bench import (
     DELTA,
@@ -69,8 +70,10 @@ def test_audit_bench_ledger_is_signed_per_institution_and_passes_the_audit(bench
         r for r in read_ledger(out / "ledger.jsonl").records if r["event"] == "client_trained"
     ]
     assert len(trained) == ROUNDS * len(plans)
+    ring = discover_keys(out)
     for record in trained:
         SignedReport.from_json(record["signed_report"])  # every record carries one
+        assert verify_record(record, ring).authentic  # signed with its institution's key
     assert sorted(_key_fingerprints(out)) == [p.institution for p in plans]
 
 
