@@ -111,6 +111,8 @@ def trained_record(report: PrivacyReport, line: int) -> TrainedRecord:
             f"impossible mechanism (sigma {r.noise_multiplier:g}, q {r.sample_rate:g}, "
             f"delta {r.delta:g})"
         )
+    if not (0 < r.max_grad_norm < math.inf):
+        raise ValueError(f"max_grad_norm {r.max_grad_norm:g} is not a positive clipping norm")
     for name, value in (("epsilon", r.epsilon), ("budget_epsilon", r.budget_epsilon)):
         if value is not None and value < 0:
             raise ValueError(f"{name} {value:g} is negative")

@@ -202,7 +202,9 @@ def train_round(
         if not problem:
             report = dict(reply.content["privacy"])
             metrics = dict(reply.content["metrics"])
-            examples = int(metrics.get("num-examples", 0) or 0)
+            # A hostile count (inf, NaN, a string) is 0 here and rejects the update below; it
+            # must never stop the round.
+            examples = 0 if check_metrics(metrics) else int(metrics["num-examples"])
             # The client spent privacy whether or not its update is usable: log it first.
             ledger_trained(plan.ledger, plan.run_id, rnd, node, report, examples)
             inst = update_client_summary(state.clients, node, report, examples)

@@ -565,6 +565,27 @@ def test_hostile_numbers_get_a_verdict_not_a_traceback(
     assert [i.status for i in report.institutions if i.institution == "clinic-b"] == ["ok"]
 
 
+@pytest.mark.parametrize("clip", [0.0, -1.0])
+def test_signed_report_without_a_positive_clipping_norm_fails(run: Path, capsys, clip) -> None:
+    """A report whose clipping norm C is not positive states no sensitivity bound: even signed,
+    and with the server's copy agreeing, it is a finding."""
+    records = records_of(run)
+    last = max(r["round"] for r in records if r.get("institution") == "hospital-a")
+    line = line_of(records, "hospital-a", last)  # the last: no later report chains to it
+    rec = records[line - 1]
+    body = json.loads(rec["signed_report"]["body"])
+    body["max_grad_norm"] = clip
+    key = load_private_key((run / "clients" / "hospital-a" / "report-signing.key").read_bytes())
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    signature = key.sign(SIGNATURE_CONTEXT + text.encode(), ec.ECDSA(hashes.SHA384()))
+    rec["signed_report"] = {"body": text, "signature": base64.b64encode(signature).decode()}
+    rec["max_grad_norm"] = clip
+    rechain(run, records)
+    code, out, err = ferry_audit(capsys, run, "--no-plot")
+    assert code == 1, out
+    assert "hospital-a: " in out and f"line {line}" in out and "max_grad_norm" in out
+
+
 def test_replay_of_extreme_mechanisms_is_a_failure_value_not_an_exception() -> None:
     from server.audit_replay import ReplayFailure, replay_all
 

@@ -161,6 +161,40 @@ def test_straggler_is_dropped_logged_and_sits_out_next_round_while_others_aggreg
     assert [len(a["participants"]) for a in aggregated] == [3, 2, 2]
 
 
+class HostileCountGrid(FakeGrid):
+    """One institution's train replies claim ``count`` examples (a hostile institution)."""
+
+    def __init__(self, hostile: int, count: float):
+        super().__init__()
+        self.hostile, self.count = hostile, count
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        for msg in messages:
+            reply = self.replies.get(msg.metadata.message_id)
+            hostile_train = msg.metadata.dst_node_id == self.hostile and (
+                msg.metadata.message_type == "train"
+            )
+            if hostile_train and reply is not None and "metrics" in reply.content:
+                reply.content["metrics"]["num-examples"] = self.count
+        return ids
+
+
+@pytest.mark.parametrize("count", [float("inf"), float("nan"), -5.0])
+def test_hostile_example_count_is_rejected_and_never_stops_the_round(make_plan, count):
+    hostile = NODES[1]
+    plan = make_plan(rounds=2)
+
+    summary = run_federation(HostileCountGrid(hostile, count), plan)
+
+    assert summary["rounds_completed"] == 2  # before: OverflowError/ValueError stopped the run
+    rejected = _events(plan.out, "update_rejected")
+    assert [(r["round"], r["node_id"]) for r in rejected] == [(1, str(hostile)), (2, str(hostile))]
+    assert all("num-examples" in r["reason"] for r in rejected)
+    aggregated = _events(plan.out, "round_aggregated")
+    assert [len(a["participants"]) for a in aggregated] == [2, 2]
+
+
 def test_error_from_superlink_is_attributed_to_the_node_it_concerns(make_plan):
     gone = NODES[1]
     plan = make_plan(rounds=1)
