@@ -19,6 +19,21 @@ sends; Opacus' noise is drawn in its ``secure_mode`` (the sum of four Gaussian d
 floating-point attacks). Two identical rounds release different arrays. A non-private
 round's shuffling is unseeded too.
 
+Non-finite examples (an operator can choose arrays, or a trunk, that overflow for records
+past a threshold, so that a NaN release would answer "does any record exceed t?" for free):
+each example adds its clipped gradient or exactly zero, so sensitivity stays
+``max_grad_norm`` and the release is always finite. Rows with a non-finite input are zeroed
+before the forward pass; the loss is taken by indexing over rows whose input, output and loss
+are finite (mean over the whole batch, Opacus' scaling), so the others get a gradient of
+exactly 0; under flat clipping any per-sample gradient row still non-finite (an infinite
+activation inside the tail times its zero gradient) is zeroed before Opacus clips. Ghost
+clipping has no per-sample gradients to zero: a gradient-free forward pass first drops from
+the batch every row whose input, output, loss or input to a module with trainable parameters
+is not finite, and a NaN clipping factor (``0 * inf`` in its norm) becomes 0. Residual (ghost
+only): the check pass and the training pass run on batches of different sizes, so a row whose
+values sit within rounding of float32's overflow could pass one and overflow in the other;
+no such row was found in tests. The returned loss sums finite rows in float64.
+
 The tail (:mod:`common.trainable`) runs on activations the frozen trunk computed once (feature
 cache): the trunk never enters Opacus. Only parameters with ``requires_grad`` are optimised and
 get per-example gradients; frozen layers and parameter-free modules (dropout) run in eval mode
@@ -156,6 +171,9 @@ def train_tail(
         return _train_linear(tail, inputs, targets, rows, y, cfg, task)
     optimizer = torch.optim.SGD(params, lr=cfg.lr)
     criterion = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+    ghost = cfg.private and cfg.clipping == "ghost"
+    if ghost:
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
     # Opacus' Poisson sampler (and a non-private round's shuffle) draws on the CPU.
     sampling = dp_randomness.round_generator("cpu")
     indices = _Indices(n)
@@ -184,6 +202,7 @@ def train_tail(
             )
         if cfg.clipping == "ghost":
             model, optimizer, criterion, loader = private
+            _finite_clipping_coef(model)
         else:
             model, optimizer, loader = private
         # The noise as Opacus' secure mode draws it (one draw discarded, four summed, / 2),
@@ -205,18 +224,32 @@ def train_tail(
                 for (idx,) in batches:
                     idx = idx.sort().values  # sorted reads from a memory map; order is moot
                     xb, yb = rows.take(idx), y[idx.to(device)]
+                    finite_in = _finite_rows(xb)
+                    if not bool(finite_in.all()):  # such a row adds 0 (below); keep it finite
+                        xb = torch.where(finite_in.view(-1, *[1] * (xb.dim() - 1)), xb, 0.0)
+                    if ghost:  # drop rows that would carry an infinite activation
+                        keep = _ghost_rows(model, xb, yb, finite_in, task)
+                        xb, yb, finite_in = xb[keep], yb[keep], finite_in[keep]
                     optimizer.zero_grad()
                     out = model(xb)
                     if task == "regression":
                         out = _single_output(out)
                     if len(yb):
-                        loss = criterion(out, yb)
-                        total_loss += float(loss.detach()) * len(yb)
+                        per_example = _finite_losses(out, yb, finite_in, task)
+                        if ghost:
+                            loss = DPTensorFastGradientClipping(
+                                criterion.module, criterion.optimizer, per_example, "mean"
+                            )
+                        else:  # Opacus' mean reduction: over the whole batch
+                            loss = per_example.sum() / len(yb)
+                        total_loss += float(per_example.detach().sum(dtype=torch.float64))
                         seen += len(yb)
                         loss.backward()
                     else:
                         # An empty Poisson batch still takes a (noise-only) step, as accounted.
                         (out.sum() * 0.0).backward()
+                    if engine is not None and cfg.clipping == "flat":
+                        _zero_non_finite_grad_samples(params)
                     optimizer.step()
     finally:
         optimizer.zero_grad(set_to_none=True)
@@ -234,6 +267,86 @@ def train_tail(
     return TrainOutcome(
         trainable_state(tail), total_loss / max(seen, 1), accuracy, n, segment, rmse
     )
+
+
+def _finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """Per row of ``t`` (any trailing shape): all its values finite."""
+    return torch.isfinite(t.reshape(len(t), -1)).all(dim=1)
+
+
+def _finite_losses(
+    out: torch.Tensor,
+    target: torch.Tensor,
+    finite_in: torch.Tensor,
+    task: str,
+    keep_only: bool = False,
+) -> torch.Tensor:
+    """Per-example losses (cross-entropy or squared error), exactly 0 and cut off from the
+    graph for a row whose input, output or loss is not finite: the loss is computed on the
+    kept rows by indexing and scattered into zeros, so a dropped row's output gets a gradient
+    of exactly 0 (no NaN * 0). ``keep_only``: the indices of the rows kept instead."""
+    keep = (finite_in & _finite_rows(out)).nonzero()[:, 0]
+    fn = nn.functional.cross_entropy if task == "classification" else nn.functional.mse_loss
+    losses = fn(out[keep], target[keep], reduction="none")
+    ok = torch.isfinite(losses)
+    if keep_only:  # the kept rows' indices
+        return keep[ok]
+    return out.new_zeros(len(target)).index_put((keep[ok],), losses[ok])
+
+
+def _ghost_rows(
+    model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, finite_in: torch.Tensor, task: str
+) -> torch.Tensor:
+    """Rows of a ghost-clipping batch to train on: those whose input, output, loss and every
+    input to a module with trainable parameters are finite in a gradient-free forward pass
+    (Opacus' hooks skip it). Ghost clipping's second
+    backward sums ``activation x gradient`` over the whole batch, where a dropped row's zero
+    gradient would meet its infinite activation (NaN); a row left out of the batch adds
+    exactly 0, and Opacus' mean over the kept rows scales as it does for any batch (the
+    optimizer divides by the expected batch size, not this one)."""
+    if not len(yb):
+        return finite_in
+    finite = finite_in.clone()
+
+    def check_input(_module, args):
+        if args and isinstance(args[0], torch.Tensor) and len(args[0]) == len(finite):
+            finite.logical_and_(_finite_rows(args[0]))
+
+    trainable = [
+        m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+    handles = [m.register_forward_pre_hook(check_input) for m in trainable]
+    try:
+        with torch.no_grad():
+            out = model(xb)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if task == "regression":
+        out = _single_output(out)
+    return _finite_losses(out, yb, finite, task, keep_only=True)
+
+
+def _finite_clipping_coef(module) -> None:
+    """Ghost clipping computes a row's norm as ``sqrt(||grad_out||^2 * ||activation||^2)``:
+    ``0 * inf`` (a saturated row whose activation's square overflows) is NaN and Opacus'
+    factor ``min(1, C / (norm + 1e-6))`` stays NaN. Such a row gets factor 0 (it adds
+    exactly 0); an infinite norm already does."""
+    coef = module.get_clipping_coef
+    module.get_clipping_coef = lambda: torch.nan_to_num(coef(), nan=0.0)
+
+
+def _zero_non_finite_grad_samples(params: list[nn.Parameter]) -> None:
+    """Second guard (flat clipping): an example whose per-sample gradient has a non-finite
+    value in any trainable parameter (an infinite activation inside the tail times its zero
+    gradient) gets an all-zero per-sample gradient, before Opacus clips and sums."""
+    samples = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
+    if not samples:
+        return
+    bad = ~torch.stack([_finite_rows(g) for g in samples]).all(dim=0)
+    if bool(bad.any()):
+        for g in samples:
+            g[bad] = 0.0
 
 
 def _fast_linear(tail: nn.Module, cfg: DPTrainConfig) -> bool:

@@ -50,7 +50,14 @@ def exact_clipped_sum(
     """(clipped sum of per-example weight gradients, of bias gradients, per-example losses)
     for the mean-reduced cross-entropy (classification) or squared error (regression);
     ``max_grad_norm`` None: no clipping (a non-private run). ``x_norm``: the rows' norms
-    as :func:`row_norms` gives them, if already known."""
+    as :func:`row_norms` gives them, if already known.
+
+    Non-finite rows: an example whose gradient factor ``e_i`` or input ``x_i`` is not finite
+    (a logit that overflows, an infinite feature: an operator can choose arrays that do this
+    for records past a threshold) contributes exactly zero to both sums and to the losses,
+    and any clipping factor that is NaN is 0. So each example adds its clipped gradient or
+    nothing: sensitivity stays ``C``, and the sums, hence the release, are always finite;
+    whether a record overflowed is hidden by the noise like any other gradient."""
     out = (
         torch.addmm(layer.bias, x, layer.weight.T) if layer.bias is not None else x @ layer.weight.T
     )
@@ -64,11 +71,21 @@ def exact_clipped_sum(
         residual = out[:, 0] - y
         losses = residual**2
         e = (2.0 * residual)[:, None]
+    valid = torch.isfinite(e).all(dim=1) & torch.isfinite(x).all(dim=1)
+    if not bool(valid.all()):
+        # A row whose gradient factor or input is non-finite contributes exactly 0: its
+        # operands are replaced (never multiplied) by zeros, so no NaN * 0 reaches the sum.
+        e = torch.where(valid[:, None], e, 0.0)
+        x = torch.where(valid[:, None], x, 0.0)
+    losses = torch.where(valid & torch.isfinite(losses), losses, 0.0)
     if max_grad_norm is not None:
         if x_norm is None:
             x_norm = row_norms(x, layer.bias is not None)
         norms = torch.linalg.vector_norm(e, dim=1).mul_(x_norm)
-        e = e.mul_(torch.clamp(max_grad_norm / norms.add_(1e-6), max=1.0)[:, None])
+        factor = torch.clamp(max_grad_norm / norms.add_(1e-6), max=1.0)
+        # NaN (0 * inf: a zeroed row, or ||x||^2 overflowing) -> 0; an infinite norm already
+        # gives 0. The factor is finite, so each row is its clipped gradient or exactly 0.
+        e = e.mul_(torch.nan_to_num_(factor, nan=0.0)[:, None])
     return e.T @ x, e.sum(dim=0) if layer.bias is not None else None, losses
 
 
@@ -129,7 +146,7 @@ def train_linear(
             w.sub_(g_w, alpha=step)
             if g_b is not None:
                 b.sub_(g_b, alpha=step)
-            total += float(losses.sum())
+            total += float(losses.sum(dtype=torch.float64))  # finite rows, no overflow
             seen += len(yb)
     if not private:
         return total, seen, None
