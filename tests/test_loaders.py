@@ -209,10 +209,11 @@ def test_series_windows_carry_the_dates_of_their_forecast_period(tmp_path):
     path, frame = _prices(tmp_path)
     data = load_series(path, "date", ["close"], window=5, horizon=2, group_column="ticker")
     dates = pd.to_datetime(frame.date[frame.ticker == "AAA"]).to_numpy(dtype="datetime64[ns]")
-    # window i: returns on rows i+1..i+5 as input, the returns on rows i+6..i+7 as target
-    assert data.spans.shape == (66, 2)
-    assert data.spans[0].tolist() == dates[[6, 7]].tolist()
-    assert data.spans[32].tolist() == dates[[38, 39]].tolist()
+    # window i: returns on rows i+1..i+5 as input (read from the prices of rows i..i+5), the
+    # returns on rows i+6..i+7 as target
+    assert data.spans.shape == (66, 3)
+    assert data.spans[0].tolist() == dates[[6, 7, 0]].tolist()
+    assert data.spans[32].tolist() == dates[[38, 39, 32]].tolist()
     assert data.subset(np.asarray([32])).spans.tolist() == data.spans[[32]].tolist()
 
 

@@ -35,8 +35,13 @@ class Dataset:
     use it as is (:func:`by_public_classes`); without one the list is derived from the data,
     which only the researcher's side of a simulation does (never a deployed institution).
     ``groups``: per-example key of a natural split (a hospital or branch id), if any.
-    ``spans``: series only, (n, 2) datetime64[ns]: the first and last day of each example's
-    forecast period (what the public held-out cutoff is compared with).
+    ``spans``: series only, (n, 3) datetime64[ns]: the first and last day of each example's
+    forecast period, then the first day of its input window (what the public held-out cutoff
+    is compared with).
+    ``record_keys``: per-example uint64 digest of the raw source record (a table row's cells
+    as read, an image file's bytes), computed before any parsing or labelling, so that no run
+    setting (label column, class order, categorical columns, task) changes it; the held-out
+    split hashes it. None (synthetic data): the split hashes ``x`` and ``y``.
     ``fingerprint``: identifies the exact content (files' names, sizes and mtimes, or a
     generator's parameters); it keys the feature cache.
     """
@@ -53,6 +58,7 @@ class Dataset:
     # Regression targets that are returns: report directional accuracy too.
     directional: bool = False
     spans: np.ndarray | None = None
+    record_keys: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -79,6 +85,7 @@ class Dataset:
             self.numeric,
             self.directional,
             None if self.spans is None else self.spans[index],
+            None if self.record_keys is None else self.record_keys[index],
         )
 
 

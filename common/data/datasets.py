@@ -172,8 +172,11 @@ def _split(spec: DataSpec) -> list[tuple[np.ndarray, np.ndarray]]:
     if dataset.modality == "series":  # hold out the windows after a public cutoff date
         cutoff = _cutoff(spec, dataset)
         return [cutoff_split(p, dataset.spans, cutoff) for p in parts]
-    # Held-out membership is a function of each record alone (see train_test_split).
-    digests = record_digests(dataset.x, dataset.y)
+    # Held-out membership is a function of each raw record alone (see train_test_split): its
+    # source row or file as read, so no run setting (label column, class order, task) moves it.
+    digests = dataset.record_keys
+    if digests is None:  # synthetic data: generated, not read
+        digests = record_digests(dataset.x, dataset.y)
     return [train_test_split(p, spec.test_fraction, spec.seed, digests) for p in parts]
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from common.data.dataset import Dataset, class_key, public_class_ids, unknown_label
 from common.data.dicom import UnreadableImage, is_dicom, read_dicom
+from common.data.partition import raw_digest
 from common.data.tabular import warn
 from common.errors import FerryError
 
@@ -117,7 +118,7 @@ def load_images(
     if not folders:
         raise FerryError(f"{root} holds no class subfolders: {expected}")
     digest = hashlib.sha256(f"channels={channels}|size={height}x{width}|{public};".encode())
-    images, labels, skipped, empty = [], [], [], []
+    images, labels, raw, skipped, empty = [], [], [], [], []
     for position, name in enumerate(folders):
         label = ids.get(class_key(name), -1) if public else position
         found = 0
@@ -138,6 +139,7 @@ def load_images(
                 continue
             images.append(_to_example(arr, channels, height, width))
             labels.append(label)
+            raw.append(raw_digest([path.read_bytes()]))  # the file as stored: the split's key
             found += 1
         if not found:
             empty.append(name)
@@ -164,6 +166,7 @@ def load_images(
         classes=classes,
         fingerprint="images:" + digest.hexdigest(),
         modality="image",
+        record_keys=np.asarray(raw, dtype=np.uint64),
     )
 
 

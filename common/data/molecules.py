@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data.dataset import Dataset
+from common.data.partition import row_digests
 from common.data.tabular import (
     Origin,
     columns_named,
@@ -160,6 +161,7 @@ def from_frame(
     columns_named(frame, [activity_column], origin, "activity", "--label-column")
     frame, rows = non_blank_rows(frame)
     enough_rows(len(frame), min_rows, origin)
+    raw = row_digests(frame)  # the rows as read: what the held-out split hashes
 
     text = frame[smiles_column].astype("string").str.strip().fillna("").tolist()
     encode = _morgan if featurizer == "morgan" else _ngrams
@@ -182,7 +184,12 @@ def from_frame(
         keep = np.flatnonzero(ok)
         if not len(keep):
             raise FerryError(f"{origin.name}: no row holds a valid SMILES: check --smiles-column")
-        x, frame, rows = x[keep], frame.iloc[keep].reset_index(drop=True), rows[keep]
+        x, frame, rows, raw = (
+            x[keep],
+            frame.iloc[keep].reset_index(drop=True),
+            rows[keep],
+            raw[keep],
+        )
         enough_rows(len(frame), min_rows, origin)
     public = list(classes)
     y, classes, task = parse_target(
@@ -199,6 +206,7 @@ def from_frame(
         classes=classes,
         fingerprint=f"molecules:{method}:" + hashlib.sha256(key.encode()).hexdigest(),
         modality="molecule",
+        record_keys=raw,
     )
 
 

@@ -55,6 +55,29 @@ def record_digests(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
+def raw_digest(parts) -> int:
+    """One 64-bit digest of a raw source record given as a sequence of text or bytes parts
+    (a row's cells as read, or a file's bytes): independent of every run setting."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        data = part if isinstance(part, bytes) else str(part).encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+    return int.from_bytes(h.digest(), "big")
+
+
+def row_digests(frame) -> np.ndarray:
+    """uint64 digest of each row of a table as read (every column's name and cell text, in the
+    file's column order), before any column is parsed or chosen as the label."""
+    names = [str(c) for c in frame.columns]
+    out = np.empty(len(frame), dtype=np.uint64)
+    for i, row in enumerate(frame.itertuples(index=False, name=None)):
+        out[i] = raw_digest(
+            [p for n, v in zip(names, row, strict=True) for p in (n, "" if v is None else v)]
+        )
+    return out
+
+
 def _mix(values: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: a fixed bijection of uint64 that spreads every input bit."""
     z = values.astype(np.uint64)
@@ -219,16 +242,19 @@ def cutoff_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train/test split of forecasting windows by a public cutoff date: (train, test) sorted.
 
-    ``spans[i]`` is the first and last date of example ``i``'s forecast period. Example ``i``
-    is held out when its forecast period starts on or after ``cutoff``, trained on when it
-    ends before ``cutoff``, and used for neither when it straddles the cutoff (the embargo:
-    no training target overlaps a held-out one). Membership is a function of the example's
-    own dates and the public cutoff alone, so adding or removing one window moves no other.
+    ``spans[i]`` is the first and last date of example ``i``'s forecast period and (third
+    column) the first date of its input window. Example ``i`` is held out when its whole input
+    window (hence also its forecast) starts on or after ``cutoff``, trained on when its
+    forecast ends before ``cutoff``, and used for neither otherwise (the embargo: the windows
+    whose inputs or forecast straddle the cutoff). So no held-out window's inputs or target
+    contain a training target: the evaluation's non-DP sums reveal nothing trained on.
+    Membership is a function of the example's own dates and the public cutoff alone, so
+    adding or removing one window moves no other.
     """
     indices = np.asarray(indices, dtype=np.int64)
     spans = np.asarray(spans, dtype="datetime64[ns]")[indices]
     cutoff = np.datetime64(cutoff, "ns")
-    held = spans[:, 0] >= cutoff
+    held = spans[:, 2 if spans.shape[1] > 2 else 0] >= cutoff
     train = spans[:, 1] < cutoff
     return np.sort(indices[train]), np.sort(indices[held])
 
@@ -237,6 +263,7 @@ def default_cutoff(spans: np.ndarray, test_fraction: float) -> np.datetime64:
     """Simulation only (the researcher's side, whose data is public to the researcher): the
     cutoff that holds out about the latest ``test_fraction`` of the pooled windows' forecast
     starts. A deployment takes its cutoff from the run config instead."""
-    starts = np.sort(np.asarray(spans, dtype="datetime64[ns]")[:, 0].astype(np.int64))
+    spans = np.asarray(spans, dtype="datetime64[ns]")
+    starts = np.sort(spans[:, 2 if spans.shape[1] > 2 else 0].astype(np.int64))
     k = min(len(starts) - 1, max(0, int(np.floor(len(starts) * (1.0 - test_fraction)))))
     return np.datetime64(int(starts[k]), "ns")

@@ -12,8 +12,9 @@ Contract (stateless: every number depends only on the prices of one ticker):
   gives ``m - window - horizon`` examples. The task is regression, with
   ``directional=True`` (the sign of the return is what a trader acts on). Each example's
   ``spans`` row holds the first and last date of its forecast period (the dates of the rows
-  closing its first and last target return): the public held-out cutoff is compared with
-  them (:func:`common.data.partition.cutoff_split`).
+  closing its first and last target return) and the first date its input reads (the price
+  row its first return starts from): the public held-out cutoff is compared with them
+  (:func:`common.data.partition.cutoff_split`).
 * Prices must be present, numeric and positive; dates present, parseable and unique per
   group. Errors name the row as :mod:`common.data.tabular` does (CSV: file line, header = 1).
 """
@@ -188,7 +189,9 @@ def from_frame(
         # window + i + 1 .. window + i + horizon of this group.
         day = dates[idx]
         first = np.arange(count) + window + 1
-        spans.append(np.stack([day[first], day[first + horizon - 1]], axis=1))
+        # Its input window reads prices from row i (the first return's base) onwards.
+        start = day[first - window - 1]
+        spans.append(np.stack([day[first], day[first + horizon - 1], start], axis=1))
     need = window + horizon + 1
     if not xs:
         scope = " per group" if group_column else ""

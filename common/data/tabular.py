@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data.dataset import Dataset, public_class_ids, unknown_label
+from common.data.partition import row_digests
 from common.errors import FerryError
 
 CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
@@ -373,6 +374,7 @@ def from_frame(
         columns_named(frame, [group_column], origin, "partition", "--partition-column")
     frame, rows = non_blank_rows(frame)
     enough_rows(len(frame), min_rows, origin)
+    raw = row_digests(frame)  # the rows as read: what the held-out split hashes
 
     public = list(classes)
     y, classes, task = parse_target(frame[label_column], label_column, task, origin, rows, public)
@@ -425,6 +427,7 @@ def from_frame(
         groups=groups,
         columns=names,
         numeric=np.asarray(numeric, dtype=bool),
+        record_keys=raw,
     )
 
 
