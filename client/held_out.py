@@ -95,3 +95,102 @@ def _read(path: Path) -> HeldOutSplit:
     if not 0 <= split.salt < 2**63:
         raise FerryError(f"{path} holds an invalid salt: restore it from your backup")
     return split
+
+
+DATA_SETTINGS_FILE = "data-settings.json"
+# The run settings that decide which of a deployed institution's records load and how they are
+# parsed, labelled and split (RunConfig names). Pinned on first use: were the server free to
+# change them between messages, it could difference two releases (move the cutoff by a day,
+# reorder the classes to re-draw labels, skip rows to count them).
+DATA_SETTINGS = (
+    "scenario",
+    "label-column",
+    "categorical",
+    "task",
+    "classes",
+    "test-from",
+    "window",
+    "horizon",
+    "date-column",
+    "value-columns",
+    "partition-column",
+    "smiles-column",
+    "skip-unreadable",
+)
+
+
+def data_settings_of(run) -> dict[str, object]:
+    """The data-shaping settings of a :class:`~common.config.RunConfig`, by config name."""
+    lists = {"categorical", "classes", "value-columns"}
+    out: dict[str, object] = {}
+    for name in DATA_SETTINGS:
+        attr = name.replace("-", "_")
+        value = getattr(run, attr)
+        out[name] = list(run.names(attr)) if name in lists else value
+    out["task"] = "regression" if run.task == "regression" else "classification"
+    out["test-from"] = str(run.test_from).strip()
+    return out
+
+
+ADOPTED = ("classes", "test-from")  # a run that leaves these empty takes the pinned ones
+
+
+def pin_data_settings(
+    state_dir: str | os.PathLike, settings: dict[str, object]
+) -> dict[str, object]:
+    """Trust on first use: record ``settings`` (those of :data:`DATA_SETTINGS` not yet pinned)
+    in ``<state_dir>/data-settings.json``, or refuse, in one line naming the setting, a value
+    that differs from the pinned one. Called before any data is read, so a refusal depends on
+    the configuration alone, never on the data. ``ferry client --classes/--test-from`` pin
+    those two up front, and a run that leaves them empty takes the pinned values. Only the
+    institution resets the pin, by deleting the file (or using a new ``--state-dir``).
+    Returns the settings in force (``settings`` with adopted values filled in)."""
+    path = Path(state_dir) / DATA_SETTINGS_FILE
+    pinned = _read_settings(path)
+    settings = dict(settings)
+    for name in ADOPTED:
+        if name in settings and not settings[name] and pinned.get(name):
+            settings[name] = pinned[name]
+    for name, value in settings.items():
+        if name in pinned and pinned[name] != value:
+            raise FerryError(
+                f"this institution's data settings are pinned: {name} is {pinned[name]!r} in "
+                f"{path}, the run asks {value!r}: run with the pinned value, or the "
+                f"institution deletes {path} (or uses a new --state-dir) to accept new ones"
+            )
+    new = {k: v for k, v in settings.items() if k not in pinned}
+    if new:
+        _write_settings(path, {**pinned, **new})
+    return settings
+
+
+def _read_settings(path: Path) -> dict[str, object]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError
+        return data
+    except (OSError, ValueError):
+        raise FerryError(
+            f"{path} is unreadable: restore it from your backup, or delete it to pin the next "
+            "run's data settings"
+        ) from None
+
+
+def _write_settings(path: Path, settings: dict[str, object]) -> None:
+    tmp = path.with_name(f"{DATA_SETTINGS_FILE}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "x") as f:
+            f.write(json.dumps(settings, sort_keys=True, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise FerryError(
+            f"cannot write {path} ({exc.strerror}): give a writable --state-dir"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -32,7 +32,7 @@ from client.budget_guard import (
 )
 from client.dp_trainer import DPTrainConfig, predict_tail, resolve_device, round_plan, train_tail
 from client.feature_cache import FeatureCache, feature_key
-from client.held_out import HeldOutSplit, pin_split
+from client.held_out import HeldOutSplit, data_settings_of, pin_data_settings, pin_split
 from client.privacy_state import PrivacyState
 from client.receipts import sign_and_keep
 from common.config import RunConfig
@@ -208,6 +208,8 @@ class LocalData:
 def _local_data(settings: ClientSettings, req: RoundRequest) -> LocalData:
     """This institution's partition, the run's model split, and the trunk's activations at
     the split point (train and test), from the feature cache."""
+    if settings.data_path:  # deployed: the data settings are pinned before any data is read
+        req = _with_pinned_data_settings(settings, req)
     artifact, backbone = BackboneCache(settings.cache_dir).load(req.backbone_sha256)
     manifest = artifact.manifest
     spec = DataSpec.from_run(req.run, settings.num_partitions, tuple(manifest["input_shape"]))
@@ -239,6 +241,18 @@ def _local_data(settings: ClientSettings, req: RoundRequest) -> LocalData:
         device=resolve_device(req.run.device),
     )
     return LocalData(part, model, feats, manifest)
+
+
+def _with_pinned_data_settings(settings: ClientSettings, req: RoundRequest) -> RoundRequest:
+    """``req`` if its data-shaping settings match those the institution pinned on first use
+    (client.held_out.pin_data_settings; an empty class list or cutoff takes the pinned one),
+    else a one-line refusal naming the setting: it depends on the configuration alone."""
+    wanted = data_settings_of(req.run)
+    used = pin_data_settings(settings.state_dir, wanted)
+    if used == wanted:
+        return req
+    run = replace(req.run, classes=",".join(used["classes"]), test_from=str(used["test-from"]))
+    return replace(req, run=run)
 
 
 class DataRefused(FerryError):

@@ -31,7 +31,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.held_out import check_test_fraction, pin_split
+import numpy as np
+
+from client.held_out import check_test_fraction, pin_data_settings, pin_split
 from common.certs import check_institution_name
 from common.child_processes import ChildProcess, exit_on_signals, flower_bin, flower_env
 from common.data.image_folder import IMAGE_SUFFIXES
@@ -67,6 +69,10 @@ class InstitutionSettings:
     # The institution's held-out fraction, pinned on first start with a secret salt
     # (client.held_out); None: the pinned one (0.2 on first start).
     test_fraction: float | None = None
+    # The run's public class list and held-out cutoff, as this institution pins them up front
+    # (client.held_out.pin_data_settings): "" = pinned by the first run that reads its data.
+    classes: str = ""
+    test_from: str = ""
 
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -183,6 +189,7 @@ def check_settings(s: InstitutionSettings) -> tuple[list[str], int]:
         check_state_dir(s.cache_dir)
     if s.test_fraction is not None:
         check_test_fraction(s.test_fraction)
+    check_pinned_flags(s)
     _check_runtime_port(s.runtime_port)
     if not s.insecure and not check_server_identity(host, port, s.root_cert):
         print(
@@ -191,6 +198,31 @@ def check_settings(s: InstitutionSettings) -> tuple[list[str], int]:
             file=sys.stderr,
         )
     return classes, count
+
+
+def pinned_flags(s: InstitutionSettings) -> dict[str, object]:
+    """The data settings this institution gives itself (``--classes``, ``--test-from``)."""
+    out: dict[str, object] = {}
+    if s.classes:
+        out["classes"] = [c.strip() for c in s.classes.split(",") if c.strip()]
+    if s.test_from:
+        out["test-from"] = s.test_from.strip()
+    return out
+
+
+def check_pinned_flags(s: InstitutionSettings) -> None:
+    """``--classes`` lists two distinct names at least; ``--test-from`` is a date."""
+    flags = pinned_flags(s)
+    names = flags.get("classes", ["a", "b"])
+    if len(set(names)) < 2 or len(set(names)) != len(names):
+        raise FerryError(f"--classes {s.classes!r} is invalid: list two or more distinct names")
+    if "test-from" in flags:
+        try:
+            np.datetime64(flags["test-from"], "ns")
+        except ValueError:
+            raise FerryError(
+                f"--test-from {s.test_from!r} is not a date: give one like 2024-01-01"
+            ) from None
 
 
 def write_node_config(s: InstitutionSettings) -> Path:
@@ -206,6 +238,9 @@ def write_node_config(s: InstitutionSettings) -> Path:
         # the server's test-fraction and seed never decide which records are held out.
         "test-fraction": pin_split(s.state_dir, s.test_fraction).test_fraction,
     }
+    # Its own class list and cutoff, pinned in the state directory before any run: a run must
+    # give the same (or none, and then takes these).
+    pin_data_settings(s.state_dir, pinned_flags(s))
     if s.key is not None:  # its registered identity also signs its privacy reports
         values["report-key"] = str(s.key.resolve())
     path = s.state_dir / NODE_CONFIG_FILE

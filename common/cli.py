@@ -239,6 +239,8 @@ def cmd_client(args: argparse.Namespace) -> int:
             runtime_port=args.runtime_port,
             insecure=args.insecure,
             test_fraction=args.test_fraction,
+            classes=args.classes or "",
+            test_from=args.test_from or "",
         )
     )
 
@@ -293,6 +295,16 @@ def _add_deployment_commands(sub) -> None:
         default=None,
         help="share of records held out for evaluation (default 0.2), pinned with a secret "
         "salt in --state-dir on first start: the server cannot move records into it",
+    )
+    p.add_argument(
+        "--classes",
+        help="this institution's class list, e.g. no,yes (label order), pinned in --state-dir: "
+        "a run must list the same classes (default: pinned by the first run that reads the data)",
+    )
+    p.add_argument(
+        "--test-from",
+        help="price series: the held-out cutoff date, pinned in --state-dir: a run must give the "
+        "same (default: pinned by the first run that reads the data)",
     )
     p.set_defaults(func=cmd_client)
 

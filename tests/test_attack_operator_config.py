@@ -335,12 +335,16 @@ def test_deployed_data_error_reaches_the_server_as_one_generic_line(tmp_path, ca
     """The attack: the operator picks a task that does not fit; the refusal quoted the
     private cell 'HIV+' and its row."""
     settings, art = _deployed(tmp_path, _table(tmp_path, label_of_first="HIV+"))
-    for run in (
-        _tabular_run(Path(settings.data_path)),
-        _tabular_run(Path(settings.data_path), task="regression", classes="")
-        if "classes" in {f.name for f in dataclasses.fields(RunConfig)}
-        else _tabular_run(Path(settings.data_path), task="regression"),
+    for i, run in enumerate(
+        (
+            _tabular_run(Path(settings.data_path)),
+            _tabular_run(Path(settings.data_path), task="regression", classes="")
+            if "classes" in {f.name for f in dataclasses.fields(RunConfig)}
+            else _tabular_run(Path(settings.data_path), task="regression"),
+        )
     ):
+        # each run at a fresh institution: its first message pins the data settings
+        settings = dataclasses.replace(settings, state_dir=tmp_path / f"state-{i}")
         req = runtime.RoundRequest(run, 1, art.sha256, 2, "run-a")
         with pytest.raises(FerryError) as err:
             runtime.train_round(settings, req, {})
