@@ -15,6 +15,13 @@ release their exact statistics. So a deployed institution's split is its own:
 
 The server's ``test-fraction`` and ``seed`` never reach a deployed client's split. In a
 simulation the researcher owns the data, and the run's settings decide the split.
+
+The settings that decide which records load and how they are parsed and labelled (label
+column, classes, task, cutoff, window, loader options: :data:`DATA_SETTINGS`) are pinned too,
+in ``<state_dir>/data-settings.json``, by the first message that reads data (or up front by
+``ferry client --classes/--test-from``); a later message that changes one is refused before
+any data is read (:func:`pin_data_settings`), so two releases cannot be differenced over a
+moved setting, and the refusal depends on the configuration alone.
 """
 
 from __future__ import annotations
