@@ -23,6 +23,8 @@ and noise, so the two differ by exactly what DP adds.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -54,10 +56,12 @@ def exact_clipped_sum(
 
     Non-finite rows: an example whose gradient factor ``e_i`` or input ``x_i`` is not finite
     (a logit that overflows, an infinite feature: an operator can choose arrays that do this
-    for records past a threshold) contributes exactly zero to both sums and to the losses,
-    and any clipping factor that is NaN is 0. So each example adds its clipped gradient or
-    nothing: sensitivity stays ``C``, and the sums, hence the release, are always finite;
-    whether a record overflowed is hidden by the noise like any other gradient."""
+    for records past a threshold) contributes exactly zero to both sums and its loss is 0;
+    so does one whose gradient norm overflows (clipping would scale it to 0). A finite row may
+    still have an infinite loss: :func:`train_linear` leaves it out of the summed loss. So
+    each example adds its clipped gradient or nothing: sensitivity stays ``C``, and the sums,
+    hence the release, are always finite; whether a record overflowed is hidden by the noise
+    like any other gradient."""
     out = (
         torch.addmm(layer.bias, x, layer.weight.T) if layer.bias is not None else x @ layer.weight.T
     )
@@ -71,21 +75,25 @@ def exact_clipped_sum(
         residual = out[:, 0] - y
         losses = residual**2
         e = (2.0 * residual)[:, None]
-    valid = torch.isfinite(e).all(dim=1) & torch.isfinite(x).all(dim=1)
-    if not bool(valid.all()):
-        # A row whose gradient factor or input is non-finite contributes exactly 0: its
-        # operands are replaced (never multiplied) by zeros, so no NaN * 0 reaches the sum.
-        e = torch.where(valid[:, None], e, 0.0)
-        x = torch.where(valid[:, None], x, 0.0)
-    losses = torch.where(valid & torch.isfinite(losses), losses, 0.0)
     if max_grad_norm is not None:
         if x_norm is None:
             x_norm = row_norms(x, layer.bias is not None)
         norms = torch.linalg.vector_norm(e, dim=1).mul_(x_norm)
-        factor = torch.clamp(max_grad_norm / norms.add_(1e-6), max=1.0)
-        # NaN (0 * inf: a zeroed row, or ||x||^2 overflowing) -> 0; an infinite norm already
-        # gives 0. The factor is finite, so each row is its clipped gradient or exactly 0.
-        e = e.mul_(torch.nan_to_num_(factor, nan=0.0)[:, None])
+        # Not finite iff e_i or x_i is not (or the norm overflows, which clips the row to
+        # exactly 0 anyway): one check on a vector per step.
+        valid = torch.isfinite(norms)
+    else:
+        valid = torch.isfinite(e).all(dim=1) & torch.isfinite(x).all(dim=1)
+    if not bool(valid.all()):
+        # Such a row contributes exactly 0: its operands are replaced (never multiplied) by
+        # zeros, so no NaN * 0 reaches the sums.
+        rows_ok = valid[:, None]
+        e, x = torch.where(rows_ok, e, 0.0), torch.where(rows_ok, x, 0.0)
+        losses = torch.where(valid, losses, 0.0)
+        if max_grad_norm is not None:
+            norms = torch.where(valid, norms, 1.0)
+    if max_grad_norm is not None:
+        e = e.mul_(torch.clamp(max_grad_norm / norms.add_(1e-6), max=1.0)[:, None])
     return e.T @ x, e.sum(dim=0) if layer.bias is not None else None, losses
 
 
@@ -146,7 +154,10 @@ def train_linear(
             w.sub_(g_w, alpha=step)
             if g_b is not None:
                 b.sub_(g_b, alpha=step)
-            total += float(losses.sum(dtype=torch.float64))  # finite rows, no overflow
+            batch_loss = float(losses.sum(dtype=torch.float64))
+            if not math.isfinite(batch_loss):  # a saturated row: finite gradient, infinite loss
+                batch_loss = float(losses[torch.isfinite(losses)].sum(dtype=torch.float64))
+            total += batch_loss
             seen += len(yb)
     if not private:
         return total, seen, None

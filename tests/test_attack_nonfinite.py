@@ -116,3 +116,14 @@ def test_opacus_release_with_a_non_finite_record_equals_its_zero_gradient_twin(
             np.testing.assert_array_equal(released[k], reference[k])
         else:  # ghost drops the row: a 199-row batch rounds apart by ~1e-8, noise std is 1e-3
             np.testing.assert_allclose(released[k], reference[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "head_name, clipping", [("linear", "flat"), ("mlp", "flat"), ("mlp", "ghost")]
+)
+def test_returned_loss_is_finite_when_one_record_is_non_finite(head_name, clipping):
+    x, y = _features(), np.arange(N) % 2
+    x[BAD, 3] = np.inf
+    config = DPTrainConfig(noise_multiplier=2.0, batch_size=2 * N, lr=0.1, clipping=clipping)
+    outcome = train_tail(build_head(head_name, D, 2), x, y, config, "classification")
+    assert np.isfinite(outcome.loss)
