@@ -62,23 +62,8 @@ def pin_split(state_dir: str | os.PathLike, test_fraction: float | None = None) 
             DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
         )
         text = json.dumps({"test_fraction": fraction, "salt": secrets.randbits(63)})
-        tmp = path.with_name(f"{SPLIT_FILE}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "x") as f:
-                f.write(text + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)  # exclusive: a concurrent first start keeps the winner's
-            except FileExistsError:
-                pass
-        except OSError as exc:
-            raise FerryError(
-                f"cannot write {path} ({exc.strerror}): give a writable --state-dir"
-            ) from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        # Exclusive: a concurrent first start keeps the winner's salt.
+        _durable_write(path, text + "\n", exclusive=True)
     pinned = _read(path)
     if test_fraction is not None and test_fraction != pinned.test_fraction:
         raise FerryError(
@@ -187,14 +172,26 @@ def _read_settings(path: Path) -> dict[str, object]:
 
 
 def _write_settings(path: Path, settings: dict[str, object]) -> None:
-    tmp = path.with_name(f"{DATA_SETTINGS_FILE}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    _durable_write(path, json.dumps(settings, sort_keys=True, indent=1) + "\n")
+
+
+def _durable_write(path: Path, text: str, exclusive: bool = False) -> None:
+    """Write ``text`` to ``path`` through a unique temporary file, fsynced, then renamed over
+    it; ``exclusive``: linked instead, so an existing file (a concurrent writer's) is kept."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "x") as f:
-            f.write(json.dumps(settings, sort_keys=True, indent=1) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        else:
+            os.replace(tmp, path)
     except OSError as exc:
         raise FerryError(
             f"cannot write {path} ({exc.strerror}): give a writable --state-dir"
