@@ -50,6 +50,12 @@ def _add_run_options(p: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> 
         "budget_epsilon": "each virtual institution's own ε budget (default: --epsilon)",
         "budget_delta": "each virtual institution's own δ budget (default: --delta)",
         "min_clients": "end the run when fewer institutions with budget left remain",
+        "aggregation": "how updates are combined: fedavg, trimmed-mean, median or krum (each "
+        "with bounded influence; the robust ones need --min-clients 3, or 5 for krum)",
+        "weight_cap": "no institution weighs more than this many times the median claimed "
+        "example count (training and evaluation)",
+        "max_update_norm": "L2 bound on each update's change; 0 = adaptive, twice the round's "
+        "median change norm",
         "local_epochs": "local epochs per round",
         "batch_size": "expected (Poisson) batch size",
         "lr": "learning rate of the trained part (SGD; default: the scenario's)",

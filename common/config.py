@@ -30,6 +30,13 @@ class RunConfig:
     budget_epsilon: float | None = None
     budget_delta: float | None = None
     min_clients: int = 1  # end the run when fewer institutions with budget left remain
+    # How the server combines updates (server.aggregation): fedavg | trimmed-mean | median |
+    # krum. Every rule bounds influence: no institution weighs more than weight_cap x the
+    # round's median claimed count, and each update's change is clipped to max_update_norm
+    # (0 = adaptive: a multiple of the round's median change norm).
+    aggregation: str = "fedavg"
+    weight_cap: float = 2.0
+    max_update_norm: float = 0.0
     local_epochs: int = 1
     batch_size: int = 32
     lr: float | None = None  # SGD learning rate; None = the scenario's default
@@ -138,6 +145,21 @@ class RunConfig:
             raise bad("budget_delta", self.budget_delta, "use 0 < budget delta < 1")
         if not 1 <= self.min_clients <= self.clients:
             raise bad("min_clients", self.min_clients, f"use 1 to --clients ({self.clients})")
+        if self.aggregation not in AGGREGATION_RULES:
+            raise bad("aggregation", self.aggregation, f"use {', '.join(AGGREGATION_RULES)}")
+        if not (self.weight_cap >= 1 and math.isfinite(self.weight_cap)):
+            raise bad("weight_cap", self.weight_cap, "use a finite cap >= 1 (e.g. 2)")
+        if not (self.max_update_norm >= 0 and math.isfinite(self.max_update_norm)):
+            raise bad("max_update_norm", self.max_update_norm, "use 0 (adaptive) or a finite bound")
+        needed = updates_needed(self.aggregation, ASSUMED_HOSTILE)
+        if self.min_clients < needed:
+            raise bad(
+                "min_clients",
+                self.min_clients,
+                f"{self.aggregation} needs at least {needed} updates per round to withstand "
+                f"{ASSUMED_HOSTILE} hostile institution: use --min-clients {needed} or more "
+                f"(and as many --clients), or --aggregation fedavg",
+            )
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             raise bad("max_grad_norm", self.max_grad_norm, "use a positive, finite clipping norm")
         if self.local_epochs < 1:
@@ -223,6 +245,21 @@ class RunConfig:
                 value = ",".join(str(v) for v in value)
             values[name] = _coerce(key, value, kind)
         return cls(**values)
+
+
+# Aggregation rules (server.aggregation) and how many hostile institutions a run's robust
+# rules are sized for.
+AGGREGATION_RULES = ("fedavg", "trimmed-mean", "median", "krum")
+ASSUMED_HOSTILE = 1
+
+
+def updates_needed(rule: str, hostile: int) -> int:
+    """The fewest updates with which ``rule`` withstands ``hostile`` hostile ones: Krum needs
+    n > 2f + 2 (Blanchard et al. 2017); the median and a mean trimmed by f at each end need
+    n > 2f (the honest ones are a majority at every coordinate); FedAvg, bounded, needs 1."""
+    if rule == "krum":
+        return 2 * hostile + 3
+    return 2 * hostile + 1 if rule in ("median", "trimmed-mean") else 1
 
 
 def _is_date(text: str) -> bool:

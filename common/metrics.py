@@ -373,6 +373,64 @@ def pool_statistics(parts: list[EvaluationStatistics]) -> EvaluationStatistics |
     )
 
 
+def _rounded(counts: np.ndarray, factor: float, total: int) -> np.ndarray:
+    """``counts`` x ``factor`` as integers adding up to ``total`` (largest remainders; each
+    is its exact value's floor or ceiling when ``total`` is within 1 of the exact sum)."""
+    exact = counts.astype(np.float64).ravel() * factor
+    out = np.floor(exact).astype(np.int64)
+    short = total - int(out.sum())
+    if short > 0:
+        out[np.argsort(out - exact, kind="stable")[:short]] += 1
+    elif short < 0:  # only from float rounding: take from the smallest remainders
+        order = np.argsort(exact - out, kind="stable")
+        out[order[out[order] > 0][:-short]] -= 1
+    return out.reshape(counts.shape)
+
+
+def scale_statistics(stats: EvaluationStatistics, factor: float) -> EvaluationStatistics:
+    """The statistics of a held-out set ``factor`` times as large with the same metrics, so
+    that pooling weighs the institution by a bounded count (server.aggregation caps it).
+    Counts stay integers (largest-remainder rounding: the confusion adds up to the new
+    count, each score histogram to it and to its class's row); sums are scaled by the
+    rounded count's ratio, so regression metrics and the mean loss are unchanged exactly."""
+    if not (factor >= 0 and math.isfinite(factor)):
+        raise ValueError(f"scale factor {factor!r} must be finite and >= 0")
+    n = stats.num_examples
+    if not n:
+        return stats
+    total = int(round(n * factor))
+    ratio = total / n
+    if isinstance(stats, RegressionStatistics):
+        moved = correct = None
+        if stats.direction_moved is not None:
+            moved = min(total, int(round(stats.direction_moved * ratio)))
+            correct = min(moved, int(round((stats.direction_correct or 0) * ratio)))
+        return RegressionStatistics(
+            total,
+            stats.squared_error_sum * ratio,
+            stats.absolute_error_sum * ratio,
+            stats.target_sum * ratio,
+            stats.target_squared_sum * ratio,
+            moved,
+            correct,
+        )
+    # Row totals first, then each row within its total: every rounded count stays within 1
+    # of its exact value, so the histograms can be rounded to the rows' totals.
+    rows = _rounded(stats.confusion.sum(axis=1), ratio, total)
+    confusion = np.stack(
+        [_rounded(r, ratio, t) for r, t in zip(stats.confusion, rows, strict=True)]
+    )
+    histogram = None
+    if stats.score_histogram is not None:
+        histogram = np.zeros_like(stats.score_histogram)
+        for i, c in enumerate(_scored_classes(len(confusion))):
+            positives = int(confusion[c].sum())
+            histogram[i, 1] = _rounded(stats.score_histogram[i, 1], ratio, positives)
+            histogram[i, 0] = _rounded(stats.score_histogram[i, 0], ratio, total - positives)
+    loss = None if stats.log_loss_sum is None else stats.log_loss_sum * ratio
+    return ClassificationStatistics(confusion, histogram, loss)
+
+
 def _histogram_auc(neg: np.ndarray, pos: np.ndarray) -> tuple[float, float]:
     """(AUC counting same-bin pairs as ties, its largest distance to the exact AUC)."""
     p, n = float(pos.sum()), float(neg.sum())

@@ -1,37 +1,276 @@
-"""Aggregation rules, by name. Each takes [(arrays, weight)] and returns the new arrays."""
+"""Aggregation with bounded influence: no single institution can take over the model.
+
+:func:`aggregate_updates` combines one round's updates ``(institution, arrays, claimed
+examples)`` under an :class:`AggregationPolicy`, in two steps:
+
+1. **Bound each change.** Every update's change from the current arrays (``update -
+   current``, all arrays as one vector) is clipped to an L2 bound: the policy's fixed
+   ``max_update_norm``, or (0, the default) ``norm_factor`` x the median change norm of the
+   round. While hostile institutions are fewer than half, the median is an honest one's, so
+   a scaled update (x1e30) moves the model no further than ``norm_factor`` honest ones.
+2. **Apply the rule** to the clipped changes, then add the result to the current arrays:
+
+   * ``fedavg`` (McMahan et al. 2017): the mean weighted by claimed example counts, each
+     count capped at ``weight_cap`` x the round's median claimed count
+     (:func:`capped_weights`), so claiming 1e12 examples buys at most ``weight_cap`` x a
+     typical institution's say. With nobody capped or clipped it is exactly FedAvg.
+   * ``median`` (coordinate-wise; Yin et al. 2018): Flower's ``aggregate_median``.
+   * ``trimmed-mean`` (coordinate-wise, ``hostile`` values cut at each end; Yin et al. 2018):
+     Flower's ``aggregate_trimmed_avg``.
+   * ``krum`` (Blanchard et al. 2017, f = ``hostile``): Flower's ``aggregate_krum``: the
+     change closest to its n - f - 2 nearest others.
+
+   The robust rules ignore claimed counts (nothing to inflate); they need enough updates to
+   outvote ``hostile`` hostile ones (:func:`common.config.updates_needed`: krum n > 2f + 2,
+   median and trimmed mean n > 2f); with fewer, :class:`TooFewUpdates` is raised and nothing
+   is aggregated. All rules are translation-invariant, so working on changes gives what they
+   give on the arrays, with the bound applied first.
+
+:class:`AggregationResult` says what was done, for the ledger: the rule, the bound, each
+institution's weight and every clipped update with its norm before clipping.
+Evaluation counts are bounded the same way (:func:`capped_statistics`).
+
+The old :func:`aggregate` (rule name, ``[(arrays, weight)]``) is plain, unbounded FedAvg;
+it stays for callers that average trusted arrays.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
+from flwr.server.strategy.aggregate import (
+    aggregate_krum,
+    aggregate_median,
+    aggregate_trimmed_avg,
+)
+
+from common.config import ASSUMED_HOSTILE, RunConfig, updates_needed
+from common.metrics import EvaluationStatistics, scale_statistics
 
 Arrays = dict[str, np.ndarray]
-_RULES: dict[str, Callable[[Sequence[tuple[Arrays, float]]], Arrays]] = {}
+Changes = list[np.ndarray]  # one update's change, one float64 array per key, in key order
+
+
+class TooFewUpdates(ValueError):
+    """The round has fewer usable updates than the rule needs to withstand the hostile
+    institutions it is sized for: nothing may be aggregated this round."""
+
+
+@dataclass(frozen=True)
+class AggregationPolicy:
+    """How a round's updates are combined (see the module docstring).
+
+    ``rule``: fedavg | trimmed-mean | median | krum. ``weight_cap``: FedAvg weight of an
+    institution at most this many times the round's median claimed count (inf: uncapped).
+    ``max_update_norm``: > 0 a fixed L2 bound on each change; 0 adaptive, ``norm_factor`` x
+    the round's median change norm (2: honest updates of similar size are left whole);
+    inf: unbounded. ``hostile``: how many hostile institutions the robust rules are sized for
+    (Krum's f; trimmed mean cuts this many at each end)."""
+
+    rule: str = "fedavg"
+    weight_cap: float = 2.0
+    max_update_norm: float = 0.0
+    norm_factor: float = 2.0
+    hostile: int = ASSUMED_HOSTILE
+
+    def __post_init__(self) -> None:
+        if self.rule not in _RULES:
+            raise ValueError(f"unknown aggregation rule {self.rule!r}: use {', '.join(_RULES)}")
+        if not self.weight_cap >= 1:
+            raise ValueError(f"weight_cap {self.weight_cap!r} must be >= 1")
+        if not self.max_update_norm >= 0:
+            raise ValueError(f"max_update_norm {self.max_update_norm!r} must be >= 0")
+        if not (self.norm_factor > 0 and math.isfinite(self.norm_factor)):
+            raise ValueError(f"norm_factor {self.norm_factor!r} must be positive and finite")
+        if self.hostile < 0:
+            raise ValueError(f"hostile {self.hostile!r} must be >= 0")
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> AggregationPolicy:
+        return cls(
+            rule=cfg.aggregation,
+            weight_cap=float(cfg.weight_cap),
+            max_update_norm=float(cfg.max_update_norm),
+        )
+
+    @property
+    def updates_needed(self) -> int:
+        """The fewest updates a round needs under this rule."""
+        return updates_needed(self.rule, self.hostile)
+
+
+@dataclass
+class AggregationResult:
+    """The new arrays and what the rule did: ``weights`` each institution's share (fedavg:
+    its capped count over the total; median, trimmed mean: 1/n, as coordinate-wise rules give
+    no institution more; krum: 1 for the one chosen, 0 for the others); ``norm_bound`` the
+    L2 bound on each change (inf: none); ``clipped`` institution -> its change norm before
+    clipping, for each update that was clipped."""
+
+    arrays: Arrays
+    rule: str
+    weights: dict[str, float]
+    norm_bound: float
+    clipped: dict[str, float] = field(default_factory=dict)
+    weight_cap: float = math.inf
+
+    def ledger_fields(self) -> dict:
+        """The ``round_aggregated`` fields (JSON: an absent bound or cap is None)."""
+        return {
+            "rule": self.rule,
+            "weight_cap": self.weight_cap if math.isfinite(self.weight_cap) else None,
+            "norm_bound": self.norm_bound if math.isfinite(self.norm_bound) else None,
+            "weights": {k: float(v) for k, v in self.weights.items()},
+            "clipped": {k: {"norm": float(v)} for k, v in self.clipped.items()},
+        }
+
+
+def capped_weights(counts: dict[str, float], cap: float) -> dict[str, float]:
+    """Each count, at most ``cap`` x the median of ``counts``. While fewer than half of the
+    institutions inflate their count the median is an honest one's, so no claim buys more
+    than ``cap`` typical institutions' weight."""
+    if not counts:
+        return {}
+    limit = cap * float(np.median(np.asarray(list(counts.values()), dtype=np.float64)))
+    return {k: min(float(v), limit) for k, v in counts.items()}
+
+
+def capped_statistics(
+    stats: dict[str, EvaluationStatistics], cap: float
+) -> dict[str, EvaluationStatistics]:
+    """Evaluation statistics with each institution's example count capped as
+    :func:`capped_weights` caps training weights, so pooled metrics weigh an institution by
+    its capped count (its own metrics stay as they were, up to integer rounding)."""
+    capped = capped_weights({k: float(s.num_examples) for k, s in stats.items()}, cap)
+    return {
+        k: s if capped[k] >= s.num_examples else scale_statistics(s, capped[k] / s.num_examples)
+        for k, s in stats.items()
+    }
+
+
+def change_norm(change: Changes) -> float:
+    """L2 norm over all arrays, without overflow (float64 squares of values near the
+    float64 maximum would be inf)."""
+    peak = max((float(np.max(np.abs(c))) for c in change if c.size), default=0.0)
+    if peak == 0 or not math.isfinite(peak):
+        return peak
+    return peak * math.sqrt(sum(float(np.sum(np.square(c / peak))) for c in change))
+
+
+def aggregate_updates(
+    current: Arrays, updates: Sequence[tuple[str, Arrays, float]], policy: AggregationPolicy
+) -> AggregationResult:
+    """Combine ``updates`` (institution, arrays with ``current``'s keys and shapes, finite;
+    claimed example count, positive and finite: validated where they arrive) under
+    ``policy``. Raises :class:`TooFewUpdates` when the rule needs more updates, ValueError for
+    an empty round or an institution named twice."""
+    names = [name for name, _, _ in updates]
+    if not updates:
+        raise ValueError("nothing to aggregate")
+    if len(set(names)) != len(names):
+        raise ValueError(f"an institution sent two updates in one round: {names}")
+    if len(updates) < policy.updates_needed:
+        raise TooFewUpdates(
+            f"{policy.rule} needs at least {policy.updates_needed} updates to withstand "
+            f"{policy.hostile} hostile institution(s); this round has {len(updates)}: "
+            f"nothing aggregated"
+        )
+    keys = list(current)
+    changes = [
+        [arrays[k].astype(np.float64) - current[k].astype(np.float64) for k in keys]
+        for _, arrays, _ in updates
+    ]
+    norms = [change_norm(c) for c in changes]
+    if policy.max_update_norm > 0:
+        bound = float(policy.max_update_norm)
+    else:
+        bound = policy.norm_factor * float(np.median(norms))
+    clipped = {}
+    for i, (name, norm) in enumerate(zip(names, norms, strict=True)):
+        if norm > bound:
+            clipped[name] = norm
+            scale = bound / norm if norm > 0 else 0.0
+            changes[i] = [c * scale for c in changes[i]]
+    counts = {name: float(count) for name, _, count in updates}
+    combined, shares = _RULES[policy.rule](changes, names, counts, policy)
+    arrays = {
+        k: (current[k].astype(np.float64) + delta).astype(current[k].dtype)
+        for k, delta in zip(keys, combined, strict=True)
+    }
+    return AggregationResult(arrays, policy.rule, shares, bound, clipped, policy.weight_cap)
+
+
+# -------------------------------------------------------------------------- the rules
+# Each takes the clipped changes, the institutions' names, their claimed counts and the
+# policy; it returns the combined change and each institution's share.
+Rule = Callable[
+    [list[Changes], list[str], dict[str, float], AggregationPolicy],
+    tuple[Changes, dict[str, float]],
+]
+_RULES: dict[str, Rule] = {}
 
 
 def register_rule(name: str):
-    def decorator(fn):
+    def decorator(fn: Rule) -> Rule:
         _RULES[name] = fn
         return fn
 
     return decorator
 
 
+@register_rule("fedavg")
+def _fedavg(changes, names, counts, policy):
+    capped = capped_weights(counts, policy.weight_cap)
+    total = sum(capped.values())
+    shares = {n: capped[n] / total for n in names}
+    combined = [
+        sum(shares[n] * c[j] for n, c in zip(names, changes, strict=True))
+        for j in range(len(changes[0]))
+    ]
+    return combined, shares
+
+
+def _uniform(names: list[str]) -> dict[str, float]:
+    return {n: 1.0 / len(names) for n in names}
+
+
+@register_rule("median")
+def _median(changes, names, counts, policy):
+    return aggregate_median([(c, 1) for c in changes]), _uniform(names)
+
+
+@register_rule("trimmed-mean")
+def _trimmed_mean(changes, names, counts, policy):
+    # Flower cuts int(proportion x n) at each end; (f + 0.25) / n makes that exactly f and
+    # stays below Flower's limit of 0.5 for n >= 2f + 1.
+    proportion = (policy.hostile + 0.25) / len(changes) if policy.hostile else 0.0
+    return aggregate_trimmed_avg([(c, 1) for c in changes], proportion), _uniform(names)
+
+
+@register_rule("krum")
+def _krum(changes, names, counts, policy):
+    chosen = aggregate_krum([(c, 1) for c in changes], num_malicious=policy.hostile, to_keep=0)
+    index = next(i for i, c in enumerate(changes) if c is chosen)
+    return chosen, {n: float(i == index) for i, n in enumerate(names)}
+
+
+# ------------------------------------------------------------------ plain, unbounded FedAvg
+
+
 def aggregate(name: str, updates: Sequence[tuple[Arrays, float]]) -> Arrays:
+    """Unbounded example-weighted mean of trusted ``[(arrays, weight)]`` (only ``fedavg``);
+    rounds use :func:`aggregate_updates`."""
     if not updates:
         raise ValueError("nothing to aggregate")
-    return _RULES[name](updates)
-
-
-@register_rule("fedavg")
-def fedavg(updates: Sequence[tuple[Arrays, float]]) -> Arrays:
-    """Example-weighted mean (McMahan et al. 2017)."""
+    if name != "fedavg":
+        raise ValueError(f"aggregate() is plain FedAvg; use aggregate_updates for {name!r}")
     total = float(sum(w for _, w in updates))
-    keys = updates[0][0].keys()
     return {
         k: (sum(a[k].astype(np.float64) * w for a, w in updates) / total).astype(
             updates[0][0][k].dtype
         )
-        for k in keys
+        for k in updates[0][0]
     }
