@@ -9,7 +9,10 @@ writable), the budget.
 
 Then ``flower-supernode`` starts in its own process group with TLS (``--root-certificates``),
 SuperNode authentication (``--auth-supernode-private-key``), its runtime API on
-``127.0.0.1:--runtime-port`` and ``--isolation subprocess``. The institution's settings go
+``127.0.0.1:--runtime-port`` and ``--isolation process``: the SuperNode starts no executor;
+Ferry's :mod:`client.task_launcher` runs beside it and starts, for each ClientApp task, a
+process that checks the run's bundle carries no code (:mod:`client.bundle_check`) and then
+runs the ClientApp installed here, never the bundle's. The institution's settings go
 to the ClientApp as Flower node config (a TOML file in the state directory, read by
 :func:`client.runtime.settings_for_deployment`): the server never sees the data path and
 cannot change the budget. ``ferry client`` waits on the SuperNode and stops its whole group
@@ -259,7 +262,7 @@ def supernode_argv(s: InstitutionSettings, node_config: Path) -> list[str]:
         "--node-config",
         str(node_config),
         "--isolation",
-        "subprocess",
+        "process",  # no Flower executor: client.task_launcher runs checked ClientApps only
         "--host",
         "127.0.0.1",
         "--port",
@@ -307,9 +310,27 @@ def run_client(s: InstitutionSettings, log=None) -> int:
         f"ε={s.budget_epsilon:g}, δ={s.budget_delta:g} (enforced here); state in {s.state_dir}"
     )
     log(f"connecting to {s.server} ({'INSECURE' if s.insecure else 'TLS'}); log: {log_path}")
+    launcher = None
     try:
         supernode.start()
+        # The SuperNode's only executor (client.task_launcher); -P: no current folder on sys.path.
+        launcher_argv = [
+            sys.executable,
+            "-P",
+            "-m",
+            "client.task_launcher",
+            "--supernode-pid",
+            str(supernode.pid),
+            "--runtime-api-address",
+            f"127.0.0.1:{s.runtime_port}",
+        ]
+        launcher = ChildProcess("task-launcher", launcher_argv, log_path, env).start()
         while (code := supernode.poll()) is None:
+            if (ended := launcher.poll()) is not None:
+                raise FerryError(
+                    f"the task launcher exited with code {ended}, so no round can run here; "
+                    f"see {log_path}"
+                )
             time.sleep(0.5)
         why = _refusal(supernode.log_tail(60), s)
         if why:
@@ -324,4 +345,6 @@ def run_client(s: InstitutionSettings, log=None) -> int:
         print("ferry: interrupted; stopping the SuperNode", file=sys.stderr)
         return 130
     finally:
+        if launcher is not None:
+            launcher.stop()
         supernode.stop()

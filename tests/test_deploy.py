@@ -201,7 +201,7 @@ def _clientapps(child: ChildProcess) -> set[int]:
     pids = set()
     for pid in tagged_pids(child.tag):
         try:
-            if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"client.checked_clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 pids.add(pid)
         except OSError:
             pass

@@ -1,0 +1,110 @@
+"""Ferry's launcher at the institution: the SuperNode's only executor, ClientApp tasks only.
+
+Why this hook. ``flower-supernode --isolation subprocess`` (Flower 1.41) starts
+``flower-superexec``, which acquires each task from the SuperNode and starts
+``flwr-clientapp`` (or ``flwr-agentapp``, ``flwr-model``, ..., whatever the run's task type
+asks for); those unpack the run's bundle and import the code it names. Flower offers no hook
+between "bundle received" and "bundle imported", and ``--trusted-entities`` refuses every
+bundle submitted from a local folder. Two other hooks were weighed:
+
+* a ``flwr-clientapp`` shim first on ``PATH``: it relies on Flower finding its executables
+  by name, and fails open (Flower's own process runs the bundle) if a later Flower resolves
+  them another way; it would also have to shadow every other task executable;
+* checking inside Flower's ``flwr-clientapp`` (patching ``install_from_fab``): it patches a
+  private call site.
+
+So ``ferry client`` runs the SuperNode with ``--isolation process`` (the SuperNode then
+starts no executor of its own) and runs this launcher beside it. It polls the SuperNode's
+runtime API on loopback (``AcquireTask``, the call ``flower-superexec`` makes), asks only for
+``flwr-clientapp`` tasks (another task type is never acquired and expires at the
+SuperNode), and starts :mod:`client.checked_clientapp` for each, an explicit module of the
+installed Ferry run with ``python -P`` (no current folder on ``sys.path``). If this launcher
+is not running, nothing runs: it fails closed. It exits when the SuperNode does.
+
+Output (its own and its tasks') goes to the institution's ``supernode.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.app_utils import start_parent_process_monitor
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+
+from client.checked_clientapp import TOKEN_VAR
+
+POLL_SECONDS = 0.5
+
+
+def task_argv(runtime_api_address: str) -> list[str]:
+    """The command that runs one checked ClientApp task (its token goes in the environment)."""
+    return [
+        sys.executable,
+        "-P",
+        "-m",
+        "client.checked_clientapp",
+        "--runtime-api-address",
+        runtime_api_address,
+        "--parent-pid",
+        str(os.getpid()),
+    ]
+
+
+def serve(runtime_api_address: str, supernode_pid: int | None) -> None:
+    """Acquire ClientApp tasks and start a checked process for each, until the SuperNode ends."""
+    if supernode_pid is not None:
+        start_parent_process_monitor(supernode_pid)  # SIGINT here when the SuperNode is gone
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address,
+        insecure=True,  # loopback only, as ferry client binds it
+        root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+    print(
+        f"ferry: task launcher on {runtime_api_address}: runs checked ClientApps only",
+        file=sys.stderr,
+        flush=True,
+    )
+    running: list[subprocess.Popen] = []
+    try:
+        while True:
+            try:
+                reply = client.AcquireTask(
+                    AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+                )
+            except Exception as exc:  # the SuperNode is starting or restarting: poll again
+                print(f"ferry: task launcher: {type(exc).__name__}: {exc}", file=sys.stderr)
+                time.sleep(POLL_SECONDS)
+                continue
+            if reply.HasField("task") and reply.token:
+                env = dict(os.environ) | {TOKEN_VAR: reply.token}
+                running.append(subprocess.Popen(task_argv(runtime_api_address), env=env))
+            running = [p for p in running if p.poll() is None]
+            time.sleep(POLL_SECONDS)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
+        for proc in running:
+            proc.terminate()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Ferry's ClientApp launcher for a SuperNode")
+    parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--supernode-pid", type=int, default=None)
+    args = parser.parse_args()
+    serve(args.runtime_api_address, args.supernode_pid)
+
+
+if __name__ == "__main__":
+    main()
