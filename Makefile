@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ferry-installed
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install demo test lint clean
+.PHONY: install nginx demo test lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,13 @@ demo: $(STAMP)
 	$(VENV)/bin/ferry pretrain
 	$(VENV)/bin/ferry simulate
 
-test: $(STAMP)
+# `ferry server` runs nginx (Debian's package) as its public, Fleet-API-only port.
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || \
+		(apt-get update -qq && apt-get install -y -qq nginx) || \
+		(echo "nginx is not installed: apt-get install nginx (as root)" >&2; exit 1)
+
+test: $(STAMP) nginx
 	$(PY) -m pytest -q -ra
 
 lint: $(STAMP)

@@ -8,15 +8,21 @@ Steps, each checked before the next (bad input fails first, with one line, exit 
    processes use), every institution's public key, the run settings and the backbone.
 2. Start ``flower-superlink`` in its own process group with TLS, SuperNode authentication, a
    persistent database and a log file in the state directory, and runtime dependency
-   installation off (nothing is ever pip-installed on the server).
+   installation off (nothing is ever pip-installed on the server). It listens on the loopback
+   interface only (``127.0.0.1:[server] internal-port``, picked when unset): Flower serves its
+   Control API, which authenticates nobody, on that same port.
 3. Register every institution's public key (``flwr supernode register``), keeping the node
    id Flower assigns to each in ``<state-dir>/institutions.json``. A key registered before
-   (same database) keeps its node id.
+   (same database) keeps its node id. Then start the public proxy on ``[server] address``
+   (:mod:`server.proxy`: nginx forwarding the Fleet API and nothing else).
 4. Submit the run: a Flower app bundle that holds *no code*, only a ``pyproject.toml`` naming
    Ferry's apps and the run config (``mode = "deployment"``). Each side therefore runs the
    Ferry installed on its own machine; the institution's ClientApp is its own code.
 5. Stream the run's progress until it ends; stop every child process group on exit, on
    Ctrl-C, SIGTERM and on failure.
+
+``--insecure`` (no TLS, no node authentication, no proxy: the SuperLink itself on the
+address) is refused unless the address is a loopback one, for local trials.
 
 Before step 2, runs that a killed server left unfinished in the database are stopped (see
 :func:`stop_stale_runs`), so that no institution trains for a run nobody listens to.
@@ -28,6 +34,7 @@ continues after its last checkpointed round (:mod:`server.checkpoint`).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import socket
@@ -50,6 +57,14 @@ from common.tls import (
 from server.checkpoint import check_ledger_prefix, check_same_run, load_checkpoint
 from server.deployment import MODE, check_deployment
 from server.ledger import LEDGER_FILE
+from server.proxy import (
+    LOOPBACK,
+    ProxySettings,
+    check_upstream_certificate,
+    nginx_binary,
+    preflight,
+    start_proxy,
+)
 
 CONNECTION = "ferry"  # the Flower CLI connection name ferry server writes
 INSECURE_WARNING = (
@@ -72,12 +87,36 @@ class ServerSettings:
     server_cert: Path | None = None
     server_key: Path | None = None
     insecure: bool = False
+    internal_port: int = 0  # the SuperLink's port on 127.0.0.1 (TLS; the proxy forwards here)
+
+    @property
+    def superlink_host(self) -> str:
+        return self.host if self.insecure else LOOPBACK
+
+    @property
+    def superlink_port(self) -> int:
+        return self.port if self.insecure else self.internal_port
 
     @property
     def local_address(self) -> str:
-        """Where this machine's own processes reach the SuperLink (as Flower resolves it)."""
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        """Where this machine's own processes (flwr, the ServerApp) reach the SuperLink."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.superlink_host, self.superlink_host)
+        port = self.superlink_port
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def proxy(self) -> ProxySettings:
+        """The public proxy (TLS mode only)."""
+        assert self.server_cert and self.server_key and self.ca_cert
+        return ProxySettings(
+            self.host,
+            self.port,
+            self.internal_port,
+            self.server_cert,
+            self.server_key,
+            self.ca_cert,
+            self.state_dir / "proxy",
+        )
 
     @property
     def out(self) -> Path:
@@ -110,13 +149,29 @@ def load_server_config(
         )
     base = path.resolve().parent
     server = dict(data.get("server", {}))
-    known = {"address", "certs", "ca-cert", "server-cert", "server-key", "state-dir"}
+    known = {
+        "address",
+        "certs",
+        "ca-cert",
+        "server-cert",
+        "server-key",
+        "state-dir",
+        "internal-port",
+    }
     if set(server) - known:
         raise FerryError(
             f"{path}: unknown [server] key(s) {', '.join(sorted(set(server) - known))}: "
             f"known keys are {', '.join(sorted(known))}"
         )
     host, port = parse_address(str(server.get("address", "127.0.0.1:9092")), "[server] address")
+    if insecure and not _is_loopback(host):
+        raise FerryError(
+            f"--insecure with [server] address {host}:{port} would open the SuperLink's Control "
+            "API (no authentication: anyone could list, submit and stop runs) and an "
+            "unauthenticated Fleet API to the network: use a loopback address (e.g. "
+            "127.0.0.1:9092) for a local trial, or TLS (`ferry certs`) without --insecure"
+        )
+    internal_port = _internal_port(server.get("internal-port"), port)
     state_dir = _resolve(base, server.get("state-dir", "ferry-server-state"), "state-dir")
     institutions = {
         check_institution_name(name): _resolve(base, key, f"[institutions] {name}")
@@ -152,9 +207,40 @@ def load_server_config(
         tls["server-cert"],
         tls["server-key"],
         insecure,
+        internal_port,
     )
     check_server_settings(settings)
     return settings
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _internal_port(value: object, public_port: int) -> int:
+    """``[server] internal-port``: a free port on 127.0.0.1 when unset; never the public one."""
+    if value is None:
+        port = _free_port(LOOPBACK)
+        while port == public_port:
+            port = _free_port(LOOPBACK)
+        return port
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise FerryError(
+            f"[server] internal-port {value!r} is invalid: use a port number (1-65535) for the "
+            "SuperLink on 127.0.0.1, or leave it out to have one picked"
+        )
+    if value == public_port:
+        raise FerryError(
+            f"[server] internal-port {value} is the public port of [server] address: the "
+            "SuperLink (with its Control API) must listen on a port of its own behind the "
+            "proxy; choose another internal-port or leave it out"
+        )
+    return value
 
 
 def _run_config(path: Path, base: Path, run: dict, institutions: int, resume: str | None) -> dict:
@@ -194,9 +280,13 @@ def check_server_settings(s: ServerSettings) -> None:
         ca = check_ca_certificate(s.ca_cert, "[server] ca-cert")
         local_host = parse_address(s.local_address, "local address")[0]
         check_server_certificate(s.server_cert, s.server_key, ca, local_host)
+        check_upstream_certificate(s.server_cert)
+        nginx_binary()
     for name, key in s.institutions.items():
         check_public_key(key, f"[institutions] {name}")
     _check_port_free(s.host, s.port)
+    if not s.insecure:
+        _check_port_free(s.superlink_host, s.superlink_port, "[server] internal-port")
     try:
         s.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         probe = s.state_dir / ".ferry-write-test"
@@ -207,9 +297,11 @@ def check_server_settings(s: ServerSettings) -> None:
             f"state directory {s.state_dir} is not writable ({exc.strerror}): "
             "set [server] state-dir to a writable directory"
         ) from None
+    if not s.insecure:
+        preflight(s.proxy)
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int, key: str = "[server] address") -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -218,7 +310,7 @@ def _check_port_free(host: str, port: int) -> None:
         except OSError as exc:
             raise FerryError(
                 f"cannot listen on {host}:{port} ({exc.strerror}): another SuperLink may be "
-                "running there; stop it or choose another [server] address"
+                f"running there; stop it or choose another {key}"
             ) from None
 
 
@@ -280,12 +372,13 @@ def write_flower_home(home: Path, s: ServerSettings) -> Path:
 
 
 def superlink_argv(s: ServerSettings) -> list[str]:
+    """With TLS the SuperLink listens on 127.0.0.1 only; the proxy is its public face."""
     argv = [
         flower_bin("flower-superlink"),
         "--host",
-        s.host,
+        s.superlink_host,
         "--port",
-        str(s.port),
+        str(s.superlink_port),
         "--database",
         str(s.state_dir / "superlink.db"),
         "--log-file",
@@ -371,7 +464,8 @@ def stop_stale_runs(s: ServerSettings, log) -> None:
     if not (s.state_dir / "superlink.db").exists():
         return
     host = parse_address(s.local_address, "local address")[0]  # covered by server.pem
-    private = dataclasses.replace(s, host=host, port=_free_port(host))
+    port = _free_port(host)
+    private = dataclasses.replace(s, host=host, port=port, internal_port=port)
     home = write_flower_home(s.state_dir / "flwr-home-maintenance", private)
     argv = superlink_argv(private)
     argv[argv.index("subprocess")] = "process"  # start no ServerApp for a pending run
@@ -409,9 +503,19 @@ def run_server(s: ServerSettings, log=None) -> int:
             "superlink", superlink_argv(s), s.state_dir / "superlink.out", env
         ).start()
         children.append(superlink)
-        tls = "TLS off (insecure)" if s.insecure else "TLS, SuperNode authentication on"
-        log(f"SuperLink listening on {s.host}:{s.port} ({tls}); state in {s.state_dir}")
+        listening = (
+            f"{s.host}:{s.port} (TLS off, insecure)"
+            if s.insecure
+            else f"{s.local_address} (loopback only; TLS, SuperNode authentication on)"
+        )
+        log(f"SuperLink listening on {listening}; state in {s.state_dir}")
         _wait_until_listening(s, superlink, timeout=60)
+        watched = [superlink]
+        if not s.insecure:
+            proxy = start_proxy(s.proxy, env)
+            children.append(proxy)
+            watched.append(proxy)
+            log(f"public address {s.host}:{s.port}: the Fleet API only (nginx proxy)")
         names = register_institutions(s, log) if not s.insecure else {}
         run = dict(s.run, institutions=json.dumps({str(k): v for k, v in names.items()}))
         app = write_app(s.state_dir / "app", run)
@@ -421,11 +525,13 @@ def run_server(s: ServerSettings, log=None) -> int:
         runner = ChildProcess("flwr-run", argv, None, env).start()  # output: ours
         children.append(runner)
         while runner.poll() is None:
-            if superlink.poll() is not None:
-                raise FerryError(
-                    f"flower-superlink stopped (exit code {superlink.poll()}); see "
-                    f"{s.state_dir / 'superlink.log'}"
-                )
+            for child in watched:
+                if child.poll() is not None:
+                    where = "superlink.log" if child is superlink else "proxy/error.log"
+                    raise FerryError(
+                        f"{child.argv[0].rsplit('/', 1)[-1]} stopped (exit code {child.poll()}); "
+                        f"see {s.state_dir / where}"
+                    )
             time.sleep(0.5)
         return _report(s, log)
     except KeyboardInterrupt:
