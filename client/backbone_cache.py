@@ -5,6 +5,8 @@ verifies the content hash again; an entry that fails is moved aside (``.corrupt-
 reported as absent, so the server re-ships it. Verified trunks are kept in memory per
 process (a simulation worker serving many rounds loads each backbone once); the in-memory
 copy is the verified one, so later changes to the files only matter to a new process.
+Its directories are 0700 and its files 0600 (:mod:`common.private_files`): which backbone an
+institution holds is its own business.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from torch import nn
 
 from common.errors import FerryError
+from common.private_files import PRIVATE_FILE, private_dir
 from common.serialization import BackboneArtifact, instantiate, load_artifact, save_artifact, verify
 
 _LOADED: dict[tuple[str, str], tuple[BackboneArtifact, nn.Module]] = {}
@@ -49,7 +52,10 @@ class BackboneCache:
         """Verify a received backbone against ``sha256`` and store it; refuse it otherwise."""
         artifact = BackboneArtifact(manifest, tensors)
         verify(artifact, sha256)
-        save_artifact(artifact, self.path(sha256))
+        directory = private_dir(self.path(sha256))
+        save_artifact(artifact, directory)
+        for path in directory.iterdir():  # inside a 0700 directory from the start
+            os.chmod(path, PRIVATE_FILE)
 
     def load(self, sha256: str) -> tuple[BackboneArtifact, nn.Module]:
         """The verified artifact and its frozen, eval-mode trunk."""

@@ -15,7 +15,9 @@ served (:func:`common.data.preprocess.check_preprocessing`).
 On disk: ``<cache_dir>/features/<key>/<split>.npy``. A file larger than ``MMAP_BYTES`` is
 written batch by batch into a memory map and read back memory-mapped, so split-point
 activations of a large backbone (e.g. ResNet-50 before ``layer4``) need not fit in memory.
-The per-process memory cache keeps the arrays (or memory maps) by key.
+The per-process memory cache keeps the arrays (or memory maps) by key. Features are as
+sensitive as the data: every cache file is created 0600 and every directory made for it
+0700 (:mod:`common.private_files`), so another local user reads none of them.
 ``trunk_examples`` counts examples that went through a trunk, for tests and benchmarks.
 """
 
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from common.data.preprocess import check_preprocessing, preprocess
+from common.private_files import private_dir, private_temp
 
 MMAP_BYTES = 64 * 2**20
 _MEMORY: dict[str, dict[str, np.ndarray]] = {}
@@ -106,11 +109,14 @@ class FeatureCache:
         directory = self.root / key
         feats = self._load(directory, splits)
         if feats is None:
-            directory.mkdir(parents=True, exist_ok=True)
+            private_dir(directory)
             feats = {}
             for name, examples in splits.items():
                 final = directory / f"{name}.npy"
-                tmp = directory / f"{name}.{os.getpid()}.tmp.npy"
+                # Created 0600 before a byte is written; np.save and the memory map keep it.
+                tmp = private_temp(directory, name).rename(
+                    directory / f"{name}.{os.getpid()}.tmp.npy"
+                )
                 arr = extract(trunk, examples, preprocessing, device=device, out_path=tmp)
                 if not isinstance(arr, np.memmap):
                     np.save(tmp, arr)

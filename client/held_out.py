@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import FerryError
+from common.private_files import private_dir, private_temp
 
 SPLIT_FILE = "split.json"
 DEFAULT_TEST_FRACTION = 0.2
@@ -178,10 +179,11 @@ def _write_settings(path: Path, settings: dict[str, object]) -> None:
 def _durable_write(path: Path, text: str, exclusive: bool = False) -> None:
     """Write ``text`` to ``path`` through a unique temporary file, fsynced, then renamed over
     it; ``exclusive``: linked instead, so an existing file (a concurrent writer's) is kept."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "x") as f:
+        private_dir(path.parent)
+        tmp = private_temp(path.parent, path.name)  # 0600: the salt is a secret
+        with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -197,4 +199,5 @@ def _durable_write(path: Path, text: str, exclusive: bool = False) -> None:
             f"cannot write {path} ({exc.strerror}): give a writable --state-dir"
         ) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)

@@ -45,7 +45,6 @@ import fcntl
 import hashlib
 import json
 import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from pathlib import Path
 from common.errors import FerryError
 from common.privacy.accounting import MechanismSegment, epsilon_for_history
 from common.privacy.report import RECEIPTS_FILE, read_receipts
+from common.private_files import fsync_dir, open_private, private_dir, private_temp
 
 STATE_FILE = "privacy_state.json"
 BACKUP_FILE = STATE_FILE + ".bak"
@@ -85,8 +85,8 @@ class PrivacyState:
         :meth:`record` inside the block extends exactly what is on disk."""
         state_dir = Path(state_dir)
         try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+            private_dir(state_dir)
+            fd = open_private(state_dir / LOCK_FILE, os.O_RDWR)
         except OSError as exc:
             raise FerryError(
                 f"state directory {state_dir} cannot be used ({exc.strerror}): "
@@ -161,9 +161,9 @@ def _write_both(state: PrivacyState) -> None:
 
 
 def _install(target: Path, payload: str) -> None:
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    tmp = private_temp(target.parent, target.name)  # 0600 from its first byte
     try:
-        with open(tmp, "x") as f:
+        with open(tmp, "w") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
@@ -171,11 +171,7 @@ def _install(target: Path, payload: str) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(target.parent)
 
 
 @dataclass

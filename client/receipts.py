@@ -43,6 +43,7 @@ from common.privacy.report import (
     read_receipts,
     sign,
 )
+from common.private_files import PRIVATE_FILE, open_private, private_dir
 
 LOCAL_KEY = "report-signing.key"
 LOCAL_PUB = "report-signing.pub"
@@ -108,9 +109,9 @@ def _make_local_key(state_dir: Path, institution: str) -> None:
         serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
     )
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     final = state_dir / LOCAL_KEY
-    tmp = _unique_file(state_dir, LOCAL_KEY, private, 0o600)
+    tmp = _unique_file(state_dir, LOCAL_KEY, private, PRIVATE_FILE)
     try:
         os.link(tmp, final)  # never overwrite: the first maker wins
     except FileExistsError:
@@ -165,7 +166,8 @@ def sign_and_keep(
     key = signing_key(state_dir, institution, key_path)
     path = Path(state_dir) / RECEIPTS_FILE
     try:
-        with open(path, "a+b") as f:
+        private_dir(path.parent)
+        with os.fdopen(open_private(path, os.O_RDWR | os.O_APPEND), "a+b") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # one chain: concurrent rounds take turns
             f.seek(0)
             data = f.read()
