@@ -1,12 +1,10 @@
 """``ferry certs``: a federation's TLS CA, the server certificate, institutions' auth keys.
 
 Made with the ``cryptography`` package (no openssl binary). Layout of the output directory
-(mode 0700; every private key mode 0600, written with those modes from the first byte):
+(made mode 0700; every private key mode 0600, written with those modes from the first byte):
 
 ``ca.pem``                    the federation CA certificate. Public: every institution gets it
                               and verifies the server with it (``ferry client --root-cert``).
-``ca.key``                    the CA's private key. Secret: whoever holds it can impersonate
-                              the server. Keep it offline once the server certificate exists.
 ``server.pem``/``server.key`` the SuperLink's TLS certificate (signed by the CA, valid for the
                               given hostnames/IPs) and its private key (secret, server only).
 ``institutions/NAME.key``     an institution's SuperNode authentication key (EC P-384,
@@ -14,9 +12,21 @@ Made with the ``cryptography`` package (no openssl binary). Layout of the output
 ``institutions/NAME.pub``     its public key (OpenSSH); the federation registers it with
                               ``flwr supernode register`` (``ferry server`` does, from its config).
 
+The CA's private key ``ca.key`` is kept apart, in its own directory (``--ca-dir``; default
+``<out>-ca`` beside the output directory, e.g. ``certs-ca/ca.key``): whoever holds it can
+impersonate the server to every institution, so it must not travel with the server's files
+when ``certs/`` is copied to the server machine. Keep it offline once the server certificate
+exists; it is read only to issue a server certificate. A ``ca.key`` inside the output
+directory (the layout of older versions) is still used, and ``ferry server`` warns when it
+finds one beside ``server.key``.
+
 Existing files are never overwritten: a second call adds what is missing (a new institution,
-a server certificate under an existing CA). An institution can make its own key pair
-(``--keys-only``) and send only the ``.pub`` file to the federation.
+a server certificate under an existing CA). An existing server certificate that lacks a
+``--host`` asked for is an error naming the difference (remove ``server.pem`` and
+``server.key`` to issue a new one), never silently kept. A directory that already exists is
+never chmod-ed (it may be shared on purpose); a warning says when other users can enter it.
+Everything is checked before the first file is written. An institution can make its own key
+pair (``--keys-only``) and send only the ``.pub`` file to the federation.
 """
 
 from __future__ import annotations
@@ -34,8 +44,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import FerryError
+from common.private_files import private_dir, shared_dir_warning
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
+MAX_DAYS = 36500  # 100 years; X.509 dates end in 9999 and no key should live that long
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 INSTITUTIONS_DIR = "institutions"
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
@@ -45,11 +57,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 @dataclass
 class CertsReport:
-    """What :func:`make_certs` wrote (``created``) and left as it was (``kept``)."""
+    """What :func:`make_certs` wrote (``created``), left as it was (``kept``), and what the
+    user should know (``warnings``, one line each)."""
 
     out: Path
     created: list[Path] = field(default_factory=list)
     kept: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def check_institution_name(name: str) -> str:
@@ -61,13 +75,59 @@ def check_institution_name(name: str) -> str:
     return name
 
 
-def _private_dir(path: Path) -> Path:
+def _private_dir(path: Path, warnings: list[str] | None = None) -> Path:
+    """``path`` made 0700 if missing; an existing one is left as it is (with a warning in
+    ``warnings`` when other users can enter it)."""
+    existed = path.is_dir()
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path, 0o700)
+        private_dir(path)
     except OSError as exc:
-        raise FerryError(f"cannot create directory {path} ({exc.strerror})") from None
+        raise FerryError(
+            f"cannot create directory {path} ({exc.strerror}): give a directory path"
+        ) from None
+    if existed and warnings is not None:
+        warning = shared_dir_warning(path, "directory")
+        if warning:
+            warnings.append(warning)
     return path
+
+
+def default_ca_dir(out: str | os.PathLike) -> Path:
+    """Where ``ferry certs`` keeps ``ca.key`` by default: ``<out>-ca``, beside ``out``."""
+    out = Path(out).absolute()
+    return out.with_name(f"{out.name}-ca")
+
+
+def check_days(days: int) -> int:
+    if not 1 <= days <= MAX_DAYS:
+        raise FerryError(
+            f"--days {days} is invalid: certificates must be valid from 1 to {MAX_DAYS} days "
+            "(e.g. 365)"
+        )
+    return days
+
+
+def check_federation_name(name: str) -> str:
+    if not 1 <= len(name) <= 64 or not name.isprintable():
+        raise FerryError(
+            f"--federation {name[:80]!r} is invalid: use 1-64 printable characters (it names "
+            "the CA certificate)"
+        )
+    return name
+
+
+def _missing_hosts(cert_path: Path, hosts: list[str]) -> list[str]:
+    """The ``hosts`` that the existing certificate at ``cert_path`` is not valid for."""
+    from common.tls import _san_matches
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise FerryError(
+            f"cannot read the existing server certificate {cert_path} ({exc}): remove it and "
+            "its server.key to issue a new one"
+        ) from None
+    return [host for host in hosts if not _san_matches(cert, host)]
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -199,14 +259,35 @@ def make_auth_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
     return key_path, pub_path
 
 
-def _load_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _ca_key_path(out: Path, ca_dir: Path) -> Path | None:
+    """The existing CA key: in ``ca_dir``, or (older layout) beside ``ca.pem``; else None."""
+    for path in (ca_dir / CA_KEY, out / CA_KEY):
+        if path.exists():
+            return path
+    return None
+
+
+def _load_ca(
+    out: Path, key_path: Path | None
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    if key_path is None:
+        raise FerryError(
+            f"{out / CA_CERT} exists but its ca.key is in neither --ca-dir nor {out}: give "
+            "--ca-dir DIR (where ca.key is) to issue a server certificate"
+        )
     try:
         cert = x509.load_pem_x509_certificate((out / CA_CERT).read_bytes())
-        key = serialization.load_pem_private_key((out / CA_KEY).read_bytes(), password=None)
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except (OSError, ValueError) as exc:
-        raise FerryError(f"cannot load the existing CA in {out} ({exc})") from None
+        raise FerryError(
+            f"cannot load the existing CA {out / CA_CERT}, {key_path} ({exc})"
+        ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise FerryError(f"{out / CA_KEY} is not an EC key made by `ferry certs`")
+        raise FerryError(f"{key_path} is not an EC key made by `ferry certs`")
+    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+        raise FerryError(
+            f"{key_path} is not the key of {out / CA_CERT}: give the matching --ca-dir"
+        )
     return cert, key
 
 
@@ -217,27 +298,53 @@ def make_certs(
     federation: str = "ferry",
     days: int = 365,
     keys_only: bool = False,
+    ca_dir: str | os.PathLike | None = None,
 ) -> CertsReport:
-    """Create what is missing under ``out`` (see the module docstring); return what was done."""
-    if days < 1:
-        raise FerryError(f"--days {days} is invalid: certificates must be valid >= 1 day")
+    """Create what is missing under ``out`` and ``ca_dir`` (default :func:`default_ca_dir`;
+    see the module docstring); return what was done. ``hosts=None`` means the default hosts
+    and no check of an existing server certificate's names."""
+    check_days(days)
+    check_federation_name(federation)
+    asked_hosts = list(hosts) if hosts is not None else []
     hosts = list(hosts or DEFAULT_HOSTS)
     institutions = [check_institution_name(n) for n in institutions or []]
     if keys_only and not institutions:
         raise FerryError("--keys-only needs at least one --institution NAME")
-    report = CertsReport(_private_dir(Path(out)))
-    out = report.out
+    out_path = Path(out)
+    ca_dir = Path(ca_dir) if ca_dir is not None else default_ca_dir(out_path)
     if not keys_only:
         _san(hosts)  # bad host names fail before anything is written
-        if (out / CA_CERT).exists() or (out / CA_KEY).exists():
-            ca_cert, ca_key = _load_ca(out)
-            report.kept += [out / CA_CERT, out / CA_KEY]
+        if (out_path / SERVER_CERT).exists():
+            missing = _missing_hosts(out_path / SERVER_CERT, asked_hosts)
+            if missing:
+                raise FerryError(
+                    f"the existing server certificate {out_path / SERVER_CERT} is not valid "
+                    f"for --host {', '.join(missing)}: remove {out_path / SERVER_CERT} and "
+                    f"{out_path / SERVER_KEY} to issue a new one for all the --host names"
+                )
+    warnings: list[str] = []
+    report = CertsReport(_private_dir(out_path, warnings), warnings=warnings)
+    out = report.out
+    if not keys_only:
+        need_server_cert = not (out / SERVER_CERT).exists()
+        if (out / CA_CERT).exists():
+            report.kept.append(out / CA_CERT)
+            if need_server_cert:
+                key_path = _ca_key_path(out, ca_dir)
+                ca_cert, ca_key = _load_ca(out, key_path)
+                report.kept.append(key_path)
         else:
+            if (ca_dir / CA_KEY).exists():
+                raise FerryError(
+                    f"{ca_dir / CA_KEY} exists but {out / CA_CERT} does not: put that CA's "
+                    "ca.pem back, or give another --ca-dir for a new CA"
+                )
             ca_cert, ca_key = _make_ca(federation, days)
-            _write(out / CA_KEY, _key_pem(ca_key), 0o600)
+            _private_dir(ca_dir, report.warnings)
+            _write(ca_dir / CA_KEY, _key_pem(ca_key), 0o600)
             _write(out / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-            report.created += [out / CA_KEY, out / CA_CERT]
-        if (out / SERVER_CERT).exists():
+            report.created += [ca_dir / CA_KEY, out / CA_CERT]
+        if not need_server_cert:
             report.kept += [out / SERVER_CERT, out / SERVER_KEY]
         else:
             cert, key = _make_server_cert(ca_cert, ca_key, hosts, days)

@@ -209,7 +209,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
         federation=args.federation,
         days=args.days,
         keys_only=args.keys_only,
+        ca_dir=args.ca_dir,
     )
+    for warning in report.warnings:
+        print(warning, file=sys.stderr)
     for path in report.created:
         secret = path.suffix == ".key"
         print(f"created {path}{'  (secret: mode 0600)' if secret else ''}")
@@ -256,6 +259,11 @@ def _add_deployment_commands(sub) -> None:
         "certs", help="make a federation's CA, server certificate and institutions' keys"
     )
     p.add_argument("--out", default="certs", help="output directory (default: certs)")
+    p.add_argument(
+        "--ca-dir",
+        help="where the CA's private key ca.key is written (or found): keep it apart from the "
+        "server's files, offline (default: OUT-ca beside OUT)",
+    )
     p.add_argument(
         "--host",
         action="append",

@@ -3,7 +3,11 @@
 Each check raises :class:`FerryError` with one line naming the file (or address), the problem
 and the fix: a missing, unreadable, expired or not-yet-valid certificate, a certificate that
 is not a CA (or not signed by the given CA), a key that does not match, a private key that
-others can read, a server that does not prove its identity with the given CA.
+others can read (the server's ``server.key`` as well as an institution's key), a server that
+does not prove its identity with the given CA.
+
+The CA's private key belongs offline, apart from the server's files (:mod:`common.certs`):
+:func:`ca_key_warning` says when a ``ca.key`` sits beside ``server.key``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import socket
 import ssl
 import stat
+import sys
 from pathlib import Path
 
 from cryptography import x509
@@ -97,11 +102,40 @@ def _san_matches(cert: x509.Certificate, host: str) -> bool:
         return host.lower() in [n.lower() for n in san.get_values_for_type(x509.DNSName)]
 
 
+def _check_owner_only(path: Path, what: str, why: str) -> None:
+    """Refuse a private key file that users other than its owner can read or write."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise FerryError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise FerryError(f"{what} {path} is unreadable ({exc.strerror})") from None
+    if mode & 0o077:
+        raise FerryError(
+            f"{what} {path} can be read by other users (mode {mode:04o}): {why}; run "
+            f"`chmod 600 {path}`"
+        )
+
+
+def ca_key_warning(server_key: Path) -> str | None:
+    """A one-line warning when the CA's private key sits in the server key's directory."""
+    ca_key = Path(server_key).parent / "ca.key"
+    if not ca_key.exists():
+        return None
+    return (
+        f"ferry: WARNING: the CA's private key {ca_key} sits beside the server key: whoever "
+        "takes this machine can then impersonate the server to every institution; move it "
+        "offline (`ferry certs --ca-dir` keeps it apart)"
+    )
+
+
 def check_server_certificate(
     cert_path: Path, key_path: Path, ca: x509.Certificate, local_host: str
 ) -> None:
     """The server certificate: current, issued by ``ca``, matching its key, and valid for
-    ``local_host`` (the address the SuperLink's own ServerApp process connects to)."""
+    ``local_host`` (the address the SuperLink's own ServerApp process connects to); its
+    key readable by its owner only. Prints :func:`ca_key_warning` to stderr if it applies."""
+    _check_owner_only(key_path, "server key", "whoever reads it can impersonate the server")
     cert = load_certificate(cert_path, "server certificate")
     try:
         cert.verify_directly_issued_by(ca)
@@ -126,17 +160,15 @@ def check_server_certificate(
             "SuperLink's own processes connect to: make it with "
             f"`ferry certs --host {local_host} --host <public name>`"
         )
+    warning = ca_key_warning(key_path)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def check_private_key_file(path: Path, what: str = "--key") -> ec.EllipticCurvePrivateKey:
     """An institution's SuperNode key: private to its owner, an EC key on a NIST curve."""
     data = _read(path, what)
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & 0o077:
-        raise FerryError(
-            f"{what} {path} can be read by other users (mode {mode:04o}): it is this "
-            f"institution's identity; run `chmod 600 {path}`"
-        )
+    _check_owner_only(path, what, "it is this institution's identity")
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):

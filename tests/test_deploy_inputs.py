@@ -85,7 +85,8 @@ def test_certs_keep_private_keys_private_and_make_flower_compatible_keys(tmp_pat
     assert main(["certs", "--out", str(out), "--institution", "bank-1"]) == 0
 
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
-    for key in (out / "ca.key", out / "server.key", out / "institutions" / "bank-1.key"):
+    ca_key = tmp_path / "certs-ca" / "ca.key"  # kept apart from the server's files
+    for key in (ca_key, out / "server.key", out / "institutions" / "bank-1.key"):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
     private = serialization.load_ssh_private_key(
         (out / "institutions" / "bank-1.key").read_bytes(), password=None
@@ -110,11 +111,12 @@ def test_server_certificate_is_signed_by_the_ca_for_the_default_and_given_hosts(
 def test_certs_never_overwrite_and_add_what_is_missing(tmp_path, capsys):
     out = tmp_path / "certs"
     make_certs(out)
-    ca_before = (out / "ca.key").read_bytes()
+    ca_key = tmp_path / "certs-ca" / "ca.key"
+    ca_before = ca_key.read_bytes()
 
     assert main(["certs", "--out", str(out), "--institution", "late-joiner"]) == 0
 
-    assert (out / "ca.key").read_bytes() == ca_before
+    assert ca_key.read_bytes() == ca_before
     assert (out / "institutions" / "late-joiner.key").exists()
     printed = capsys.readouterr().out
     assert "kept    " in printed and "created " in printed
