@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tomllib
 from dataclasses import fields, replace
 from pathlib import Path
 
-from common.config import RunConfig
+from common.config import RunConfig, read_toml
 from common.errors import FerryError
 
 # The run options that say where data comes from and how it is read (`ferry pretrain`).
@@ -31,6 +30,14 @@ DATA_OPTIONS = (
     "smiles_column",
     "skip_unreadable",
 )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with Ferry's error format: one line, ``ferry: error: ...``, exit 2."""
+
+    def error(self, message: str):
+        print(f"ferry: error: {self.prog}: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
 
 
 def _add_run_options(p: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> None:
@@ -117,13 +124,7 @@ def _add_run_options(p: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> 
 def _run_config(args: argparse.Namespace, only: tuple[str, ...] = ()) -> RunConfig:
     values: dict = {}
     if args.config:
-        path = Path(args.config)
-        try:
-            values.update(tomllib.loads(path.read_text()))
-        except OSError as exc:
-            raise FerryError(f"cannot read config file {path} ({exc.strerror})") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise FerryError(f"config file {path} is not valid TOML ({exc})") from None
+        values.update(read_toml(Path(args.config)))
     if only:
         unknown = sorted(set(values) - set(only))
         if unknown:
@@ -170,8 +171,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_import_backbone(args: argparse.Namespace) -> int:
     from server.backbone_import import import_backbone
     from server.backbone_source import default_weights_dir
+    from server.pretrain import check_backbone_out
 
     out = args.out or str(default_weights_dir(args.arch, "hospital-imaging"))
+    check_backbone_out(out)
     artifact = import_backbone(args.arch, args.source, args.input_size, out)
     print(
         f"backbone {args.arch} {artifact.sha256[:12]} ({artifact.nbytes / 1e6:.1f} MB) written "
@@ -327,13 +330,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from simulations.bench.suite import run_bench
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FerryError(f"--out {out} cannot be a directory ({exc.strerror})") from None
     run_bench(args.quick, out / "BENCHMARKS.md", out / "BENCHMARKS.json")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ferry", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="ferry", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -8,7 +8,10 @@ ConfigRecord. Keys use the dashed spelling of the command-line options.
 from __future__ import annotations
 
 import math
+import os
+import tomllib
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from common.errors import FerryError
 
@@ -107,6 +110,9 @@ class RunConfig:
             raise bad("clients", self.clients, "give at least 1 client")
         if self.rounds < 1:
             raise bad("rounds", self.rounds, "give at least 1 round")
+        for name, most in _LIMITS.items():  # counts and sizes: bounded where they enter
+            if getattr(self, name) > most:
+                raise bad(name, getattr(self, name), f"use at most {most:,}")
         if not 0 < self.fraction_train <= 1:
             raise bad("fraction_train", self.fraction_train, "use a fraction in (0, 1]")
         if not self.non_private and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
@@ -139,8 +145,10 @@ class RunConfig:
                     self.noise_multiplier,
                     "a non-private run adds no noise: drop --noise-multiplier or --non-private",
                 )
-        if self.budget_epsilon is not None and not self.budget_epsilon > 0:
-            raise bad("budget_epsilon", self.budget_epsilon, "use a positive budget")
+        if self.budget_epsilon is not None and not (
+            self.budget_epsilon > 0 and math.isfinite(self.budget_epsilon)
+        ):
+            raise bad("budget_epsilon", self.budget_epsilon, "use a positive, finite budget")
         if self.budget_delta is not None and not 0 < self.budget_delta < 1:
             raise bad("budget_delta", self.budget_delta, "use 0 < budget delta < 1")
         if not 1 <= self.min_clients <= self.clients:
@@ -178,9 +186,9 @@ class RunConfig:
             raise bad("device", self.device, "use auto, cpu, cuda or cuda:N")
         if self.max_physical_batch < 0:
             raise bad("max_physical_batch", self.max_physical_batch, "use 0 (off) or more")
-        if not self.cpus_per_client > 0:
+        if not 0 < self.cpus_per_client <= _LIMITS["cpus_per_client"]:
             raise bad("cpus_per_client", self.cpus_per_client, "use a positive number of CPUs")
-        if not self.gpus_per_client >= 0:
+        if not 0 <= self.gpus_per_client <= _LIMITS["gpus_per_client"]:
             raise bad("gpus_per_client", self.gpus_per_client, "use 0 or a (fraction of a) GPU")
         from common.trainable import TRAINABLE_PARTS
 
@@ -188,7 +196,7 @@ class RunConfig:
             raise bad("trainable", self.trainable, f"choose one of {', '.join(TRAINABLE_PARTS)}")
         if self.lora_rank < 1:
             raise bad("lora_rank", self.lora_rank, "a LoRA rank must be >= 1 (e.g. 8)")
-        if not self.lora_alpha > 0:
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
             raise bad("lora_alpha", self.lora_alpha, "use a positive LoRA alpha (e.g. 16)")
         if self.adapter_dim < 1:
             raise bad("adapter_dim", self.adapter_dim, "an adapter bottleneck must be >= 1")
@@ -262,6 +270,20 @@ def updates_needed(rule: str, hostile: int) -> int:
     return 2 * hostile + 1 if rule in ("median", "trimmed-mean") else 1
 
 
+def read_toml(path: str | os.PathLike) -> dict:
+    """A TOML file as a dict; FerryError (one line) for a missing, unreadable, binary or
+    malformed file."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise FerryError(f"cannot read config file {path} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise FerryError(f"config file {path} is not text (not UTF-8): give a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise FerryError(f"config file {path} is not valid TOML ({exc})") from None
+
+
 def _is_date(text: str) -> bool:
     import numpy as np
 
@@ -272,7 +294,31 @@ def _is_date(text: str) -> bool:
     return True
 
 
+# Upper bounds of counts and sizes: far above any real run, low enough that a typo (or a
+# hostile config) cannot make Ferry spin for hours deriving σ or allocate terabytes.
+_LIMITS = {
+    "clients": 10_000,
+    "rounds": 10_000,
+    "local_epochs": 1_000,
+    "batch_size": 1_000_000,
+    "examples": 10_000_000,
+    "window": 10_000,
+    "horizon": 10_000,
+    "lora_rank": 4_096,
+    "adapter_dim": 4_096,
+    "max_physical_batch": 1_000_000,
+    "cpus_per_client": 1_024,
+    "gpus_per_client": 64,
+}
+
+
 def _coerce(key: str, value: object, kind: type) -> object:
+    # A TOML `rounds = true` or `rounds = 2.7` is a mistake, not 1 or 2.
+    wrong = (kind in (int, float) and isinstance(value, bool)) or (
+        kind is int and isinstance(value, float) and not value.is_integer()
+    )
+    if wrong or isinstance(value, dict):
+        raise FerryError(f"setting {key!r} must be a {kind.__name__}, got {value!r}")
     try:
         if kind is bool:
             if isinstance(value, str):
@@ -283,5 +329,5 @@ def _coerce(key: str, value: object, kind: type) -> object:
                 raise ValueError(value)
             return bool(value)
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise FerryError(f"setting {key!r} must be a {kind.__name__}, got {value!r}") from None

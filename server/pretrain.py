@@ -10,12 +10,18 @@ institution's data must match, and the source data's standardisation statistics
 (``preprocessing.mean``/``std``/``clip``), which every institution applies as they are: the
 source data is public (synthetic, or the server's own file), so no institution's data shapes
 another institution's, or its own other records', features.
+
+The output directory must be new or empty of backbone files: an existing backbone is never
+replaced (institutions may hold its hash; a run may be using it), and ``--out`` naming a
+file is refused, both before any training (:func:`check_backbone_out`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +32,30 @@ from common.data.dataset import Dataset
 from common.data.datasets import DataSpec, load_dataset
 from common.data.preprocess import fixed_preprocessing, preprocess, public_preprocessing
 from common.errors import FerryError
-from common.serialization import BackboneArtifact, make_artifact, save_artifact
+from common.serialization import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    BackboneArtifact,
+    make_artifact,
+    save_artifact,
+)
+
+MAX_EPOCHS = 10_000
+MAX_EXAMPLES = 10_000_000
+
+
+def check_backbone_out(out: str | os.PathLike) -> Path:
+    """``out`` may receive a new backbone: it is not a file and holds no backbone yet."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise FerryError(f"--out {path} is a file: give a directory for the backbone")
+    existing = [name for name in (WEIGHTS_FILE, MANIFEST_FILE) if (path / name).exists()]
+    if existing:
+        raise FerryError(
+            f"--out {path} already holds a backbone ({', '.join(existing)}); it is not "
+            "replaced: choose another --out, or remove that directory first"
+        )
+    return path
 
 
 @dataclass(frozen=True)
@@ -44,12 +73,19 @@ class PretrainConfig:
     data_spec: DataSpec | None = None
 
     def validate(self) -> PretrainConfig:
-        if self.epochs < 1:
-            raise FerryError(f"--epochs {self.epochs} is invalid: pretrain for at least 1 epoch")
-        if not self.data and self.examples < 100:
+        if not 1 <= self.epochs <= MAX_EPOCHS:
             raise FerryError(
-                f"--examples {self.examples} is too few to pretrain on: use at least 100"
+                f"--epochs {self.epochs} is invalid: pretrain for 1 to {MAX_EPOCHS:,} epochs"
             )
+        if not self.data and not 100 <= self.examples <= MAX_EXAMPLES:
+            raise FerryError(
+                f"--examples {self.examples} is invalid: pretrain on 100 to {MAX_EXAMPLES:,} "
+                "synthetic examples"
+            )
+        if not 0 <= self.seed < 2**32:
+            raise FerryError(f"--seed {self.seed} is invalid: use a seed from 0 to 2**32 - 1")
+        if self.out:
+            check_backbone_out(self.out)
         if self.batch_size < 2 or not self.lr > 0:
             raise FerryError("pretraining needs a batch size >= 2 and a positive learning rate")
         return self
@@ -158,7 +194,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> BackboneArtifact:
     }
     artifact = make_artifact(manifest, trunk.eval())
     if cfg.out:
-        save_artifact(artifact, cfg.out)
+        save_artifact(artifact, check_backbone_out(cfg.out))  # again: one may have appeared
     return artifact
 
 

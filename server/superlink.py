@@ -41,12 +41,12 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.certs import CA_CERT, SERVER_CERT, SERVER_KEY, check_institution_name
 from common.child_processes import ChildProcess, exit_on_signals, flower_bin, flower_env
+from common.config import read_toml
 from common.errors import FerryError
 from common.tls import (
     check_ca_certificate,
@@ -135,18 +135,22 @@ def load_server_config(
 ) -> ServerSettings:
     """Read and check ``server.toml``; raises FerryError naming the first problem."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise FerryError(f"cannot read config file {path} ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise FerryError(f"config file {path} is not valid TOML ({exc})") from None
+    data = read_toml(path)  # one line for a missing, unreadable, binary or malformed file
     unknown = set(data) - {"server", "institutions", "run"}
     if unknown:
         raise FerryError(
             f"{path}: unknown section(s) {', '.join(sorted(unknown))}: use [server], "
             "[institutions] and [run]"
         )
+    for section, value in data.items():
+        if not isinstance(value, dict):
+            raise FerryError(
+                f"{path}: [{section}] must be a table (a [{section}] header with key = value "
+                f"lines), not {type(value).__name__} {str(value)[:40]!r}"
+            )
+    address = data.get("server", {}).get("address", "127.0.0.1:9092")
+    if not isinstance(address, str):
+        raise FerryError(f"{path}: [server] address must be a string HOST:PORT, got {address!r}")
     base = path.resolve().parent
     server = dict(data.get("server", {}))
     known = {
