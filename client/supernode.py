@@ -367,12 +367,21 @@ def run_client(s: InstitutionSettings, log=None) -> int:
             f"127.0.0.1:{s.runtime_port}",
         ]
         launcher = ChildProcess("task-launcher", launcher_argv, log_path, env).start()
+        echoed = log_path.stat().st_size
         while (code := supernode.poll()) is None:
             if (ended := launcher.poll()) is not None:
                 raise FerryError(
                     f"the task launcher exited with code {ended}, so no round can run here; "
                     f"see {log_path}"
                 )
+            with open(log_path, "rb") as f:  # a refused bundle is news for this terminal too
+                f.seek(echoed)
+                chunk = f.read()
+            complete = chunk[: chunk.rfind(b"\n") + 1]  # whole lines only
+            echoed += len(complete)
+            for line in complete.decode(errors="replace").splitlines():
+                if line.startswith("ferry: refused"):
+                    print(line, file=sys.stderr, flush=True)
             time.sleep(0.5)
         why = _refusal(supernode.log_tail(60), s)
         if why:

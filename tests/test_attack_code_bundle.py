@@ -251,6 +251,7 @@ def attacked(tmp_path_factory) -> dict:
         result["client_alive"] = client.poll() is None
     finally:
         result["client_log"] = _read(state / "supernode.log")
+        result["client_terminal"] = _read(root / "ferry-client.log")
         client.stop()
         superlink.stop()
         result["left"] = tagged_pids(client.tag) + tagged_pids(superlink.tag)
@@ -324,6 +325,7 @@ def test_institution_refuses_a_bundle_that_carries_or_names_other_code(attacked,
     assert reply["error"] == INVALID_FAB and why in reply["reason"], reply
     logged = [line for line in attacked["client_log"].splitlines() if why in line]
     assert logged and logged[0].startswith("ferry: refused a bundle"), attacked["client_log"]
+    assert logged[0] in attacked["client_terminal"].splitlines()  # ferry client's stderr
 
 
 def test_code_free_ferry_bundle_still_trains_with_the_installed_client_app(attacked):
