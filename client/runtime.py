@@ -16,7 +16,7 @@ import math
 import os
 import secrets
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +35,9 @@ from client.feature_cache import FeatureCache, feature_key
 from client.held_out import HeldOutSplit, data_settings_of, pin_data_settings, pin_split
 from client.privacy_state import PrivacyState
 from client.receipts import sign_and_keep
-from common.config import RunConfig
 from common.data.datasets import DataSpec, Partition, load_partition, whole
 from common.errors import FerryError
+from common.messages import RoundRequest
 from common.metrics import classification_statistics, regression_statistics
 from common.model import out_dim, split_for_run
 from common.privacy import UNIT_OF_PRIVACY
@@ -64,40 +64,6 @@ class ClientSettings:
     # A deployed institution's own held-out split (client.held_out); None: the run's settings
     # decide it (simulation, where the researcher owns the data).
     held_out: HeldOutSplit | None = None
-
-
-@dataclass(frozen=True)
-class RoundRequest:
-    """What the server asks of one client in one round (decoded from the message)."""
-
-    run: RunConfig
-    round: int
-    backbone_sha256: str
-    num_classes: int
-    run_id: str = ""
-
-    @property
-    def task(self) -> str:
-        return "regression" if self.run.task == "regression" else "classification"
-
-    def validate(self) -> RoundRequest:
-        """Return self, or refuse (:class:`FerryError`, one line) a request any of whose
-        server-chosen values is out of range: the whole run config, the round and the class
-        count. Checked where the message arrives, before any accounting, reservation or
-        training, so a hostile value is a refusal that spends nothing, never a traceback."""
-        self.run.validate()
-        if not 0 <= self.round <= MAX_ROUND:
-            raise FerryError(f"round {self.round!r} is invalid: use 0 to {MAX_ROUND:,}")
-        if self.task == "classification" and not 2 <= self.num_classes <= MAX_CLASSES:
-            raise FerryError(
-                f"num-classes {self.num_classes!r} is invalid: a classification task has 2 to "
-                f"{MAX_CLASSES:,} classes"
-            )
-        return self
-
-
-MAX_ROUND = 1_000_000_000
-MAX_CLASSES = 100_000
 
 
 def settings_for_simulation(node_config: dict, run: dict) -> ClientSettings:
@@ -168,23 +134,9 @@ def settings_for_deployment(node_config: dict) -> ClientSettings:
 
 
 def request_from_record(record: dict) -> RoundRequest:
-    """The server's message as a validated :class:`RoundRequest` (every value checked once,
-    here, before anything else runs), or a one-line :class:`FerryError`."""
-    known = {f.name.replace("_", "-") for f in fields(RunConfig)}
-    run = RunConfig.from_mapping({k: v for k, v in record.items() if k in known})
-    try:
-        req = RoundRequest(
-            run,
-            int(record.get("round", 0)),
-            str(record["backbone-sha256"]),
-            int(record["num-classes"]),
-            str(record.get("run-id", "")),
-        )
-    except (KeyError, TypeError, ValueError, OverflowError) as exc:
-        raise FerryError(
-            f"the server's message is malformed ({type(exc).__name__}: {exc})"
-        ) from None
-    return req.validate()
+    """The server's ``run`` record as a validated :class:`RoundRequest`
+    (:meth:`common.messages.RoundRequest.from_record`), or a one-line refusal."""
+    return RoundRequest.from_record(record)
 
 
 def has_backbone(settings: ClientSettings, sha256: str) -> bool:
