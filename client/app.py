@@ -3,11 +3,14 @@
 Message types:
   ``query.backbone_offer``  config{sha256} -> config{has}
   ``query.backbone_ship``   arrays{backbone}, config{sha256, manifest} -> config{stored}
-  ``train``                 arrays{head}, config{run} -> arrays{head}, metrics, config{privacy}
-                            (privacy: the report's values plus ``signed-report`` and
-                            ``signature``, :mod:`common.privacy.report`)
-  ``evaluate``              arrays{head}, config{run} -> metrics
-A client-side refusal (bad input, unverifiable backbone) is a reply with config{refusal}.
+  ``train``                 :class:`~common.messages.TrainRequest` ->
+                            :class:`~common.train_reply.TrainReply` (arrays{head},
+                            metrics{num-examples}, config{privacy}: the signed report)
+  ``evaluate``              :class:`~common.messages.TrainRequest` ->
+                            :class:`~common.messages.EvaluationReply` (metrics)
+A client-side refusal (bad input, unverifiable backbone) is a
+:class:`~common.messages.Refusal` (config{refusal}). Train and evaluate messages are parsed
+by their codec before anything runs; a message that does not parse is refused.
 
 In a deployed client every refusal is also written to the institution's own log (stderr, kept
 by the SuperNode log). A refusal about its data reaches the server as one generic line (the
@@ -23,11 +26,14 @@ import traceback
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import runtime
 from common.errors import FerryError
+from common.messages import EvaluationReply, Refusal, TrainRequest
+from common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
+from common.train_reply import ModelUpdate, PrivacyReply, TrainReply
 
 app = ClientApp()
 
@@ -62,12 +68,9 @@ def _failed(msg: Message, context: Context, exc: Exception) -> Message:
 
 
 def _refuse(msg: Message, exc: FerryError, context: Context | None = None) -> Message:
-    kind = getattr(exc, "kind", "error")
     if context is not None and _deployed(context):
         print(f"ferry: refused a {msg.metadata.message_type} message: {exc}", file=sys.stderr)
-    return Message(
-        RecordDict({"refusal": ConfigRecord({"reason": str(exc), "kind": kind})}), reply_to=msg
-    )
+    return Message(Refusal.of(exc).to_content(), reply_to=msg)
 
 
 @app.query("backbone_offer")
@@ -97,35 +100,28 @@ def backbone_ship(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     try:
+        request = TrainRequest.from_content(msg.content)
         settings = _settings(msg, context)
-        req = runtime.request_from_record(dict(msg.content["run"]))
-        head, metrics, report = runtime.train_round(settings, req, _arrays(msg.content["head"]))
+        head, metrics, report = runtime.train_round(settings, request.request, request.arrays)
+        signed = {k: report[k] for k in (REPLY_BODY, REPLY_SIGNATURE)}
+        reply = TrainReply(ModelUpdate(head, metrics["num-examples"]), PrivacyReply.of(signed))
     except FerryError as exc:
         return _refuse(msg, exc, context)
     except Exception as exc:
         return _failed(msg, context, exc)
-    content = RecordDict(
-        {
-            "head": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in head.items()}),
-            "metrics": MetricRecord(metrics),
-            # The signed report (canonical JSON text + signature) travels verbatim; the
-            # other values are its unsigned copy, for the server's own bookkeeping.
-            "privacy": ConfigRecord(
-                {k: v for k, v in report.items() if isinstance(v, str | int | float | bool)}
-            ),
-        }
-    )
-    return Message(content, reply_to=msg)
+    return Message(reply.to_content(), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     try:
+        request = TrainRequest.from_content(msg.content)
         settings = _settings(msg, context)
-        req = runtime.request_from_record(dict(msg.content["run"]))
-        metrics = runtime.evaluate_round(settings, req, _arrays(msg.content["head"]))
+        req = request.request
+        metrics = runtime.evaluate_round(settings, req, request.arrays)
+        reply = EvaluationReply.from_record(metrics, req.task, req.num_classes)
     except FerryError as exc:
         return _refuse(msg, exc, context)
     except Exception as exc:
         return _failed(msg, context, exc)
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(reply.to_content(), reply_to=msg)

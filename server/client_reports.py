@@ -1,88 +1,67 @@
 """What the server does with clients' privacy reports: ledger records, per-client summary,
-and the budget policy (institutions whose budget is spent are not selected again)."""
+and the budget policy (institutions whose budget is spent are not selected again).
+
+Both take a parsed :class:`~common.train_reply.PrivacyReply` (checked where it arrived,
+:mod:`server.rounds`) and the institution's name as the server knows it: the node's
+registered name in deployment, never one a reply chose for itself."""
 
 from __future__ import annotations
 
 import math
 
-from common.privacy.accounting import MechanismSegment
-from common.privacy.dp_events import event_to_json, segment_event
-from common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
+from common.train_reply import PrivacyReply
 from server.ledger import Ledger
 
 
-def _num(value: object, default: float | None = None) -> float | None:
-    """A finite float, or ``default`` for a missing or malformed value (ledger JSON holds no
-    NaN or infinity)."""
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return default
-    return number if math.isfinite(number) else default
-
-
 def ledger_trained(
-    ledger: Ledger, run_id: str, rnd: int, node: int, report: dict, examples: int
+    ledger: Ledger, run_id: str, rnd: int, node: int, institution: str, privacy: PrivacyReply
 ) -> dict:
     """Append a ``client_trained`` record describing the mechanism the client ran.
 
     ``signed_report`` holds the institution's signed report exactly as it arrived (body text
-    and signature, :mod:`common.privacy.report`), or None when the reply carried none; it is
-    what ``ferry audit`` checks and replays. The other fields are the server's unsigned copy
-    (for summaries); where they contradict the signed report, the audit flags it."""
-    body, signature = report.get(REPLY_BODY), report.get(REPLY_SIGNATURE)
-    signed = (
-        {"body": body, "signature": signature}
-        if isinstance(body, str) and isinstance(signature, str)
-        else None
-    )
-    sigma, q, steps = (
-        _num(report.get("noise-multiplier"), 0.0),
-        _num(report.get("sample-rate"), 1.0),
-        int(_num(report.get("steps"), 0)),
-    )
-    private = not report.get("non-private", False) and sigma > 0
+    and signature, :mod:`common.privacy.report`); it is what ``ferry audit`` checks and
+    replays. The other fields are the values of that body, as the server parsed them."""
+    r = privacy.report
     return ledger.append(
         "client_trained",
         run_id=run_id,
         round=rnd,
-        institution=str(report.get("institution", node)),
+        institution=institution,
         node_id=str(node),
-        dp_event=event_to_json(segment_event(MechanismSegment(sigma, q, steps)))
-        if private
-        else {"module_name": "dp_accounting.dp_event", "class_name": "NonPrivateDpEvent"},
-        sampling=str(report.get("sampling", "unknown")),
-        noise_multiplier=sigma,
-        sample_rate=q,
-        steps=steps,
-        max_grad_norm=_num(report.get("max-grad-norm")),
-        delta=_num(report.get("delta")),
-        accountant=str(report.get("accountant", "")),
-        accountant_library=str(report.get("accountant-library", "")),
-        epsilon_reported=_num(report.get("epsilon")) if private else None,
-        client_rounds=int(_num(report.get("rounds"), 0)),
-        budget_epsilon=_num(report["budget-epsilon"]) if "budget-epsilon" in report else None,
-        budget_delta=_num(report["budget-delta"]) if "budget-delta" in report else None,
-        examples=examples,
-        signed_report=signed,
+        dp_event=r.dp_event,
+        sampling=r.sampling,
+        noise_multiplier=r.noise_multiplier,
+        sample_rate=r.sample_rate,
+        steps=r.steps,
+        max_grad_norm=r.max_grad_norm,
+        delta=r.delta,
+        accountant=r.accountant,
+        accountant_library=r.accountant_library,
+        epsilon_reported=None if r.non_private else r.epsilon,
+        client_rounds=r.client_rounds,
+        budget_epsilon=r.budget_epsilon,
+        budget_delta=r.budget_delta,
+        examples=r.examples,
+        signed_report=privacy.signed.to_json(),
     )
 
 
-def update_client_summary(clients: dict, node: int, report: dict, examples: int) -> str:
-    """Fold one round's report into ``summary.json``'s per-institution entry."""
-    inst = str(report.get("institution", node))
-    client = clients.setdefault(inst, {"node_id": node, "rounds": 0, "steps": 0})
+def update_client_summary(
+    clients: dict, node: int, institution: str, privacy: PrivacyReply
+) -> None:
+    """Fold one round's report into ``summary.json``'s entry for ``institution``."""
+    r = privacy.report
+    client = clients.setdefault(institution, {"node_id": node, "rounds": 0, "steps": 0})
     client.update(
         rounds=client["rounds"] + 1,
-        examples=examples,
-        epsilon=_num(report.get("epsilon"), math.inf),
-        delta=_num(report.get("delta")),
-        noise_multiplier=_num(report.get("noise-multiplier"), 0.0),
-        sample_rate=_num(report.get("sample-rate"), 1.0),
-        max_grad_norm=_num(report.get("max-grad-norm")),
-        steps=client["steps"] + int(_num(report.get("steps"), 0)),
-        accountant=str(report.get("accountant", "")),
-        client_reported_rounds=int(_num(report.get("rounds"), 0)),
-        budget_epsilon=_num(report.get("budget-epsilon")) if "budget-epsilon" in report else None,
+        examples=r.examples,
+        epsilon=math.inf if r.epsilon is None else r.epsilon,
+        delta=r.delta,
+        noise_multiplier=r.noise_multiplier,
+        sample_rate=r.sample_rate,
+        max_grad_norm=r.max_grad_norm,
+        steps=client["steps"] + r.steps,
+        accountant=r.accountant,
+        client_reported_rounds=r.client_rounds,
+        budget_epsilon=r.budget_epsilon,
     )
-    return inst

@@ -20,6 +20,7 @@ stay (that spend was real).
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 import numpy as np
 from flwr.serverapp import Grid
@@ -43,6 +44,7 @@ from server.rounds import (
     ensure_backbone,
     evaluate_round,
     institution_name,
+    registered_nodes,
     sample_nodes,
     train_round,
 )
@@ -79,13 +81,18 @@ def _headline(evaluated: dict) -> str:
 
 
 def wait_for_nodes(
-    grid: Grid, wanted: int, log, timeout: float = 300.0, minimum: int = 1
+    grid: Grid,
+    wanted: int,
+    log,
+    timeout: float = 300.0,
+    minimum: int = 1,
+    registered: Collection[int] = (),
 ) -> list[int]:
     """Node ids once ``wanted`` clients are connected (or those present at ``timeout``, if
-    at least ``minimum``)."""
+    at least ``minimum``); with ``registered`` ids, only those count."""
     deadline = time.monotonic() + timeout
     while True:
-        node_ids = sorted(grid.get_node_ids())
+        node_ids = sorted(n for n in grid.get_node_ids() if not registered or n in registered)
         if len(node_ids) >= wanted or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -162,7 +169,9 @@ def _fail(plan: FederationPlan, state: FederationState, rnd: int, trained: dict)
     problems = {**trained["rejected"], **trained["refused"], **trained["dropped"]}
     reasons = "; ".join(sorted(set(problems.values()))) or "no replies"
     why = (
-        f"round {rnd}: {trained['participants']} usable update(s), fewer than "
+        f"round {rnd}: {trained['failed']}"
+        if "failed" in trained
+        else f"round {rnd}: {trained['participants']} usable update(s), fewer than "
         f"--min-clients {plan.cfg.min_clients} ({reasons})"
     )
     plan.ledger.append("round_failed", run_id=plan.run_id, round=rnd, reason=why)
@@ -181,10 +190,12 @@ def run_federation(grid: Grid, plan: FederationPlan) -> dict:
     started = time.perf_counter()
     plan.ledger = plan.ledger or Ledger(plan.out)
     state, rng, first = _resumed(plan) if plan.resume else _fresh(plan)
-    wait_for_nodes(grid, cfg.clients, plan.log, plan.connect_timeout, cfg.min_clients)
+    wait_for_nodes(
+        grid, cfg.clients, plan.log, plan.connect_timeout, cfg.min_clients, plan.node_names
+    )
     end_reason = f"all {cfg.rounds} rounds completed"
     for rnd in range(first, cfg.rounds + 1):
-        online = sorted(grid.get_node_ids())
+        online = registered_nodes(plan, grid.get_node_ids(), rnd)
         # A client dropped last round (gone, or too slow) sits this round out rather than
         # costing it another timeout, unless the round needs it to reach --min-clients.
         suspended, state.dropped = state.dropped, {}

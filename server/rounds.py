@@ -4,6 +4,16 @@ validation and aggregation), evaluation.
 Every exchange waits at most the plan's ``round_timeout``; a client that has not answered by
 then, or whose node went offline, is dropped from the rest of the round and a
 ``client_dropped`` ledger record (with the stage) says so.
+
+Every reply is parsed once, here, by its codec (:mod:`common.messages`,
+:mod:`common.train_reply`). A reply that does not parse, a refusal without a readable reason
+included, is an ``update_rejected`` record (``evaluation_rejected`` for an evaluation) with the
+reason and one log line, and the round goes on: no reply can raise out of a round.
+
+Identity: where institutions are registered (``plan.node_names``, deployment) an institution
+is its node's registered name, never the name a reply gives; a reply naming another is
+rejected, and a node that is not registered is never sampled (``node_refused``). In
+simulation and insecure trials (no registration) the name a report gives is used.
 """
 
 from __future__ import annotations
@@ -16,45 +26,76 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.metrics import metrics_from_statistics, pool_statistics, statistics_from_record
-from server.aggregation import aggregate
+from common.messages import (
+    EvaluationReply,
+    MessageRejected,
+    Refusal,
+    RoundRequest,
+    TrainRequest,
+    clipped,
+)
+from common.metrics import metrics_from_statistics, pool_statistics
+from common.train_reply import ModelUpdate, PrivacyReply, TrainExpectation
+from server.aggregation import (
+    AggregationPolicy,
+    TooFewUpdates,
+    aggregate_updates,
+    capped_statistics,
+)
 from server.client_reports import ledger_trained, update_client_summary
 from server.exchange import Traffic, array_record, exchange
 from server.plan import FederationPlan, FederationState
-from server.validation import check_metrics, check_update
 
 
 def _problem(reply: Message, *records: str) -> str | None:
-    """Why a reply is unusable (an error, a refusal, missing records), or None."""
+    """Why a backbone reply is unusable (an error, a refusal, missing records), or None."""
     if reply.has_error():
-        return f"client error: {reply.error.reason}"
+        return f"client error: {clipped(reply.error.reason, 300)}"
     if "refusal" in reply.content:
-        return f"refused: {reply.content['refusal']['reason']}"
+        try:
+            return f"refused: {Refusal.from_content(reply.content).reason}"
+        except MessageRejected as exc:
+            return f"refused unreadably ({exc})"
     missing = [r for r in records if r not in reply.content]
     return f"reply lacks {missing}" if missing else None
 
 
-def _run_record(plan: FederationPlan, rnd: int, **extra) -> ConfigRecord:
-    roots = {
-        k: str(v)
-        for k, v in (("state-root", plan.client_state_root), ("cache-root", plan.client_cache_root))
-        if v is not None
-    }
-    return ConfigRecord(
-        {
-            **plan.cfg.to_record(),
-            "round": rnd,
-            "backbone-sha256": plan.artifact.sha256,
-            "num-classes": plan.num_classes,
-            "run-id": plan.run_id,
-            **roots,
-            **extra,
-        }
+def round_request(plan: FederationPlan, rnd: int) -> RoundRequest:
+    """What every institution is asked in round ``rnd`` (:class:`RoundRequest`)."""
+    return RoundRequest(
+        plan.cfg,
+        rnd,
+        plan.artifact.sha256,
+        plan.num_classes,
+        plan.run_id,
+        str(plan.client_state_root or ""),
+        str(plan.client_cache_root or ""),
     )
 
 
+def _run_record(plan: FederationPlan, rnd: int, **extra) -> ConfigRecord:
+    return ConfigRecord(round_request(plan, rnd).to_record(**extra))
+
+
 def institution_name(plan: FederationPlan, state: FederationState, node: int) -> str | None:
-    return state.institutions.get(node) or plan.node_names.get(node)
+    """The node's registered name, else (no registration) the name its reports gave."""
+    return plan.node_names.get(node) or state.institutions.get(node)
+
+
+def registered_nodes(plan: FederationPlan, node_ids: Iterable[int], rnd: int) -> list[int]:
+    """The nodes that may take part in round ``rnd``: where institutions are registered, only
+    theirs (a key registered in the SuperLink's database but no longer in the server's
+    configuration is not one); each other node gets a ``node_refused`` record and a log line."""
+    node_ids = sorted(node_ids)
+    if not plan.node_names:
+        return node_ids
+    for node in (n for n in node_ids if n not in plan.node_names):
+        reason = "not a registered institution of this run"
+        plan.ledger.append(
+            "node_refused", run_id=plan.run_id, round=rnd, node_id=str(node), reason=reason
+        )
+        plan.log(f"  node {node} refused in round {rnd}: {reason}")
+    return [n for n in node_ids if n in plan.node_names]
 
 
 def _messages(nodes: Iterable[int], content: RecordDict, kind: str, rnd: int) -> list[Message]:
@@ -126,7 +167,7 @@ def ensure_backbone(
         problem = _problem(reply, "reply")
         if problem:
             plan.log(f"  node {node}: backbone offer failed ({problem})")
-        elif reply.content["reply"]["has"]:
+        elif reply.content["reply"].get("has") is True:
             state.holders.add(node)
         else:
             need.append(node)
@@ -174,78 +215,114 @@ def train_round(
     traffic: Traffic,
 ) -> dict:
     """Send the head to ``nodes``, log every reply in the ledger, aggregate the usable ones
-    if there are at least ``min_clients`` of them (``round_aggregated``; else nothing is
-    aggregated and ``aggregated`` is False)."""
-    content = RecordDict({"head": array_record(state.arrays), "run": _run_record(plan, rnd)})
+    (:func:`server.aggregation.aggregate_updates`) if there are at least ``min_clients`` of
+    them and the rule has enough (``round_aggregated`` with the rule's weights, bound and
+    clipped updates; else nothing is aggregated, ``aggregated`` is False and ``failed`` says
+    why)."""
+    request = round_request(plan, rnd)
+    content = TrainRequest(request, state.arrays).to_content()
     messages = _messages([n for n in nodes if n in state.holders], content, "train", rnd)
-    updates, rejected, participants, refused = [], {}, [], {}
+    updates, rejected, refused = [], {}, {}
     for node, reply in _exchange(grid, plan, state, messages, rnd, "train", traffic):
-        inst = institution_name(plan, state, node)
-        if not reply.has_error() and "refusal" in reply.content:
-            refusal = reply.content["refusal"]
-            kind, reason = str(refusal.get("kind", "error")), str(refusal["reason"])
-            _client_event(
-                plan,
-                "client_refused",
-                rnd,
-                node,
-                inst,
-                f"refused: {reason}",
-                reason=reason,
-                kind=kind,
-            )
-            refused[str(node)] = reason
-            if kind == "budget":
-                state.exhausted[node] = reason
-            continue
-        problem = _problem(reply, "head", "metrics", "privacy")
-        if not problem:
-            report = dict(reply.content["privacy"])
-            metrics = dict(reply.content["metrics"])
-            # A hostile count (inf, NaN, a string) is 0 here and rejects the update below; it
-            # must never stop the round.
-            examples = 0 if check_metrics(metrics) else int(metrics["num-examples"])
-            # The client spent privacy whether or not its update is usable: log it first.
-            ledger_trained(plan.ledger, plan.run_id, rnd, node, report, examples)
-            inst = update_client_summary(state.clients, node, report, examples)
-            state.institutions[node] = inst
-            if report.get("budget-left-for-another-round") is False:
-                state.exhausted[node] = f"budget spent (ε={report.get('epsilon', 0):.3f})"
-                if rnd < plan.cfg.rounds:  # after the last round it is no news
-                    plan.log(f"  {inst} has spent its budget: not selected again")
-            arrays = {k: v.numpy() for k, v in reply.content["head"].items()}
-            problem = check_update(state.arrays, arrays) or check_metrics(metrics)
-        if problem:
+        expected = TrainExpectation(request, state.arrays, plan.node_names.get(node))
+        try:
+            update = _trained(plan, state, node, reply, expected, updates, refused)
+        except MessageRejected as exc:
+            inst = institution_name(plan, state, node)
+            reason = str(exc)
             _client_event(
                 plan,
                 "update_rejected",
                 rnd,
                 node,
                 inst,
-                f"update rejected ({problem})",
-                reason=problem,
+                f"update rejected ({reason})",
+                stage="train",
+                reason=reason,
             )
-            rejected[str(node)] = problem
+            rejected[str(node)] = reason
             continue
-        updates.append((arrays, float(examples)))
-        participants.append(inst)
-    aggregated = len(updates) >= plan.cfg.min_clients
+        if update is not None:
+            updates.append(update)
+    aggregated, failed = len(updates) >= plan.cfg.min_clients, None
     if aggregated:
-        state.arrays = aggregate("fedavg", updates)
-        plan.ledger.append(
-            "round_aggregated",
-            run_id=plan.run_id,
-            round=rnd,
-            participants=participants,
-            payload_bytes={"sent": traffic.sent, "received": traffic.received},
-        )
+        try:
+            result = aggregate_updates(
+                state.arrays, updates, AggregationPolicy.from_config(plan.cfg)
+            )
+        except TooFewUpdates as exc:
+            aggregated, failed = False, str(exc)
+            plan.log(f"  round {rnd}: {exc}")
+        else:
+            state.arrays = result.arrays
+            for name, norm in result.clipped.items():
+                plan.log(f"  {name}'s update clipped (norm {norm:.3g} > {result.norm_bound:.3g})")
+            plan.ledger.append(
+                "round_aggregated",
+                run_id=plan.run_id,
+                round=rnd,
+                participants=[name for name, _, _ in updates],
+                payload_bytes={"sent": traffic.sent, "received": traffic.received},
+                **result.ledger_fields(),
+            )
     return {
         "participants": len(updates),
         "aggregated": aggregated,
         "rejected": rejected,
         "refused": refused,
         "dropped": {str(n): why for n, why in state.dropped.items()},
+        **({"failed": failed} if failed else {}),
     }
+
+
+def _trained(
+    plan: FederationPlan,
+    state: FederationState,
+    node: int,
+    reply: Message,
+    expected: TrainExpectation,
+    updates: list,
+    refused: dict,
+) -> tuple[str, dict[str, np.ndarray], float] | None:
+    """One train reply, parsed and logged: (institution, arrays, examples) for aggregation,
+    None for a refusal, or :class:`MessageRejected`. A well-formed privacy report is ledgered
+    (``client_trained``) even when the update beside it is rejected: that spend is real."""
+    rnd = expected.request.round
+    if reply.has_error():
+        raise MessageRejected(f"client error: {clipped(reply.error.reason, 300)}")
+    if "refusal" in reply.content:
+        try:
+            refusal = Refusal.from_content(reply.content)
+        except MessageRejected as exc:
+            raise MessageRejected(f"unreadable refusal: {exc}") from None
+        inst = institution_name(plan, state, node)
+        _client_event(
+            plan,
+            "client_refused",
+            rnd,
+            node,
+            inst,
+            f"refused: {refusal.reason}",
+            reason=refusal.reason,
+            kind=refusal.kind,
+        )
+        refused[str(node)] = refusal.reason
+        if refusal.kind == "budget":  # it is not asked again; nobody else is affected
+            state.exhausted[node] = refusal.reason
+        return None
+    privacy = PrivacyReply.from_content(reply.content, expected)
+    inst = expected.institution or privacy.report.institution
+    if any(name == inst for name, _, _ in updates):
+        raise MessageRejected(f"a second reply for institution {inst!r} in this round")
+    ledger_trained(plan.ledger, plan.run_id, rnd, node, inst, privacy)
+    update_client_summary(state.clients, node, inst, privacy)
+    state.institutions[node] = inst
+    if not privacy.budget_left:
+        state.exhausted[node] = f"budget spent (ε={privacy.report.epsilon or 0:.3f})"
+        if rnd < plan.cfg.rounds:  # after the last round it is no news
+            plan.log(f"  {inst} has spent its budget: not selected again")
+    update = ModelUpdate.from_content(reply.content, expected, privacy.report.examples)
+    return inst, update.arrays, float(update.num_examples)
 
 
 def evaluate_round(
@@ -259,30 +336,52 @@ def evaluate_round(
     """Federated evaluation on every online holder not dropped from this round.
 
     Each institution releases the sufficient statistics of its held-out split
-    (:mod:`common.metrics`); the federation's metrics are those of the pooled statistics, as
-    if computed on the pooled held-out set, and ``per_institution`` holds each institution's
-    own. A reply whose statistics do not add up is left out, and the log says why."""
+    (:mod:`common.metrics`); the federation's metrics are those of the pooled statistics,
+    each institution's counted at most ``weight_cap`` x the median institution's count
+    (:func:`server.aggregation.capped_statistics`: one claiming 1e9 examples cannot decide
+    them), and ``per_institution`` holds each institution's own. A reply that does not parse
+    is an ``evaluation_rejected`` record and a log line; a refusal is a log line."""
     online = set(state.holders if online is None else online)
     nodes = sorted(n for n in state.holders if n in online and n not in state.dropped)
-    content = RecordDict({"head": array_record(state.arrays), "run": _run_record(plan, rnd)})
-    task = "regression" if plan.cfg.task == "regression" else "classification"
-    parts, per_institution = [], {}
+    request = round_request(plan, rnd)
+    content = TrainRequest(request, state.arrays).to_content()
+    parts, per_institution = {}, {}
     messages = _messages(nodes, content, "evaluate", rnd)
     for node, reply in _exchange(grid, plan, state, messages, rnd, "evaluate", traffic):
-        if _problem(reply, "metrics"):
-            continue
         inst = institution_name(plan, state, node) or f"node {node}"
         try:
-            stats = statistics_from_record(dict(reply.content["metrics"]), task, plan.num_classes)
-        except ValueError as exc:
-            plan.log(f"  {inst} evaluation left out ({exc})")
+            if reply.has_error():
+                raise MessageRejected(f"client error: {clipped(reply.error.reason, 300)}")
+            if "refusal" in reply.content:
+                plan.log(
+                    f"  {inst} evaluation refused ({Refusal.from_content(reply.content).reason})"
+                )
+                continue
+            stats = EvaluationReply.from_content(
+                reply.content, request.task, plan.num_classes
+            ).statistics
+            if inst in parts:
+                raise MessageRejected(f"a second evaluation for {inst!r} in this round")
+        except MessageRejected as exc:
+            reason = str(exc)
+            _client_event(
+                plan,
+                "evaluation_rejected",
+                rnd,
+                node,
+                inst,
+                f"evaluation rejected ({reason})",
+                stage="evaluate",
+                reason=reason,
+            )
             continue
-        parts.append(stats)
+        parts[inst] = stats
         per_institution[inst] = {
             **_underscored(metrics_from_statistics(stats)),
             "eval_examples": stats.num_examples,
         }
-    pooled = pool_statistics(parts)
+    cap = AggregationPolicy.from_config(plan.cfg).weight_cap
+    pooled = pool_statistics(list(capped_statistics(parts, cap).values()))
     if pooled is None or not pooled.num_examples:
         return {"loss": float("nan"), "eval_examples": 0, "per_institution": per_institution}
     return {

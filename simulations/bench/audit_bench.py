@@ -234,7 +234,9 @@ def write_ledger(
     """A fresh ``out/ledger.jsonl`` for the whole run, as the server writes it: each
     ``client_trained`` record through the server's own ``ledger_trained``, carrying the
     institution's signed report verbatim."""
+    from common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
     from common.privacy.statement import privacy_statement
+    from common.train_reply import PrivacyReply
     from server.client_reports import ledger_trained
     from server.ledger import HEAD_FILE, LEDGER_FILE, Ledger
 
@@ -261,7 +263,9 @@ def write_ledger(
                     backbone_sha256=sha,
                     bytes=1_200_000,
                 )
-            ledger_trained(ledger, RUN_ID, rnd, node, reports[rnd - 1], plan.examples)
+            report = reports[rnd - 1]
+            privacy = PrivacyReply.of({k: report[k] for k in (REPLY_BODY, REPLY_SIGNATURE)})
+            ledger_trained(ledger, RUN_ID, rnd, node, plan.institution, privacy)
         ledger.append(
             "round_aggregated",
             run_id=RUN_ID,
