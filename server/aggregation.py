@@ -8,6 +8,8 @@ examples)`` under an :class:`AggregationPolicy`, in two steps:
    ``max_update_norm``, or (0, the default) ``norm_factor`` x the median change norm of the
    round. While hostile institutions are fewer than half, the median is an honest one's, so
    a scaled update (x1e30) moves the model no further than ``norm_factor`` honest ones.
+   "Median" here is the lower median (of an even count, the smaller middle value): with
+   two institutions, one inflating, it is still the honest one's.
 2. **Apply the rule** to the clipped changes, then add the result to the current arrays:
 
    * ``fedavg`` (McMahan et al. 2017): the mean weighted by claimed example counts, each
@@ -134,7 +136,7 @@ def capped_weights(counts: dict[str, float], cap: float) -> dict[str, float]:
     than ``cap`` typical institutions' weight."""
     if not counts:
         return {}
-    limit = cap * float(np.median(np.asarray(list(counts.values()), dtype=np.float64)))
+    limit = cap * lower_median(list(counts.values()))
     return {k: min(float(v), limit) for k, v in counts.items()}
 
 
@@ -149,6 +151,12 @@ def capped_statistics(
         k: s if capped[k] >= s.num_examples else scale_statistics(s, capped[k] / s.num_examples)
         for k, s in stats.items()
     }
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The middle value, or of an even count the smaller of the two middle ones."""
+    ordered = sorted(float(v) for v in values)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def change_norm(change: Changes) -> float:
@@ -187,7 +195,7 @@ def aggregate_updates(
     if policy.max_update_norm > 0:
         bound = float(policy.max_update_norm)
     else:
-        bound = policy.norm_factor * float(np.median(norms))
+        bound = policy.norm_factor * lower_median(norms)
     clipped = {}
     for i, (name, norm) in enumerate(zip(names, norms, strict=True)):
         if norm > bound:

@@ -128,7 +128,7 @@ def test_bounded_fedavg_limits_the_hostile_share_to_the_cap_and_its_change_to_th
         current, [*honest, hostile], aggregation.AggregationPolicy()
     )
     counts = [c for _, _, c in honest]
-    cap = 2.0 * float(np.median([*counts, 1e12]))
+    cap = 2.0 * sorted([*counts, 1e12])[4]  # the lower median of 10 claims: an honest one
     assert result.weights["mallory"] == pytest.approx(cap / (sum(counts) + cap))
     assert sum(result.weights.values()) == pytest.approx(1.0)
     assert list(result.clipped) == ["mallory"]
@@ -224,6 +224,18 @@ def test_capped_weights_cap_at_the_multiple_of_the_median_claim():
         "c": 240.0,
     }
     assert aggregation.capped_weights({}, 2.0) == {}
+    # Of two institutions, one inflating: the lower median is the honest claim.
+    assert aggregation.capped_weights({"a": 100, "c": 1e12}, 2.0) == {"a": 100.0, "c": 200.0}
+
+
+def test_of_two_institutions_one_scaled_update_is_clipped_to_twice_the_honest_one():
+    current, honest = _current(), _honest()
+    result = aggregation.aggregate_updates(
+        current, [honest[0], _hostile(1e30, 1e12)], aggregation.AggregationPolicy()
+    )
+    assert list(result.clipped) == ["mallory"]
+    assert result.weights["mallory"] == pytest.approx(2 / 3, rel=0.05)
+    assert _distance(result.arrays, current) < 2.0
 
 
 def test_every_configurable_rule_is_registered():
@@ -317,3 +329,17 @@ def test_the_policy_comes_from_the_config_and_the_run_record_carries_it():
     assert record["aggregation"] == "krum" and record["weight-cap"] == 3.0
     assert record["max-update-norm"] == 0.25
     assert aggregation.AggregationPolicy.from_config(RunConfig()) == aggregation.AggregationPolicy()
+
+
+def test_a_deployment_run_config_takes_the_aggregation_settings_and_refuses_bad_ones(tmp_path):
+    from server.deployment import check_deployment
+
+    run = {"mode": "deployment", "num-classes": 4, "out": str(tmp_path / "run"), "clients": 5}
+    settings = check_deployment({**run, "aggregation": "krum", "min-clients": 5, "weight-cap": 3.0})
+    assert aggregation.AggregationPolicy.from_config(settings.cfg) == aggregation.AggregationPolicy(
+        rule="krum", weight_cap=3.0
+    )
+    with pytest.raises(FerryError, match="^--aggregation 'mean' is invalid"):
+        check_deployment({**run, "aggregation": "mean"})
+    with pytest.raises(FerryError, match="^--min-clients 1 is invalid: median needs"):
+        check_deployment({**run, "aggregation": "median"})
