@@ -1,8 +1,10 @@
 """The server's round loop over a Flower Grid: ship the backbone, train, aggregate, evaluate.
 
-Per round: sample online clients that still have budget; offer the backbone hash to sampled
+Per round: sample online clients that still have budget (where institutions are registered,
+only their nodes: :func:`server.rounds.registered_nodes`); offer the backbone hash to sampled
 clients not yet known to hold it and ship it (arrays + manifest + sha256) only to those that
-say they lack it; send the head arrays and run config; validate replies; aggregate (FedAvg)
+say they lack it; send the head arrays and run config; parse every reply with its codec
+(:mod:`common.messages`); aggregate with bounded influence (:mod:`server.aggregation`)
 if at least ``min_clients`` usable updates came back; evaluate on every online client holding
 the backbone; append a ``metrics.jsonl`` line, print one live line and write the checkpoint
 (:mod:`server.checkpoint`). At the end ``summary.json`` holds final metrics, per-client

@@ -117,7 +117,7 @@ def _exchange(
     lost = {
         n: f"no reply within the round timeout ({plan.round_timeout:g}s)" for n in result.stragglers
     }
-    lost.update({n: f"unavailable: {why}" for n, why in result.unavailable.items()})
+    lost.update({n: f"unavailable: {clipped(why, 300)}" for n, why in result.unavailable.items()})
     for node, reason in lost.items():
         state.dropped[node] = reason
         inst = institution_name(plan, state, node)
