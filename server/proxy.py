@@ -190,9 +190,8 @@ http {{
 
 
 def write_config(p: ProxySettings) -> Path:
-    """Write nginx.conf (0600) into its own directory (0700)."""
+    """Write nginx.conf (0600) into its own directory (made 0700; an existing one is kept)."""
     p.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(p.directory, 0o700)  # ferry's own directory, inside the state directory
     (p.directory / "temp").mkdir(mode=0o700, exist_ok=True)  # nginx makes its folders here
     fd = os.open(p.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
