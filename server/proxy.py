@@ -20,8 +20,11 @@ use the loopback address.
 
 Everything nginx needs lives in ``<state-dir>/proxy`` (0700): its config (0600), pid file,
 logs and temporary directories. nginx runs in the foreground (``daemon off``) as a
-:class:`~common.child_processes.ChildProcess`, stopped with the SuperLink; its workers keep
-the process tag (``env`` directive), so nothing outlives ``ferry server``.
+:class:`~common.child_processes.ChildProcess` (its own process group), stopped with the
+SuperLink. nginx overwrites its environment with its process title, so the process tag of
+:mod:`common.child_processes` cannot find it; instead, on Linux, it is started with a
+parent-death signal: if ``ferry server`` is killed outright (SIGKILL), nginx gets SIGTERM,
+stops its workers and frees the public port (a ``--resume`` can then listen there again).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +140,6 @@ daemon off;
 worker_processes 1;
 pid {_quoted(d / "nginx.pid")};
 error_log {_quoted(p.error_log)} warn;
-env FERRY_PROCESS_TAG;
 
 events {{
     worker_connections 1024;
@@ -241,9 +244,29 @@ def answers(p: ProxySettings, timeout: float = 2.0) -> bool:
         return False
 
 
+# Runs as ``python -c LAUNCHER PARENT_PID NGINX ARGS...``: asks the kernel for SIGTERM when
+# the parent dies (PR_SET_PDEATHSIG = 1; kept across exec), checks the parent is still the
+# one that started it (else it died first), then becomes nginx (same pid, same group).
+LAUNCHER = """
+import ctypes, os, signal, sys
+if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) != 0:
+    sys.exit("ferry: cannot set a parent-death signal for nginx")
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(0)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _with_parent_death_signal(argv: list[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return argv  # elsewhere only ChildProcess.stop ends it
+    return [sys.executable, "-c", LAUNCHER, str(os.getpid()), *argv]
+
+
 def start_proxy(p: ProxySettings, env: dict[str, str] | None = None, timeout: float = 30.0):
     """Start nginx (config already written by :func:`preflight`); wait until it answers."""
-    proxy = ChildProcess("proxy", nginx_argv(p), p.directory / "nginx.out", env).start()
+    argv = _with_parent_death_signal(nginx_argv(p))
+    proxy = ChildProcess("proxy", argv, p.directory / "nginx.out", env).start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proxy.poll() is not None:

@@ -531,10 +531,12 @@ def run_server(s: ServerSettings, log=None) -> int:
         while runner.poll() is None:
             for child in watched:
                 if child.poll() is not None:
-                    where = "superlink.log" if child is superlink else "proxy/error.log"
+                    what, where = {
+                        "superlink": ("flower-superlink", "superlink.log"),
+                        "proxy": ("the proxy (nginx)", "proxy/error.log"),
+                    }[child.name]
                     raise FerryError(
-                        f"{child.argv[0].rsplit('/', 1)[-1]} stopped (exit code {child.poll()}); "
-                        f"see {s.state_dir / where}"
+                        f"{what} stopped (exit code {child.poll()}); see {s.state_dir / where}"
                     )
             time.sleep(0.5)
         return _report(s, log)

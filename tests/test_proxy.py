@@ -11,10 +11,15 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import http.server
+import os
 import re
+import signal
+import socket
 import ssl
 import stat
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +166,60 @@ def _status(settings: ProxySettings, method: str, path: str) -> int:
         return conn.getresponse().status
     finally:
         conn.close()
+
+
+PARENT = """
+import sys, time
+from pathlib import Path
+from server.proxy import ProxySettings, preflight, start_proxy
+port, upstream, certs, directory = sys.argv[1:5]
+certs = Path(certs)
+s = ProxySettings("127.0.0.1", int(port), int(upstream), certs / "server.pem",
+                  certs / "server.key", certs / "ca.pem", Path(directory))
+preflight(s)
+start_proxy(s)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_nginx_stops_when_ferry_server_is_killed_outright(certs, tmp_path, monkeypatch):
+    """nginx hides the process tag (it overwrites its environment), so a SIGKILLed server
+    must not leave it holding the public port: a --resume would find the port taken."""
+    monkeypatch.setattr(child_processes.ChildProcess, "start", START)
+    settings = _settings(certs, tmp_path / "proxy", free_port(), free_port())
+    argv = [sys.executable, "-c", PARENT, str(settings.port), str(settings.upstream_port)]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    parent = child_processes.ChildProcess(
+        "server", [*argv, str(certs), str(settings.directory)], tmp_path / "server.log", env
+    ).start()
+    nginx = 0
+    try:
+        deadline = time.monotonic() + 30
+        while not proxy.answers(settings) and time.monotonic() < deadline:
+            assert parent.poll() is None, parent.log_tail()
+            time.sleep(0.1)
+        nginx = int((settings.directory / "nginx.pid").read_text())
+        assert _alive(nginx)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _alive(nginx) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(nginx), "nginx outlived the server that started it"
+        with socket.create_server(("127.0.0.1", settings.port)):
+            pass  # the public port is free again
+    finally:
+        parent.stop(grace=2)
+        if nginx and _alive(nginx):
+            os.killpg(nginx, signal.SIGKILL)
 
 
 def test_real_nginx_forwards_fleet_posts_and_nothing_else(live_proxy):
