@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import secrets
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,6 +42,7 @@ from common.privacy import UNIT_OF_PRIVACY
 from common.privacy.accounting import MechanismSegment, noise_multiplier_for_target
 from common.privacy.dp_events import event_to_json, segment_event
 from common.privacy.report import NON_PRIVATE_EVENT
+from common.private_files import write_private
 from common.trainable import SplitModel, load_trainable_state
 
 ACCOUNTANT = "prv"
@@ -284,9 +283,7 @@ def noise_for(req: RoundRequest, num_examples: int, state_dir: Path | None = Non
     sigma = noise_multiplier_for_target(run.epsilon, run.delta, q, steps * run.rounds, ACCOUNTANT)
     if cache_file:
         cache[key] = sigma
-        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
+        write_private(cache_file, json.dumps(cache).encode())  # it holds q, so n: 0600
     return sigma
 
 

@@ -42,6 +42,7 @@ from common.certs import check_institution_name
 from common.child_processes import ChildProcess, exit_on_signals, flower_bin, flower_env
 from common.data.image_folder import IMAGE_SUFFIXES
 from common.errors import FerryError
+from common.private_files import write_private
 from common.tls import (
     check_ca_certificate,
     check_private_key_file,
@@ -290,9 +291,8 @@ def write_node_config(s: InstitutionSettings) -> Path:
         values["report-key"] = str(s.key.resolve())
     path = s.state_dir / NODE_CONFIG_FILE
     lines = [f"{k} = {json.dumps(v) if isinstance(v, str) else repr(v)}" for k, v in values.items()]
-    path.write_text(
-        "# Written by `ferry client`: this institution's own settings.\n" + "\n".join(lines) + "\n"
-    )
+    text = "# Written by `ferry client`: this institution's own settings.\n" + "\n".join(lines)
+    write_private(path, (text + "\n").encode())  # it names the data and key paths: 0600
     return path
 
 

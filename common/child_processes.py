@@ -26,6 +26,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.private_files import open_private, private_dir
+
 TAG_VAR = "FERRY_PROCESS_TAG"
 
 
@@ -108,8 +110,9 @@ class ChildProcess:
                 self.argv, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True
             )
             return self
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
+        private_dir(self.log_path.parent)
+        # A log may quote what it ran on (an institution's refusals name its data): 0600.
+        with os.fdopen(open_private(self.log_path, os.O_WRONLY | os.O_APPEND), "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,

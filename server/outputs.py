@@ -10,7 +10,7 @@ from pathlib import Path
 from common.errors import FerryError
 from common.privacy.statement import privacy_statement
 
-RUN_FILES = ("metrics.jsonl", "summary.json")
+RUN_FILES = ("ledger.jsonl", "metrics.jsonl", "summary.json")
 # Federated evaluation metrics carried into summary.json's "final" (those the task has).
 FINAL_METRICS = (
     "accuracy",

@@ -160,6 +160,36 @@ def test_an_existing_state_directory_keeps_its_mode(tmp_path):
     assert _mode(shared / "split.json") == 0o600
 
 
+def test_another_user_cannot_read_the_node_config_the_noise_cache_or_the_supernode_log(
+    tmp_path, monkeypatch
+):
+    """The node config names the data and key paths; the noise cache holds q (so n); the
+    SuperNode's log holds refusals that may quote data. All 0600 in a 0700 directory."""
+    from client.runtime import noise_for
+    from client.supernode import InstitutionSettings, write_node_config
+    from common.config import RunConfig
+    from common.messages import RoundRequest
+
+    state = tmp_path / "state"
+    data = tmp_path / "data.csv"
+    data.write_text("a,b\n1,2\n3,4\n")
+    settings = InstitutionSettings(
+        server="127.0.0.1:9092",
+        data=data,
+        state_dir=state,
+        institution="hospital-a",
+        budget_epsilon=3.0,
+        budget_delta=1e-5,
+        insecure=True,
+    )
+    write_node_config(settings)
+    noise_for(RoundRequest(RunConfig(rounds=2, epsilon=3.0), 1, "0" * 64, 2), 500, state)
+    monkeypatch.undo()  # this test starts one real (harmless) child: `true`, logging
+    log = child_processes.ChildProcess("probe", ["true"], state / "supernode.log", {}).start()
+    log.proc.wait()
+    _assert_private_tree(state)
+
+
 # --- the server's key and the CA's key --------------------------------------------------
 
 
