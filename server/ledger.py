@@ -24,7 +24,8 @@ Events (fields besides seq/prev/time/event):
                      sample_rate, steps, max_grad_norm, delta, accountant,
                      accountant_library, epsilon_reported, client_rounds (the client's
                      cumulative count of rounds, this one included), budget_epsilon,
-                     budget_delta, examples: the server's unsigned copy, for summaries;
+                     budget_delta, examples: the values parsed from the signed report below,
+                     under the node's registered name (simulation: the report's name);
                      and signed_report: the institution's signed privacy report exactly as
                      its reply carried it (:mod:`common.privacy.report`), or null when the
                      reply held none. ``{"body": <canonical JSON text>, "signature":
@@ -40,8 +41,20 @@ Events (fields besides seq/prev/time/event):
                      contradicts them
 ``client_refused``   run_id, round, institution (or null), node_id, reason, kind
                      ("budget" when the institution's budget would be exceeded)
-``update_rejected``  run_id, round, institution (or null), node_id, reason
-``round_aggregated`` run_id, round, participants (institution ids), payload_bytes
+``update_rejected``  run_id, round, institution (or null), node_id, stage, reason: a train
+                     reply that did not parse (:mod:`common.messages`,
+                     :mod:`common.train_reply`: types, ranges, sizes, a report that
+                     contradicts the round or names another institution than the node's
+                     registered one); it was not aggregated, and the round went on
+``evaluation_rejected`` run_id, round, institution (or null), node_id, stage, reason: an
+                     evaluation reply that did not parse; left out of the pooled metrics
+``node_refused``     run_id, round, node_id, reason: a node the grid reported whose key is
+                     not among the run's registered institutions; never sampled
+``round_aggregated`` run_id, round, participants (institution ids), payload_bytes, and the
+                     bounded aggregation (:mod:`server.aggregation`): rule, weight_cap,
+                     norm_bound (the bound on each update's change), weights (per
+                     institution, after the cap), clipped ({institution: {norm}} for every
+                     change clipped to the bound)
 ``client_dropped``   run_id, round, institution (or null), node_id, stage ("backbone offer",
                      "backbone shipping", "train", "evaluate"), reason: no reply within the
                      round timeout, or the node went offline. After a drop at "train" the
