@@ -20,6 +20,12 @@ A bundle passes when
 
 The run config (``[tool.flwr.app.config]``) is data, checked by the ClientApp like any other
 setting the server sends.
+
+Every refusal is one line of printable ASCII of bounded length (:class:`BundleRefused`): it goes to
+the institution's ``supernode.log`` and terminal, so names the sender chose (newlines, control
+characters, half a megabyte of name) must not forge or flood lines there. A bundle that breaks
+the zip or TOML reader in other ways (an encrypted entry, TOML nested thousands deep) is a
+refusal too, never another exception.
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ BUNDLE_FILES = frozenset({PYPROJECT, CONTENT})
 FERRY_COMPONENTS = {"serverapp": "server.app:app", "clientapp": "client.app:app"}
 # Ferry's bundle is well under 10 KiB; the bound keeps a zip bomb from costing memory.
 MAX_BUNDLE_BYTES = 1 << 20
+# A refusal quotes at most MAX_SHOWN_NAMES names of MAX_SHOWN_CHARS, in one line of at most
+# MAX_REFUSAL_CHARS: it is written to the institution's log and terminal.
+MAX_SHOWN_NAMES = 5
+MAX_SHOWN_CHARS = 80
+MAX_REFUSAL_CHARS = 600
 # Table path -> the keys it may hold (a key not listed is refused with its path).
 ALLOWED_KEYS: dict[str, frozenset[str]] = {
     "": frozenset({"build-system", "project", "tool"}),
@@ -52,7 +63,14 @@ ALLOWED_KEYS: dict[str, frozenset[str]] = {
 
 
 class BundleRefused(FerryError):
-    """A bundle that must not run here; the message says why (for the log and the reply)."""
+    """A bundle that must not run here; the message says why (for the log and the reply), as
+    one line of printable ASCII of at most :data:`MAX_REFUSAL_CHARS`, whatever it quotes."""
+
+    def __init__(self, message: str):
+        line = ascii(message)[1:-1]
+        if len(line) > MAX_REFUSAL_CHARS:
+            line = line[: MAX_REFUSAL_CHARS - 3] + "..."
+        super().__init__(line)
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,15 @@ class CheckedBundle:
 
     components: dict[str, str]
     config: dict[str, object]
+
+
+def _shown(names: list[str]) -> str:
+    """Names the sender chose, clipped and counted (:class:`BundleRefused` escapes them)."""
+    shown = []
+    for name in names[:MAX_SHOWN_NAMES]:
+        shown.append(name if len(name) <= MAX_SHOWN_CHARS else name[: MAX_SHOWN_CHARS - 3] + "...")
+    more = len(names) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def _read_entries(fab: bytes) -> dict[str, bytes]:
@@ -74,7 +101,7 @@ def _read_entries(fab: bytes) -> dict[str, bytes]:
     names = [info.filename for info in infos]
     extra = sorted(set(names) - BUNDLE_FILES)
     if extra:
-        raise BundleRefused(f"refused a bundle that carries code: {', '.join(extra)}")
+        raise BundleRefused(f"refused a bundle that carries code: {_shown(extra)}")
     if len(names) != len(set(names)):
         raise BundleRefused("refused a bundle with duplicate entries (one name, two contents)")
     missing = sorted(BUNDLE_FILES - set(names))
@@ -89,9 +116,10 @@ def _read_entries(fab: bytes) -> dict[str, bytes]:
             raise BundleRefused(f"refused a bundle whose {info.filename} unpacks too large")
         try:
             entries[info.filename] = archive.read(info)
-        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:
+        # RuntimeError: an entry flagged encrypted (zipfile asks for a password)
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
             raise BundleRefused(
-                f"refused a bundle whose {info.filename} is unreadable ({exc})"
+                f"refused a bundle whose {info.filename} is unreadable ({type(exc).__name__})"
             ) from None
     return entries
 
@@ -105,7 +133,7 @@ def _check_manifest(entries: dict[str, bytes]) -> None:
         listed = sorted(line.split(",", 1)[0] for line in lines)
         raise BundleRefused(
             f"refused a bundle whose manifest {CONTENT} does not list exactly pyproject.toml "
-            f"with its hash (lists: {', '.join(listed) or 'nothing'})"
+            f"with its hash (lists: {_shown(listed) or 'nothing'})"
         )
 
 
@@ -128,6 +156,8 @@ def _check_pyproject(text: bytes) -> CheckedBundle:
         doc = tomllib.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise BundleRefused(f"refused a bundle whose pyproject.toml is not TOML ({exc})") from None
+    except RecursionError:  # arrays or tables nested deeper than the parser's stack
+        raise BundleRefused("refused a bundle whose pyproject.toml nests too deep") from None
     _check_keys(doc)
     backend = doc.get("build-system", {}).get("build-backend", "setuptools.build_meta")
     if backend != "setuptools.build_meta":
