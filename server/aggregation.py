@@ -143,12 +143,24 @@ def capped_weights(counts: dict[str, float], cap: float) -> dict[str, float]:
 def capped_statistics(
     stats: dict[str, EvaluationStatistics], cap: float
 ) -> dict[str, EvaluationStatistics]:
-    """Evaluation statistics with each institution's example count capped as
-    :func:`capped_weights` caps training weights, so pooled metrics weigh an institution by
-    its capped count (its own metrics stay as they were, up to integer rounding)."""
-    capped = capped_weights({k: float(s.num_examples) for k, s in stats.items()}, cap)
+    """Evaluation statistics whose example counts are in the proportion of the counts
+    :func:`capped_weights` allows, so pooled metrics weigh an institution by its capped
+    count; each institution's own metrics stay as they were, up to integer rounding.
+
+    Institutions releasing no examples carry no weight and do not enter the median (one of
+    two claiming 0 would otherwise cap the other to 0 and erase the federated metrics). The
+    proportion is reached by scaling counts up, never down: the most capped institution
+    keeps its count and the others are scaled up to match (each count stays at most the
+    largest claim). Scaling down would round an honest institution's statistics to the
+    handful of examples a hostile one claims (one claiming 1 example of two caps the other
+    at 2, whose 70% accuracy rounds to 100%)."""
+    counted = {k: float(s.num_examples) for k, s in stats.items() if s.num_examples}
+    capped = capped_weights(counted, cap)
+    common = max((counted[k] / capped[k] for k in capped), default=1.0)
     return {
-        k: s if capped[k] >= s.num_examples else scale_statistics(s, capped[k] / s.num_examples)
+        k: s
+        if k not in capped or common * capped[k] <= counted[k]
+        else scale_statistics(s, common * capped[k] / counted[k])
         for k, s in stats.items()
     }
 

@@ -41,6 +41,7 @@ from server.aggregation import (
     TooFewUpdates,
     aggregate_updates,
     capped_statistics,
+    capped_weights,
 )
 from server.client_reports import ledger_trained, update_client_summary
 from server.exchange import Traffic, array_record, exchange
@@ -384,9 +385,10 @@ def evaluate_round(
     pooled = pool_statistics(list(capped_statistics(parts, cap).values()))
     if pooled is None or not pooled.num_examples:
         return {"loss": float("nan"), "eval_examples": 0, "per_institution": per_institution}
+    counted = {k: float(s.num_examples) for k, s in parts.items() if s.num_examples}
     return {
         **_underscored(metrics_from_statistics(pooled)),
-        "eval_examples": pooled.num_examples,
+        "eval_examples": round(sum(capped_weights(counted, cap).values())),
         "per_institution": per_institution,
     }
 

@@ -267,9 +267,14 @@ def test_a_billion_perfect_evaluation_examples_do_not_set_the_federated_accuracy
     capped = aggregation.capped_statistics({**honest, "mallory": liar}, 2.0)
 
     pooled = metrics_from_statistics(pool_statistics(list(capped.values())))["accuracy"]
-    assert capped["mallory"].num_examples == 400
+    # Weights in the proportion of the capped counts (200 each, mallory 400); counts are
+    # scaled up to reach it, never down, so nobody's statistics are rounded away.
+    assert all(capped[k].num_examples == capped["h0"].num_examples for k in honest)
+    assert capped["mallory"].num_examples == 2 * capped["h0"].num_examples
     assert metrics_from_statistics(capped["mallory"])["accuracy"] == 1.0
-    assert all(capped[k] is honest[k] for k in honest)  # honest ones untouched
+    for k in honest:  # honest ones keep their metrics
+        mine = metrics_from_statistics(honest[k])
+        assert metrics_from_statistics(capped[k]) == pytest.approx(mine)
     # One institution at twice a typical weight: at most 2/11 of the pool (was 1.000).
     assert pooled <= honest_accuracy + 2 / 11 * (1 - honest_accuracy) + 1e-9
     assert pooled < 0.75
