@@ -306,7 +306,9 @@ def make_certs(
     check_days(days)
     check_federation_name(federation)
     asked_hosts = list(hosts) if hosts is not None else []
-    hosts = list(hosts or DEFAULT_HOSTS)
+    # The SuperLink is also reached on loopback (the ServerApp, the operator's flwr, and the
+    # proxy, which verifies it as localhost): the certificate always names both.
+    hosts = list(dict.fromkeys([*(hosts or []), *DEFAULT_HOSTS]))
     institutions = [check_institution_name(n) for n in institutions or []]
     if keys_only and not institutions:
         raise FerryError("--keys-only needs at least one --institution NAME")

@@ -270,7 +270,7 @@ def _add_deployment_commands(sub) -> None:
     p.add_argument(
         "--host",
         action="append",
-        help="server hostname or IP for the certificate (repeat; default 127.0.0.1, localhost)",
+        help="server hostname or IP for the certificate (repeat; 127.0.0.1, localhost added)",
     )
     p.add_argument(
         "--institution", action="append", help="make a SuperNode key pair for NAME (repeat)"

@@ -90,3 +90,26 @@ def small_run() -> RunConfig:
 def client(tmp_path: Path, artifact: BackboneArtifact, small_run: RunConfig) -> Client:
     """Partition 0 of ``small_run``, its cache already holding ``artifact``."""
     return Client(tmp_path / "hospital-000", artifact, small_run)
+
+
+@pytest.fixture
+def reissue_server_cert():
+    """``reissue(out, hosts)``: replace the server certificate that ``ferry certs`` wrote
+    under ``out`` (its CA key in ``OUT-ca``) by one for exactly ``hosts``, as a certificate
+    made with other tools could be (``ferry certs`` always adds the loopback names)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from common import certs
+
+    def reissue(out: Path, hosts: list[str]) -> Path:
+        ca_cert = x509.load_pem_x509_certificate((out / certs.CA_CERT).read_bytes())
+        ca_key = serialization.load_pem_private_key(
+            (certs.default_ca_dir(out) / certs.CA_KEY).read_bytes(), password=None
+        )
+        cert, key = certs._make_server_cert(ca_cert, ca_key, hosts, 30)
+        (out / certs.SERVER_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (out / certs.SERVER_KEY).write_bytes(certs._key_pem(key))
+        return out
+
+    return reissue

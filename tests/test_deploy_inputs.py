@@ -108,6 +108,18 @@ def test_server_certificate_is_signed_by_the_ca_for_the_default_and_given_hosts(
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
 
+def test_a_certificate_for_a_public_name_also_names_loopback_for_the_proxy(tmp_path):
+    """The README's command names only the public host; the SuperLink behind the proxy is
+    reached as localhost and 127.0.0.1, so the certificate must name both anyway."""
+    make_certs(tmp_path / "c", hosts=["fl.example.org"])
+    cert = x509.load_pem_x509_certificate((tmp_path / "c" / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "fl.example.org"}
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1"}
+    assert cert.subject.rfc4514_string() == "CN=fl.example.org"
+
+
 def test_certs_never_overwrite_and_add_what_is_missing(tmp_path, capsys):
     out = tmp_path / "certs"
     make_certs(out)
@@ -386,9 +398,12 @@ def test_server_refuses_a_server_certificate_from_another_ca(capsys, server_toml
     assert "is not signed by the CA" in line
 
 
-def test_server_refuses_a_certificate_not_valid_for_its_address(capsys, server_toml, tmp_path):
-    make_certs(tmp_path / "public-only", hosts=["fl.example.org"])
-    config = server_toml(certs=tmp_path / "public-only")
+def test_server_refuses_a_certificate_not_valid_for_its_address(
+    capsys, server_toml, tmp_path, reissue_server_cert
+):
+    out = tmp_path / "public-only"
+    make_certs(out)
+    config = server_toml(certs=reissue_server_cert(out, ["fl.example.org"]))
     line = _error_line(capsys, ["server", "--config", str(config)])
     assert "is not valid for 127.0.0.1" in line and "ferry certs --host 127.0.0.1" in line
 

@@ -327,8 +327,11 @@ def test_insecure_on_loopback_keeps_the_superlink_on_the_address(server_toml):
     assert "--insecure" in argv
 
 
-def test_a_server_certificate_without_localhost_is_refused(capsys, server_toml, tmp_path):
-    make_certs(tmp_path / "ip-only", hosts=["127.0.0.1", "fl.example.org"])
+def test_a_server_certificate_without_localhost_is_refused(
+    capsys, server_toml, tmp_path, reissue_server_cert
+):
+    make_certs(tmp_path / "ip-only")
+    reissue_server_cert(tmp_path / "ip-only", ["127.0.0.1", "fl.example.org"])
     line = _error_line(capsys, ["server", "--config", str(server_toml(certs=tmp_path / "ip-only"))])
     assert "is not valid for DNS:localhost" in line and "ferry certs --host localhost" in line
 
