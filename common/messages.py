@@ -29,7 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.config import RunConfig
 from common.errors import FerryError
-from common.metrics import EvaluationStatistics, statistics_from_record
+from common.metrics import EvaluationStatistics, RegressionStatistics, statistics_from_record
 
 MAX_TEXT = 256  # an institution's name, a run id, an accountant, a hash
 MAX_REASON = 2_000  # a refusal's reason
@@ -335,6 +335,31 @@ class EvaluationReply:
             ):
                 raise MessageRejected(f"{key} holds a count outside [0, {MAX_EXAMPLES:,}]")
         try:
-            return cls(statistics_from_record(rec, task, num_classes))
+            stats = statistics_from_record(rec, task, num_classes)
         except ValueError as exc:
             raise MessageRejected(clipped(exc, 300)) from None
+        _check_sums(stats)
+        return cls(stats)
+
+
+MAX_MEAN = 1e100  # a mean square or loss per example: beyond it no data, only overflow
+
+
+def _check_sums(stats: EvaluationStatistics) -> None:
+    """The released sums are means of at most :data:`MAX_MEAN` per example and consistent
+    (Cauchy-Schwarz: ``|sum x| <= sqrt(n sum x^2)``). Finite is not enough: a target sum
+    of 1e200 overflowed squaring it in the metrics and ended the run, and sums near the
+    float maximum overflow once pooled or scaled to a capped count."""
+    n = stats.num_examples
+    if isinstance(stats, RegressionStatistics):
+        pairs = (
+            ("absolute-error-sum", stats.absolute_error_sum, stats.squared_error_sum),
+            ("target-sum", stats.target_sum, stats.target_squared_sum),
+        )
+        for name, total, squares in pairs:
+            if not squares <= n * MAX_MEAN:
+                raise MessageRejected(f"{name}'s squares exceed {MAX_MEAN:g} per example")
+            if abs(total) > math.sqrt(n * squares) * (1 + 1e-6) + 1e-9:
+                raise MessageRejected(f"|{name}| exceeds sqrt(n x its sum of squares)")
+    elif stats.log_loss_sum is not None and not stats.log_loss_sum <= n * MAX_MEAN:
+        raise MessageRejected(f"log-loss-sum exceeds {MAX_MEAN:g} per example")
