@@ -432,7 +432,9 @@ def scale_statistics(stats: EvaluationStatistics, factor: float) -> EvaluationSt
 
 
 def _histogram_auc(neg: np.ndarray, pos: np.ndarray) -> tuple[float, float]:
-    """(AUC counting same-bin pairs as ties, its largest distance to the exact AUC)."""
+    """(AUC counting same-bin pairs as ties, its largest distance to the exact AUC).
+    In float64: products of pooled int64 counts (up to 1e9 per institution) overflow."""
+    pos, neg = pos.astype(np.float64), neg.astype(np.float64)
     p, n = float(pos.sum()), float(neg.sum())
     if not p or not n:
         return math.nan, math.nan

@@ -11,9 +11,15 @@ fix, the pooled metrics are the capped-weight mix of the two, as the cap promise
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from common.metrics import metrics_from_statistics, pool_statistics, statistics_from_record
+from common.metrics import (
+    classification_statistics,
+    metrics_from_statistics,
+    pool_statistics,
+    statistics_from_record,
+)
 from server.aggregation import capped_statistics
 
 CAP = 2.0
@@ -57,3 +63,32 @@ def test_the_inflating_institution_is_still_bounded_and_honest_metrics_kept():
     assert capped["mallory"].num_examples == liar.num_examples  # scaled up, never down
     pooled = metrics_from_statistics(pool_statistics(list(capped.values())))
     assert pooled["accuracy"] == pytest.approx(3 / 5 * 0.7 + 2 / 5 * 1.0, abs=1e-6)
+
+
+def test_pooled_auc_does_not_overflow_when_counts_are_scaled_up():
+    """Reaching the capped proportions scales honest counts up to the largest claim (1e9):
+    the AUC's products of pooled counts exceed int64 (the AUC came out 0.26, not 0.85)."""
+    rng = np.random.default_rng(0)
+    honest = {}
+    for i in range(20):
+        y = rng.integers(0, 2, 200)
+        scores = rng.normal(size=(200, 2))
+        scores[np.arange(200), y] += 1.0
+        honest[f"h{i}"] = classification_statistics(y, scores, 2)
+    n, bins = 10**9, 100
+    histogram = [0] * (2 * bins)
+    histogram[0], histogram[-1] = n // 2, n - n // 2  # all mass in the end bins: perfect
+    liar = statistics_from_record(
+        {
+            "num-examples": n,
+            "confusion": [n // 2, 0, 0, n - n // 2],
+            "score-bins": bins,
+            "score-histogram": histogram,
+        },
+        "classification",
+        2,
+    )
+    capped = capped_statistics({**honest, "mallory": liar}, CAP)
+    alone = metrics_from_statistics(pool_statistics(list(honest.values())))["roc-auc"]
+    pooled = metrics_from_statistics(pool_statistics(list(capped.values())))["roc-auc"]
+    assert alone - 0.05 <= pooled <= 1.0  # mallory weighs 2 of 22: it can only raise it a bit
