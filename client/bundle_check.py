@@ -67,7 +67,7 @@ class BundleRefused(FerryError):
     one line of printable ASCII of at most :data:`MAX_REFUSAL_CHARS`, whatever it quotes."""
 
     def __init__(self, message: str):
-        line = ascii(message)[1:-1]
+        line = message.encode("unicode_escape").decode("ascii")  # newlines, ESC, non-ASCII: escaped
         if len(line) > MAX_REFUSAL_CHARS:
             line = line[: MAX_REFUSAL_CHARS - 3] + "..."
         super().__init__(line)
