@@ -21,6 +21,12 @@ SuperNode), and starts :mod:`client.checked_clientapp` for each, an explicit mod
 installed Ferry run with ``python -P`` (no current folder on ``sys.path``). If this launcher
 is not running, nothing runs: it fails closed. It exits when the SuperNode does.
 
+It also watches ``ferry client``, its parent. The SuperNode and this launcher run in sessions
+of their own (``common.child_processes``), so when ``ferry client`` is killed outright
+(``kill -9``, the OOM killer) nothing stops them: the institution would go on taking part in
+rounds, with its data, after its own process ended. So when its parent is gone this launcher
+stops the SuperNode's process group, and then itself.
+
 Output (its own and its tasks') goes to the institution's ``supernode.log``.
 """
 
@@ -28,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
@@ -58,24 +66,51 @@ def task_argv(runtime_api_address: str) -> list[str]:
     ]
 
 
-def serve(runtime_api_address: str, supernode_pid: int | None) -> None:
-    """Acquire ClientApp tasks and start a checked process for each, until the SuperNode ends."""
-    if supernode_pid is not None:
-        start_parent_process_monitor(supernode_pid)  # SIGINT here when the SuperNode is gone
-    client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address,
-        insecure=True,  # loopback only, as ferry client binds it
-        root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=make_simple_http_retry_invoker(),
-    )
-    print(
-        f"ferry: task launcher on {runtime_api_address}: runs checked ClientApps only",
-        file=sys.stderr,
-        flush=True,
-    )
-    running: list[subprocess.Popen] = []
+def _stop_supernode(supernode_pid: int) -> None:
+    """SIGTERM the SuperNode's process group (ferry client starts it in a session of its own,
+    so its group id is its pid; a pid reused by another group is left alone)."""
     try:
+        if os.getpgid(supernode_pid) == supernode_pid:
+            os.killpg(supernode_pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _watch_parent(ferry_pid: int) -> None:
+    """SIGINT here (KeyboardInterrupt) once this process's parent is no longer ``ferry_pid``:
+    the kernel reparents a child the moment its parent dies, even before the dead parent is
+    reaped (a pid check would still see the unreaped zombie)."""
+
+    def watch() -> None:
+        while os.getppid() == ferry_pid:
+            time.sleep(0.2)
+        signal.raise_signal(signal.SIGINT)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def serve(runtime_api_address: str, supernode_pid: int | None) -> None:
+    """Acquire ClientApp tasks and start a checked process for each, until the SuperNode ends
+    or ``ferry client`` (this process's parent) is gone; in the latter case stop the SuperNode."""
+    ferry_pid = os.getppid()
+    running: list[subprocess.Popen] = []
+    client = None
+    try:
+        _watch_parent(ferry_pid)
+        if supernode_pid is not None:
+            start_parent_process_monitor(supernode_pid)  # SIGINT here when it is gone
+        client = RuntimeHttpClient.from_server_address(
+            server_address=runtime_api_address,
+            insecure=True,  # loopback only, as ferry client binds it
+            root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+        print(
+            f"ferry: task launcher on {runtime_api_address}: runs checked ClientApps only",
+            file=sys.stderr,
+            flush=True,
+        )
         while True:
             try:
                 reply = client.AcquireTask(
@@ -93,7 +128,12 @@ def serve(runtime_api_address: str, supernode_pid: int | None) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        client.close()
+        if os.getppid() != ferry_pid and supernode_pid is not None:
+            gone = "ferry: task launcher: ferry client is gone; stopping the SuperNode"
+            print(gone, file=sys.stderr, flush=True)
+            _stop_supernode(supernode_pid)
+        if client is not None:
+            client.close()
         for proc in running:
             proc.terminate()
 

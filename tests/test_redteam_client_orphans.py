@@ -1,0 +1,108 @@
+"""Attack test: ``ferry client`` killed outright must not leave the institution taking part.
+
+``ferry client`` starts the SuperNode and Ferry's task launcher in sessions of their own. When
+``ferry client`` is killed with SIGKILL (by a user, the OOM killer, a supervisor), nothing it
+would run on the way out runs; before the fix both children went on, the SuperNode connected
+to the federation and the launcher running every ClientApp task it got, with the
+institution's data, although the institution's own process had ended.
+
+Real processes: ``ferry client`` against a loopback port where no server listens (the
+SuperNode keeps retrying, as it does while a server restarts).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from common.child_processes import ChildProcess, flower_env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2 :].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rfind(")") + 2] != "Z"
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_killed_ferry_client_leaves_no_supernode_or_launcher(tmp_path):
+    data = tmp_path / "records.csv"
+    data.write_text("a,b,label\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(20)))
+    env = flower_env() | {"FLWR_HOME": str(tmp_path / "flwr-home")}
+    argv = [
+        sys.executable,
+        "-m",
+        "common.cli",
+        "client",
+        "--server",
+        f"127.0.0.1:{free_port()}",  # nothing listens: the SuperNode keeps retrying
+        "--insecure",
+        "--data",
+        str(data),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--budget-epsilon",
+        "1",
+        "--budget-delta",
+        "1e-5",
+        "--institution",
+        "hospital-a",
+        "--runtime-port",
+        str(free_port()),
+    ]
+    client = ChildProcess("ferry-client", argv, tmp_path / "client.log", env).start()
+    try:
+        children: list[int] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and client.poll() is None:
+            children = children_of(client.pid)
+            names = " ".join(cmdline(pid) for pid in children)
+            if "flower-supernode" in names and "client.task_launcher" in names:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"ferry client did not start both children: {client.log_tail()}")
+        time.sleep(2)  # the launcher is polling the SuperNode's runtime API
+        os.kill(client.pid, signal.SIGKILL)
+        client.proc.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(alive(pid) for pid in children):
+            time.sleep(0.5)
+        survivors = {pid: cmdline(pid) for pid in children if alive(pid)}
+        assert not survivors, f"still running after ferry client was killed: {survivors}"
+        log = (tmp_path / "state" / "supernode.log").read_text(errors="replace")
+        assert "ferry client is gone; stopping the SuperNode" in log
+    finally:
+        client.stop(grace=5)  # every tagged descendant, whatever the outcome
