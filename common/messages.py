@@ -52,9 +52,19 @@ class MessageRejected(FerryError, ValueError):
 
 
 def clipped(text: object, limit: int = MAX_REASON) -> str:
-    """``text`` as a string of at most ``limit`` characters (for logs of untrusted text)."""
-    text = str(text)
+    """``text`` as one line of at most ``limit`` characters (for logs of untrusted text;
+    see :func:`one_line`)."""
+    text = one_line(str(text))
     return text if len(text) <= limit else f"{text[: limit - 40]}... ({len(text):,} chars)"
+
+
+def one_line(text: str) -> str:
+    """``text`` with every unprintable character (newlines, terminal escapes, Unicode line
+    separators and direction overrides) written as its escape: an institution's text in
+    the server's log is one line, so it cannot forge log lines for another institution."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _shown(value: object) -> str:
@@ -285,7 +295,7 @@ class Refusal:
     def from_content(cls, content: RecordDict) -> Refusal:
         rec = record(content, "refusal", ConfigRecord)
         only_keys(rec, {"reason", "kind"}, "refusal")
-        reason = text(rec.get("reason"), "the refusal's reason", MAX_REASON)
+        reason = one_line(text(rec.get("reason"), "the refusal's reason", MAX_REASON))
         kind = text(rec.get("kind", "error"), "the refusal's kind", 40)
         if kind not in REFUSAL_KINDS:
             raise MessageRejected(f"the refusal's kind {kind!r} is none of {REFUSAL_KINDS}")
