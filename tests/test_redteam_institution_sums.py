@@ -72,3 +72,14 @@ def test_honest_statistics_still_parse():
     cls = classification_statistics(rng.integers(0, 3, 300), scores, 3)
     back = EvaluationReply.from_record(cls.to_record(), "classification", 3).statistics
     assert back.to_record() == cls.to_record()
+
+
+def test_no_examples_carry_no_sums():
+    """Zero examples escape the count cap (nothing to scale), so sums beside them went into
+    the pool at full size: n = 0 with a squared-error sum of 1e300 set the federated RMSE."""
+    empty = {k: 0.0 for k in HONEST} | {"num-examples": 0}
+    with pytest.raises(MessageRejected):
+        _parse({**empty, "squared-error-sum": 1e300})
+    with pytest.raises(MessageRejected):
+        _parse({**empty, "target-sum": 5.0})
+    assert _parse(empty).statistics.num_examples == 0
