@@ -320,7 +320,12 @@ def supernode_argv(s: InstitutionSettings, node_config: Path) -> list[str]:
 
 
 def _refusal(log_text: str, s: InstitutionSettings) -> str | None:
-    """Why the SuperLink turned this SuperNode away, from its log, or None."""
+    """Why the SuperLink turned this SuperNode away, from its log, or None. Only Flower's own
+    lines count: Ferry's (``ferry: ...``) may quote what the operator sent, e.g. the file
+    names of a refused bundle, and must not fake a diagnosis."""
+    log_text = "\n".join(
+        line for line in log_text.splitlines() if not line.lstrip().startswith("ferry:")
+    )
     if "Failed to activate SuperNode" in log_text:
         return (
             f"the server refused this SuperNode: its key {s.key} is not registered with the "

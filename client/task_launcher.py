@@ -50,6 +50,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from client.checked_clientapp import TOKEN_VAR
 
 POLL_SECONDS = 0.5
+MAX_TASKS = 2  # checked ClientApps running at once (Flower's own executor has no limit)
 
 
 def task_argv(runtime_api_address: str) -> list[str]:
@@ -89,6 +90,25 @@ def _watch_parent(ferry_pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def launch_next(client, running: list[subprocess.Popen], address: str) -> list[subprocess.Popen]:
+    """One poll: unless :data:`MAX_TASKS` checked ClientApps are still running (each loads
+    torch; a flood of messages must not exhaust the institution's memory: tasks not acquired
+    wait at the SuperNode), acquire one ClientApp task and start its checked process. Returns
+    the processes still running."""
+    running = [p for p in running if p.poll() is None]
+    if len(running) >= MAX_TASKS:
+        return running
+    try:
+        reply = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+    except Exception as exc:  # the SuperNode is starting or restarting: poll again
+        print(f"ferry: task launcher: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return running
+    if reply.HasField("task") and reply.token:
+        env = dict(os.environ) | {TOKEN_VAR: reply.token}
+        running.append(subprocess.Popen(task_argv(address), env=env))
+    return running
+
+
 def serve(runtime_api_address: str, supernode_pid: int | None) -> None:
     """Acquire ClientApp tasks and start a checked process for each, until the SuperNode ends
     or ``ferry client`` (this process's parent) is gone; in the latter case stop the SuperNode."""
@@ -112,18 +132,7 @@ def serve(runtime_api_address: str, supernode_pid: int | None) -> None:
             flush=True,
         )
         while True:
-            try:
-                reply = client.AcquireTask(
-                    AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
-                )
-            except Exception as exc:  # the SuperNode is starting or restarting: poll again
-                print(f"ferry: task launcher: {type(exc).__name__}: {exc}", file=sys.stderr)
-                time.sleep(POLL_SECONDS)
-                continue
-            if reply.HasField("task") and reply.token:
-                env = dict(os.environ) | {TOKEN_VAR: reply.token}
-                running.append(subprocess.Popen(task_argv(runtime_api_address), env=env))
-            running = [p for p in running if p.poll() is None]
+            running = launch_next(client, running, runtime_api_address)
             time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
         pass
