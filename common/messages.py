@@ -29,7 +29,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.config import RunConfig
 from common.errors import FerryError
-from common.metrics import EvaluationStatistics, RegressionStatistics, statistics_from_record
+from common.metrics import (
+    AUC_BINS,
+    ClassificationStatistics,
+    EvaluationStatistics,
+    RegressionStatistics,
+    statistics_from_record,
+)
 
 MAX_TEXT = 256  # an institution's name, a run id, an accountant, a hash
 MAX_REASON = 2_000  # a refusal's reason
@@ -349,7 +355,22 @@ class EvaluationReply:
         except ValueError as exc:
             raise MessageRejected(clipped(exc, 300)) from None
         _check_sums(stats)
+        if isinstance(stats, ClassificationStatistics):
+            _check_scored(stats)
         return cls(stats)
+
+
+def _check_scored(stats: ClassificationStatistics) -> None:
+    """Every Ferry institution releases its score histogram on :data:`AUC_BINS` bins and
+    its log loss (finite logits give both): the pool has them only if every part has them
+    alike, so one that left them out or chose other bins took the federation's AUC and loss
+    away for everyone."""
+    if stats.score_histogram is None or stats.log_loss_sum is None:
+        raise MessageRejected("the classification statistics lack the score histogram or loss")
+    if stats.score_histogram.shape[2] != AUC_BINS:
+        raise MessageRejected(
+            f"score-bins {stats.score_histogram.shape[2]} is not the run's {AUC_BINS}"
+        )
 
 
 MAX_MEAN = 1e100  # a mean square or loss per example: beyond it no data, only overflow

@@ -250,12 +250,25 @@ def test_hostile_evaluation_reply_is_rejected_and_left_out(make_plan, name):
 
 def test_one_institution_claiming_1e9_perfect_evaluations_does_not_decide_the_metrics(make_plan):
     plan = make_plan(rounds=1)
-    perfect = _metrics({"num-examples": 10**9, "confusion": _confusion(250_000_000)})
+    quarter, bins = 250_000_000, 100
+    histogram = [  # each class: its quarter in the top bin, the others in the bottom one
+        count for _ in range(4) for count in ([3 * quarter] + [0] * 99 + [0] * 99 + [quarter])
+    ]
+    perfect = _metrics(
+        {
+            "num-examples": 10**9,
+            "confusion": _confusion(quarter),
+            "score-bins": bins,
+            "score-histogram": histogram,
+            "log-loss-sum": 0.0,
+        }
+    )
 
     summary = run_federation(HostileGrid("evaluate", perfect), plan)
 
     record = json.loads((plan.out / "metrics.jsonl").read_text().splitlines()[-1])
     honest = [v for k, v in record["per_institution"].items() if k != "hospital-002"]
     assert summary["final"]["accuracy"] < 0.99  # the unbounded pool said 1.000
+    assert not _events(plan, "evaluation_rejected")  # a valid release, bounded by the cap
     honest_examples = sum(v["eval_examples"] for v in honest)
     assert record["eval_examples"] < 3 * honest_examples  # counted as a few, not 1e9
