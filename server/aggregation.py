@@ -9,7 +9,10 @@ examples)`` under an :class:`AggregationPolicy`, in two steps:
    round. While hostile institutions are fewer than half, the median is an honest one's, so
    a scaled update (x1e30) moves the model no further than ``norm_factor`` honest ones.
    "Median" here is the lower median (of an even count, the smaller middle value): with
-   two institutions, one inflating, it is still the honest one's.
+   two institutions, one inflating, it is still the honest one's. The price, where half
+   are hostile (one of two): one sending a change of (near) zero sets the bound to (near)
+   zero, so the round moves nothing and the honest update is recorded as clipped: a
+   stall, never a takeover. A fixed ``max_update_norm`` avoids it.
 2. **Apply the rule** to the clipped changes, then add the result to the current arrays:
 
    * ``fedavg`` (McMahan et al. 2017): the mean weighted by claimed example counts, each
