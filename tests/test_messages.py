@@ -156,6 +156,20 @@ def test_honest_train_reply_parses_to_what_was_sent(trained):
         np.testing.assert_array_equal(back.update.arrays[key], value)
 
 
+def test_a_non_private_round_which_counts_no_round_parses(client):
+    """A non-private round spends nothing, so the institution's state counts no round: its
+    report says 0 rounds, and the codec must take it (the breast-cancer experiment's
+    non-private arm was rejected for it)."""
+    client.run = dataclasses.replace(client.run, non_private=True, noise_multiplier=0.0)
+    head, req = client.initial_head(), client.request(1)
+    arrays, metrics, report = runtime.train_round(client.settings, req, head)
+    signed = {k: report[k] for k in (REPLY_BODY, REPLY_SIGNATURE)}
+    reply = TrainReply(ModelUpdate(arrays, metrics["num-examples"]), PrivacyReply.of(signed))
+
+    back = TrainReply.from_content(reply.to_content(), TrainExpectation(req, head))
+    assert back.privacy.report.non_private and back.privacy.report.client_rounds == 0
+
+
 def test_report_naming_another_institution_than_the_node_is_rejected(trained):
     reply, expected = trained
     elsewhere = dataclasses.replace(expected, institution="hospital-b")
