@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import FerryError
-from common.private_files import private_dir, private_temp
+from common.private_files import write_private
 
 SPLIT_FILE = "split.json"
 DEFAULT_TEST_FRACTION = 0.2
@@ -177,27 +177,11 @@ def _write_settings(path: Path, settings: dict[str, object]) -> None:
 
 
 def _durable_write(path: Path, text: str, exclusive: bool = False) -> None:
-    """Write ``text`` to ``path`` through a unique temporary file, fsynced, then renamed over
-    it; ``exclusive``: linked instead, so an existing file (a concurrent writer's) is kept."""
-    tmp = None
+    """:func:`common.private_files.write_private` (0600: the salt is a secret), its failure
+    one line naming the fix."""
     try:
-        private_dir(path.parent)
-        tmp = private_temp(path.parent, path.name)  # 0600: the salt is a secret
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass
-        else:
-            os.replace(tmp, path)
+        write_private(path, text.encode(), exclusive=exclusive)
     except OSError as exc:
         raise FerryError(
             f"cannot write {path} ({exc.strerror}): give a writable --state-dir"
         ) from None
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
