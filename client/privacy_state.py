@@ -52,7 +52,7 @@ from pathlib import Path
 from common.errors import FerryError
 from common.privacy.accounting import MechanismSegment, epsilon_for_history
 from common.privacy.report import RECEIPTS_FILE, read_receipts
-from common.private_files import fsync_dir, open_private, private_dir, private_temp
+from common.private_files import open_private, private_dir, write_private
 
 STATE_FILE = "privacy_state.json"
 BACKUP_FILE = STATE_FILE + ".bak"
@@ -161,17 +161,8 @@ def _write_both(state: PrivacyState) -> None:
 
 
 def _install(target: Path, payload: str) -> None:
-    tmp = private_temp(target.parent, target.name)  # 0600 from its first byte
-    try:
-        with open(tmp, "w") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
+    """One copy, durably (0600 from its first byte; the tests crash here)."""
+    write_private(target, payload.encode())
 
 
 @dataclass
