@@ -12,6 +12,13 @@ clipping runs the same mechanism vectorised (:mod:`client.linear_dp`, checked ag
 Opacus' per-example gradients in tests), without Opacus' fixed per-step cost; its segment is
 the one its loop ran.
 
+Class weights (``DPTrainConfig.class_weights``, from the run's public ``--base-rates``: see
+:mod:`client.linear_dp`): each example's gradient is multiplied by its class's weight in
+[0, 1] *after* clipping, so it adds at most C and the mechanism, hence the accounting, is the
+unweighted one. Flat clipping scales Opacus' per-example clip factors; ghost clipping its
+clip coefficients; the linear fast path its clipped factors; a non-private round (no clip)
+weights the per-example losses.
+
 Randomness (:mod:`client.dp_randomness`): Poisson sampling and noise come from generators
 seeded from this institution's OS entropy afresh each round (sampling on the CPU, where
 Opacus' sampler draws; noise on the parameters' device), never from anything the server
@@ -59,6 +66,7 @@ from client import dp_randomness
 from common.errors import FerryError
 from common.privacy.accounting import MechanismSegment
 from common.trainable import set_train_mode, trainable_state
+from common.training_defaults import round_plan  # noqa: F401 - its home before
 
 TASKS = ("classification", "regression")
 CLIPPING = ("flat", "ghost")
@@ -78,6 +86,9 @@ class DPTrainConfig:
     max_physical_batch: int = 0
     # flat: per-example gradients, then clipping; ghost: Opacus ghost clipping (same mechanism).
     clipping: str = "flat"
+    # Per-class weights in [0, 1] applied to each example's gradient after clipping
+    # (common.config.class_weights, from the run's public base rates); None = all 1.
+    class_weights: tuple[float, ...] | None = None
 
     @property
     def private(self) -> bool:
@@ -112,12 +123,14 @@ class DPTrainConfig:
             raise FerryError(
                 f"unknown clipping {self.clipping!r}: use --clipping flat or --clipping ghost"
             )
-
-
-def round_plan(num_examples: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
-    """(sample rate q, steps) one round runs on ``num_examples`` examples; Opacus' formula."""
-    batches = max(1, math.ceil(num_examples / batch_size))
-    return 1.0 / batches, local_epochs * batches
+        if self.class_weights is not None and not (
+            len(self.class_weights) >= 2
+            and all(0.0 <= w <= 1.0 for w in self.class_weights)  # False for NaN
+        ):
+            raise FerryError(
+                "class weights must be one number in [0, 1] per class (sensitivity stays C): "
+                "derive them from public rates with --base-rates"
+            )
 
 
 @dataclass
@@ -163,12 +176,14 @@ def train_tail(
         np.asarray(targets), dtype=torch.int64 if task == "classification" else torch.float32
     ).to(device)
     n = len(y)
+    weights = _class_weight_tensor(cfg, y, task)
     tail = tail.to(device)
     params = [p for p in tail.parameters() if p.requires_grad]
     if not params:
         raise FerryError("the model has no trainable parameters: choose a --trainable part")
     if _fast_linear(tail, cfg):
         return _train_linear(tail, inputs, targets, rows, y, cfg, task)
+    batch = _BatchWeights()  # each batch's w[y_i], set before its backward pass
     optimizer = torch.optim.SGD(params, lr=cfg.lr)
     criterion = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
     ghost = cfg.private and cfg.clipping == "ghost"
@@ -203,8 +218,12 @@ def train_tail(
         if cfg.clipping == "ghost":
             model, optimizer, criterion, loader = private
             _finite_clipping_coef(model)
+            if weights is not None:
+                _weight_ghost_clipping(model, batch)
         else:
             model, optimizer, loader = private
+            if weights is not None:
+                _weight_after_clipping(optimizer, batch)
         # The noise as Opacus' secure mode draws it (one draw discarded, four summed, / 2),
         # from our generator: make_private refuses a generator together with secure_mode.
         optimizer.secure_mode = True
@@ -230,6 +249,8 @@ def train_tail(
                     if ghost:  # drop rows that would carry an infinite activation
                         keep = _ghost_rows(model, xb, yb, finite_in, task)
                         xb, yb, finite_in = xb[keep], yb[keep], finite_in[keep]
+                    if weights is not None:
+                        batch.rows = weights[yb]
                     optimizer.zero_grad()
                     out = model(xb)
                     if task == "regression":
@@ -240,6 +261,8 @@ def train_tail(
                             loss = DPTensorFastGradientClipping(
                                 criterion.module, criterion.optimizer, per_example, "mean"
                             )
+                        elif weights is not None and engine is None:  # unclipped: weight losses
+                            loss = (per_example * batch.rows).sum() / len(yb)
                         else:  # Opacus' mean reduction: over the whole batch
                             loss = per_example.sum() / len(yb)
                         total_loss += float(per_example.detach().sum(dtype=torch.float64))
@@ -327,6 +350,68 @@ def _ghost_rows(
     return _finite_losses(out, yb, finite, task, keep_only=True)
 
 
+def _class_weight_tensor(cfg: DPTrainConfig, y: torch.Tensor, task: str) -> torch.Tensor | None:
+    """The class weights as a tensor on ``y``'s device, or None; refused for a regression
+    task, or for labels they do not cover."""
+    if cfg.class_weights is None:
+        return None
+    if task != "classification":
+        raise FerryError("class weights (--base-rates) are for classification: drop them")
+    w = torch.tensor(cfg.class_weights, dtype=torch.float32, device=y.device)
+    if len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(w):
+        raise FerryError(
+            f"the labels go beyond the {len(w)} classes --base-rates gives rates for: give "
+            "one public rate per class"
+        )
+    return w
+
+
+class _BatchWeights:
+    """``rows``: the current batch's class weights ``w[y_i]``, for the clipping hooks."""
+
+    rows: torch.Tensor = torch.empty(0)
+
+
+def _weight_after_clipping(optimizer, batch: _BatchWeights) -> None:
+    """Flat clipping: Opacus' ``DPOptimizer.clip_and_accumulate`` (opacus 1.6) with each
+    example's clip factor ``min(1, C / (||g_i|| + 1e-6))`` multiplied by its class weight
+    ``w[y_i]`` in [0, 1], after the factor is computed: the example adds ``w c_i g_i``, of
+    norm at most C, to the clipped sum (sensitivity unchanged), which is what
+    :func:`client.linear_dp.exact_clipped_sum` computes (``tests/test_class_balance.py``
+    checks both, and that weights of 1 give Opacus' own sum)."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    def clip_and_accumulate() -> None:
+        samples = optimizer.grad_samples
+        if len(samples[0]) == 0:
+            factor = torch.zeros((0,), device=samples[0].device)
+        else:
+            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1)
+            factor = (optimizer.max_grad_norm / (norms.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
+            factor = factor * batch.rows.to(factor.device)  # after clipping: w c_i <= 1
+        for p in optimizer.params:
+            _check_processed_flag(p.grad_sample)
+            g = optimizer._get_flat_grad_sample(p).to(p.dtype)
+            grad = torch.einsum("i,i...", factor.to(g.device, p.dtype), g)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
+
+    optimizer.clip_and_accumulate = clip_and_accumulate
+
+
+def _weight_ghost_clipping(module, batch: _BatchWeights) -> None:
+    """Ghost clipping: its second backward pass sums ``coef_i * grad(loss_i)`` with Opacus'
+    clip coefficients; each is multiplied by its example's class weight, after clipping (the
+    same clipped, weighted sum as flat clipping)."""
+    coef = module.get_clipping_coef
+
+    def weighted() -> torch.Tensor:
+        c = coef()
+        return c * batch.rows.to(c.device)
+
+    module.get_clipping_coef = weighted
+
+
 def _finite_clipping_coef(module) -> None:
     """Ghost clipping computes a row's norm as ``sqrt(||grad_out||^2 * ||activation||^2)``:
     ``0 * inf`` (a saturated row whose activation's square overflows) is NaN and Opacus'
@@ -380,6 +465,7 @@ def _train_linear(tail, inputs, targets, rows, y, cfg: DPTrainConfig, task: str)
         lr=cfg.lr,
         task=task,
         private=cfg.private,
+        class_weights=cfg.class_weights,
     )
     tail.eval()
     accuracy, rmse = _fit(tail, inputs, targets, task)

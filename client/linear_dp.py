@@ -11,6 +11,16 @@ factor ``min(1, C / (||g_i|| + 1e-6))``, Gaussian noise of std ``sigma * C`` add
 sum, division by the expected batch size ``int(n * q)``, an SGD step. Mechanism and
 accounting are unchanged: ``steps`` of PoissonSampled(q, Gaussian(sigma)).
 
+Class weights (imbalanced tasks): once most gradients are clipped to norm C every example
+pushes equally and the majority class wins; weighting the *loss* changes nothing a clip then
+undoes. So the weight multiplies the *clipped* gradient instead: example i adds
+``w[y_i] * c_i * g_i`` with ``w[y_i]`` in [0, 1] (:func:`common.config.class_weights`:
+``w_c = min(rates) / rate_c`` from the run's public ``--base-rates``, which travel in the
+run config; never from an institution's labels). Adding or removing one example still
+changes the clipped sum by at most ``w C <= C``: the sensitivity, hence σ, q, steps and the
+accounting, are unchanged, exactly; the weights only scale down the majority's pull.
+:mod:`client.dp_trainer` does the same to Opacus' clip factors for the other trainable parts.
+
 Randomness: the Poisson masks and the noise come from a generator seeded from this
 institution's OS entropy for each round (:mod:`client.dp_randomness`), never from anything
 the server sends; the noise is drawn with Opacus' defence against floating-point attacks
@@ -24,6 +34,7 @@ and noise, so the two differ by exactly what DP adds.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -48,11 +59,14 @@ def exact_clipped_sum(
     max_grad_norm: float | None,
     task: str,
     x_norm: torch.Tensor | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(clipped sum of per-example weight gradients, of bias gradients, per-example losses)
     for the mean-reduced cross-entropy (classification) or squared error (regression);
     ``max_grad_norm`` None: no clipping (a non-private run). ``x_norm``: the rows' norms
-    as :func:`row_norms` gives them, if already known.
+    as :func:`row_norms` gives them, if already known. ``class_weights``: one weight in
+    [0, 1] per class (a tensor); example i's factor ``e_i`` is multiplied by
+    ``class_weights[y_i]`` after the clip (module docstring), so it still adds at most C.
 
     Non-finite rows: an example whose gradient factor ``e_i`` or input ``x_i`` is not finite
     (a logit that overflows, an infinite feature: an operator can choose arrays that do this
@@ -94,6 +108,8 @@ def exact_clipped_sum(
             norms = torch.where(valid, norms, 1.0)
     if max_grad_norm is not None:
         e = e.mul_(torch.clamp(max_grad_norm / norms.add_(1e-6), max=1.0)[:, None])
+    if class_weights is not None:  # after clipping: each example adds at most w_y * C <= C
+        e = e.mul_(class_weights[y][:, None])
     return e.T @ x, e.sum(dim=0) if layer.bias is not None else None, losses
 
 
@@ -110,12 +126,14 @@ def train_linear(
     task: str,
     private: bool = True,
     generator: torch.Generator | None = None,
+    class_weights: Sequence[float] | torch.Tensor | None = None,
 ) -> tuple[float, int, MechanismSegment | None]:
     """Run ``steps`` DP-SGD steps on ``layer`` in place; (summed loss, examples seen, the
     mechanism that ran). ``private=False``: the same loop without clipping and noise (the
     non-private baseline; no mechanism). ``generator``: None (what Ferry always passes) draws
     masks and noise from a fresh OS-seeded :func:`client.dp_randomness.round_generator` on
-    ``x``'s device; tests may pass their own to pin a distribution."""
+    ``x``'s device; tests may pass their own to pin a distribution. ``class_weights``: one
+    weight in [0, 1] per class, applied after clipping (module docstring); None: all 1."""
     n = len(y)
     expected = max(1, int(n * sample_rate))  # Opacus: int(len(dataset) * sample_rate)
     if generator is None:
@@ -133,6 +151,9 @@ def train_linear(
     mask_rows = max(1, min(steps, MASK_BLOCK // max(1, n)))
     per_block = max(1, min(steps, NOISE_BLOCK // max(1, sum(sizes))))
     masks = noise = torch.empty(0)
+    weights = None
+    if class_weights is not None:  # float64 weights <= 1 round to float32 weights <= 1
+        weights = torch.as_tensor(class_weights, dtype=x.dtype, device=x.device)
     with torch.no_grad():
         for i in range(steps):
             if i % mask_rows == 0:
@@ -142,7 +163,7 @@ def train_linear(
                 del draws
             mask = masks[i % mask_rows]
             xb, yb = x[mask], y[mask]
-            g_w, g_b, losses = exact_clipped_sum(layer, xb, yb, clip, task, x_norm[mask])
+            g_w, g_b, losses = exact_clipped_sum(layer, xb, yb, clip, task, x_norm[mask], weights)
             if private:  # N(0, (sigma C)^2) on every coordinate of the clipped sum
                 if i % per_block == 0:
                     rows = min(per_block, steps - i)

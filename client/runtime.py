@@ -43,7 +43,13 @@ from common.privacy.accounting import MechanismSegment, noise_multiplier_for_tar
 from common.privacy.dp_events import event_to_json, segment_event
 from common.privacy.report import NON_PRIVATE_EVENT
 from common.private_files import write_private
-from common.trainable import SplitModel, load_trainable_state
+from common.trainable import SplitModel, load_trainable_state, trainable_state
+from common.training_defaults import (
+    batch_size_for,
+    plan_for,
+    resolve_schedule,
+    trainable_size,
+)
 
 ACCOUNTANT = "prv"
 
@@ -258,18 +264,20 @@ def _tail(data: LocalData, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
     return tail
 
 
-def noise_for(req: RoundRequest, num_examples: int, state_dir: Path | None = None) -> float:
+def noise_for(
+    req: RoundRequest, num_examples: int, state_dir: Path | None = None, params: int = 1
+) -> float:
     """The run's noise multiplier: given, or derived so that all planned rounds stay within
     the run's (epsilon, delta) for this institution's sample rate and step count.
 
     A derivation (a PRV bisection, seconds) is remembered in ``state_dir/noise_cache.json``:
     deployed clients run each round in a fresh process, where in-memory caches are empty."""
-    run = req.run
+    run = resolve_schedule(req.run)[0]
     if not run.derive_noise:
         return float(run.noise_multiplier)
     if run.non_private:
         return 0.0
-    q, steps = round_plan(num_examples, run.batch_size, run.local_epochs)
+    q, steps = plan_for(run, num_examples, params)
     key = json.dumps([run.epsilon, run.delta, q, steps * run.rounds, ACCOUNTANT])
     cache_file = state_dir / "noise_cache.json" if state_dir else None
     cache = {}
@@ -296,6 +304,9 @@ def train_round(
     range (:meth:`RoundRequest.validate`), and a non-private round at an institution with a
     budget (every deployed one): a budget is never bypassed by the server's mark."""
     req.validate()
+    # Settings the server left out take the public rule's values (common.training_defaults),
+    # as the server's own check of the report assumes.
+    req = replace(req, run=resolve_schedule(req.run)[0])
     if req.run.non_private and settings.budget is not None:
         raise BudgetExceeded(
             f"{settings.institution} has a privacy budget (ε={settings.budget.epsilon:g}) and "
@@ -315,13 +326,17 @@ def train_round(
     # creates the state directory). A server-chosen batch size or epoch count with absurdly
     # many steps is refused before the noise derivation, the accountant or training hang on it.
     PrivacyState.open(settings.state_dir, settings.institution)
-    check_steps(round_plan(n, req.run.batch_size, req.run.local_epochs)[1], n)
+    params = trainable_size(trainable_state(data.model.tail))  # p, as the server counts it
+    batch = batch_size_for(req.run, n, params)
+    check_steps(round_plan(n, batch, req.run.local_epochs)[1], n)
     cfg = DPTrainConfig(
-        noise_multiplier=noise_for(req, n, settings.state_dir),
+        # First: rates that do not fit the task are refused before σ is derived or anything spent.
+        class_weights=req.run.class_weights(req.num_classes, req.task),
+        noise_multiplier=noise_for(req, n, settings.state_dir, params),
         max_grad_norm=req.run.max_grad_norm,
-        batch_size=req.run.batch_size,
+        batch_size=batch,
         local_epochs=req.run.local_epochs,
-        lr=req.run.learning_rate,
+        lr=req.run.lr,
         non_private=req.run.non_private,
         device=resolve_device(req.run.device),
         max_physical_batch=req.run.max_physical_batch,

@@ -47,7 +47,7 @@ def _add_run_options(p: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> 
         "data": "your data file or folder (format per scenario); default: the scenario's "
         "synthetic data",
         "clients": "number of virtual institutions",
-        "rounds": "federated rounds",
+        "rounds": "federated rounds (default: DP-aware, see --batch-size)",
         "fraction_train": "fraction of clients sampled per round",
         "epsilon": "target ε per institution for the whole run",
         "delta": "δ (must be below 1/n for every institution)",
@@ -63,9 +63,11 @@ def _add_run_options(p: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> 
         "example count (training and evaluation)",
         "max_update_norm": "L2 bound on each update's change; 0 = adaptive, twice the round's "
         "median change norm",
-        "local_epochs": "local epochs per round",
-        "batch_size": "expected (Poisson) batch size",
-        "lr": "learning rate of the trained part (SGD; default: the scenario's)",
+        "local_epochs": "local epochs per round (default: DP-aware, see --batch-size)",
+        "batch_size": "expected (Poisson) batch size (default: each institution's from its n; "
+        "left out, this, --local-epochs, --rounds and --lr come from `ferry tune` on public "
+        "data, else from a DP-aware rule; the values used are printed and recorded)",
+        "lr": "SGD learning rate of the trained part (default: DP-aware, see --batch-size)",
         "head": "trainable head: linear or mlp",
         "trainable": "what institutions train: head, lora, conv-adapter or last-block",
         "lora_rank": "LoRA rank r",
@@ -80,6 +82,10 @@ def _add_run_options(p: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> 
         "task": "auto, classification or regression (auto: from the label column)",
         "classes": "the public class list, comma-separated in class-id order; every record's "
         "label is mapped by it (default: the scenario's built-in classes, or those in --data)",
+        "base_rates": "each class's public frequency, comma-separated in class-id order (e.g. "
+        "0.92,0.08): clipped gradients are weighted by min(rates)/rate so the rare class is "
+        "predicted; same mechanism and ε (default: the preset's rates with its built-in data; "
+        "off = none)",
         "test_from": "price series: the public held-out cutoff date YYYY-MM-DD (default: the "
         "latest --test-fraction of the dates in --data)",
         "date_column": "price series: the date column",
@@ -111,7 +117,9 @@ def _add_run_options(p: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> 
         if f.type == "bool":
             p.add_argument(flag, action="store_const", const=True, default=None, help=helps[f.name])
         else:
-            kind = {"int": int, "float": float, "float | None": float}.get(f.type, str)
+            kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(
+                f.type, str
+            )
             p.add_argument(
                 flag,
                 type=kind,
@@ -187,6 +195,30 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.runner import simulate
 
     simulate(_run_config(args))
+    return 0
+
+
+# The run options `ferry tune` takes (--clients and --epsilon are its own: a K and an ε list).
+TUNE_OPTIONS = DATA_OPTIONS + (
+    "classes",
+    "base_rates",
+    "delta",
+    "max_grad_norm",
+    "partition",
+    "partition_column",
+    "alpha",
+    "examples",
+    "test_fraction",
+    "seed",
+)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from server.tune import parse_epsilons, tune
+
+    epsilons = parse_epsilons(args.epsilon)
+    cfg = replace(_run_config(args, only=(*TUNE_OPTIONS, "clients")), scenario=args.scenario or "")
+    tune(cfg, args.weights, epsilons, quick=args.quick, seed=args.seed)
     return 0
 
 
@@ -380,6 +412,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file with any of the options below")
     _add_run_options(p)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
+        "tune",
+        help="choose training settings on public data at each ε (spends no privacy)",
+        description="Choose batch size, local epochs, rounds and learning rate on PUBLIC data "
+        "(the scenario's synthetic pretraining source task, or --data) at each ε, and record "
+        "them with the backbone (DIR/tuning.json) for `ferry simulate` / `ferry server`. "
+        "Tuning spends no privacy only because the data is public: never give it an "
+        "institution's data.",
+    )
+    p.add_argument("--weights", required=True, metavar="DIR", help="the backbone directory")
+    p.add_argument(
+        "--epsilon",
+        default="1,3,8",
+        help="the run ε values to tune for, comma-separated (default: 1,3,8)",
+    )
+    p.add_argument("--clients", type=int, default=5, help="simulated institutions K (default: 5)")
+    p.add_argument("--quick", action="store_true", help="a 4-point grid (a first look, tests)")
+    p.add_argument(
+        "--data",
+        help="a PUBLIC file or folder to tune on, read like the scenario's data (default: the "
+        "scenario's synthetic pretraining source task); never an institution's data",
+    )
+    p.add_argument("--scenario", help="scenario preset (default: the backbone's)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the synthetic records and the split (default: the backbone's pretraining "
+        "seed + 1: records it was not fitted on)",
+    )
+    _add_run_options(
+        p, only=tuple(o for o in TUNE_OPTIONS if o not in ("data", "scenario", "seed"))
+    )
+    p.set_defaults(func=cmd_tune, config=None)
 
     p = sub.add_parser(
         "audit", help="verify a run's privacy ledger and replay it with an independent accountant"

@@ -21,7 +21,10 @@ class RunConfig:
     scenario: str = "hospital-imaging"
     data: str = ""  # "" = the scenario's built-in synthetic data
     clients: int = 10
-    rounds: int = 5
+    # Training settings: None = chosen for the run (common.training_defaults): a DP-aware rule
+    # from what is public (each institution's n, the run's epsilon), or settings tuned on public
+    # data and recorded with the backbone (`ferry tune`). A value given here always wins.
+    rounds: int | None = None
     fraction_train: float = 1.0
     epsilon: float = 3.0
     delta: float = 1e-5
@@ -40,9 +43,9 @@ class RunConfig:
     aggregation: str = "fedavg"
     weight_cap: float = 2.0
     max_update_norm: float = 0.0
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float | None = None  # SGD learning rate; None = the scenario's default
+    local_epochs: int | None = None
+    batch_size: int | None = None  # expected (Poisson) batch; None = per institution, from n
+    lr: float | None = None  # SGD learning rate of the mean clipped gradient
     head: str = "linear"
     # What institutions train (common.trainable): head | lora | conv-adapter | last-block.
     trainable: str = "head"
@@ -61,6 +64,11 @@ class RunConfig:
     # by it (never by the classes found in the data). "" = the scenario's built-in classes
     # with its synthetic data; a simulation on --data fixes it from the researcher's data.
     classes: str = ""
+    # The public frequency of each class, comma-separated in class-id order (only their ratios
+    # matter): each example's clipped gradient is weighted by min(rates) / its class's rate, so
+    # the rare class is heard and sensitivity stays <= C (client.linear_dp). "" = the preset's
+    # public rates with its built-in data (a simulation), else none; "off" = none.
+    base_rates: str = ""
     date_column: str = ""  # price series: the date column
     value_columns: str = ""  # price series: comma-separated price columns ("" = all numeric)
     window: int = 30  # price series: days of past returns per example
@@ -88,15 +96,6 @@ class RunConfig:
     out: str = ""
 
     @property
-    def learning_rate(self) -> float:
-        """``lr``, or the scenario's default when it is unset."""
-        if self.lr is not None:
-            return float(self.lr)
-        from common.scenarios import get_scenario
-
-        return get_scenario(self.scenario).lr
-
-    @property
     def derive_noise(self) -> bool:
         return self.noise_multiplier is None
 
@@ -108,10 +107,10 @@ class RunConfig:
 
         if self.clients < 1:
             raise bad("clients", self.clients, "give at least 1 client")
-        if self.rounds < 1:
+        if self.rounds is not None and self.rounds < 1:
             raise bad("rounds", self.rounds, "give at least 1 round")
         for name, most in _LIMITS.items():  # counts and sizes: bounded where they enter
-            if getattr(self, name) > most:
+            if getattr(self, name) is not None and getattr(self, name) > most:
                 raise bad(name, getattr(self, name), f"use at most {most:,}")
         if not 0 < self.fraction_train <= 1:
             raise bad("fraction_train", self.fraction_train, "use a fraction in (0, 1]")
@@ -170,9 +169,9 @@ class RunConfig:
             )
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             raise bad("max_grad_norm", self.max_grad_norm, "use a positive, finite clipping norm")
-        if self.local_epochs < 1:
+        if self.local_epochs is not None and self.local_epochs < 1:
             raise bad("local_epochs", self.local_epochs, "use at least 1")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise bad("batch_size", self.batch_size, "use at least 1")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise bad("lr", self.lr, "use a positive learning rate")
@@ -210,6 +209,8 @@ class RunConfig:
                 raise bad("classes", self.classes, "a regression task has no classes: drop it")
             if len(names) < 2 or len(set(names)) != len(names):
                 raise bad("classes", self.classes, "list at least two distinct class names")
+        if parse_base_rates(self.base_rates) is not None and self.task == "regression":
+            raise bad("base_rates", self.base_rates, "a regression task has no classes: drop it")
         if self.test_from and not _is_date(self.test_from):
             raise bad("test_from", self.test_from, "write the cutoff date as YYYY-MM-DD")
         if self.window < 2:
@@ -225,6 +226,11 @@ class RunConfig:
         if self.examples < 2 * self.clients:
             raise bad("examples", self.examples, f"give at least 2 per client ({2 * self.clients})")
         return self
+
+    def class_weights(self, num_classes: int, task: str) -> tuple[float, ...] | None:
+        """The weights training applies after clipping, from ``base_rates``
+        (:func:`class_weights`: None for none, a one-line refusal for rates that do not fit)."""
+        return class_weights(self.base_rates, num_classes, task)
 
     def names(self, field_name: str) -> list[str]:
         """A comma-separated setting as a list (``lora_targets``, ``categorical``, ...)."""
@@ -268,6 +274,51 @@ def updates_needed(rule: str, hostile: int) -> int:
     if rule == "krum":
         return 2 * hostile + 3
     return 2 * hostile + 1 if rule in ("median", "trimmed-mean") else 1
+
+
+def parse_base_rates(text: str) -> tuple[float, ...] | None:
+    """``--base-rates`` as numbers: None for "" or "off" (no weighting), else one positive,
+    finite number per class; a one-line :class:`FerryError` naming the fix otherwise."""
+    text = str(text).strip()
+    if not text or text.lower() == "off":
+        return None
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    fix = "give each class's public frequency in class-id order (e.g. 0.92,0.08), or off"
+    try:
+        rates = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise FerryError(f"--base-rates {shown!r} is invalid: {fix}") from None
+    if not all(math.isfinite(r) and r > 0 for r in rates):
+        raise FerryError(f"--base-rates {shown!r} is invalid: rates must be positive and finite")
+    if len(rates) < 2:
+        raise FerryError(f"--base-rates {shown!r} is invalid: {fix}, one rate per class")
+    return rates
+
+
+def class_weights(
+    base_rates: str, num_classes: int, task: str = "classification"
+) -> tuple[float, ...] | None:
+    """The per-class weights training applies to each example's gradient *after* clipping
+    (:mod:`client.linear_dp`, :mod:`client.dp_trainer`), from the run's public base rates:
+    ``w_c = min(rates) / rate_c``, so every weight lies in [0, 1] (the rarest class gets 1; a
+    weight may underflow to 0, never exceed 1). An example then adds at most ``w_y C <= C``
+    to the clipped sum: the sensitivity, hence σ, q, steps and the accounting, are those of
+    the unweighted mechanism. None: no weighting. A one-line refusal for rates a regression
+    task or a class count they do not fit."""
+    rates = parse_base_rates(base_rates)
+    if rates is None:
+        return None
+    if task == "regression":
+        raise FerryError("--base-rates is invalid for a regression task (no classes): drop it")
+    if len(rates) != num_classes:
+        raise FerryError(
+            f"--base-rates lists {len(rates):,} rates but the task has {num_classes:,} classes: "
+            "give one public rate per class, in class-id order, or off"
+        )
+    lowest = min(rates)
+    # lowest <= r, and IEEE division rounds correctly, so lowest / r <= 1 exactly; min() only
+    # states it.
+    return tuple(min(1.0, lowest / r) for r in rates)
 
 
 def read_toml(path: str | os.PathLike) -> dict:

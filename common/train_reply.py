@@ -53,6 +53,7 @@ from common.privacy.report import (
     ReportError,
     SignedReport,
 )
+from common.training_defaults import batch_size_for, trainable_size
 
 MAX_NOISE = 1e6  # as RunConfig.validate bounds a given sigma
 BUDGET_LEFT = "budget-left-for-another-round"  # the report's extra: may it be asked again
@@ -126,7 +127,6 @@ def _check_report(r: PrivacyReport, expected: TrainExpectation) -> None:
         ("non-private", r.non_private, run.non_private),
         ("delta", r.delta, run.delta),
         ("max-grad-norm", r.max_grad_norm, run.max_grad_norm),
-        ("batch-size", r.batch_size, run.batch_size),
         ("local-epochs", r.local_epochs, run.local_epochs),
     ):
         if got != want:
@@ -138,6 +138,13 @@ def _check_report(r: PrivacyReport, expected: TrainExpectation) -> None:
             f"the report's accountant {clipped(r.accountant, 40)!r} is none of {ACCOUNTANTS}"
         )
     n = count(r.examples, "the report's examples", 1, MAX_EXAMPLES)
+    # The run's batch, or the public rule's for this n and the arrays' size p.
+    batch = batch_size_for(run, n, trainable_size(expected.arrays))
+    if r.batch_size != batch:
+        raise MessageRejected(
+            f"the report's batch-size {clipped(r.batch_size, 60)!r} is not the round's {batch!r} "
+            f"for its {n} examples"
+        )
     # A non-private round spends nothing and is not counted in the institution's state.
     count(r.client_rounds, "the report's client rounds", 0 if r.non_private else 1, MAX_ROUND)
     for label, value, high in (
@@ -162,7 +169,7 @@ def _check_report(r: PrivacyReport, expected: TrainExpectation) -> None:
     sigma = number(r.noise_multiplier, "the report's noise-multiplier", 0.0, MAX_NOISE)
     if sigma <= 0 or (not run.derive_noise and sigma != run.noise_multiplier):
         raise MessageRejected(f"the report's noise-multiplier {sigma!r} is not the round's")
-    batches = max(1, math.ceil(n / run.batch_size))  # client.dp_trainer.round_plan (Opacus)
+    batches = max(1, math.ceil(n / batch))  # client.dp_trainer.round_plan (Opacus)
     if not math.isclose(r.sample_rate, 1.0 / batches, rel_tol=1e-12):
         raise MessageRejected(
             f"the report's sample-rate {r.sample_rate!r} is not 1/ceil(n/B) = 1/{batches} for "

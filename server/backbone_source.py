@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.backbones.registry import backbone_spec
+from common.config import RunConfig
 from common.errors import FerryError
 from common.paths import ferry_home
 from common.serialization import BackboneArtifact, load_artifact
+from common.training_defaults import describe, resolve_schedule
 
 
 def default_weights_dir(backbone: str, scenario: str) -> Path:
@@ -18,6 +20,28 @@ def default_weights_dir(backbone: str, scenario: str) -> Path:
     if backbone_spec(backbone).modality == "image":
         return ferry_home() / "pretrained" / backbone
     return ferry_home() / "pretrained" / scenario / backbone
+
+
+def weights_dir(backbone: str, weights: str, scenario: str) -> Path | None:
+    """The directory of the backbone ``weights`` names (where ``ferry tune`` records its
+    settings), or None for a random backbone."""
+    if weights == "random":
+        return None
+    path = Path(weights) if weights else default_weights_dir(backbone, scenario)
+    return path if path.is_dir() else path.parent
+
+
+def choose_training(cfg: RunConfig, artifact: BackboneArtifact, log=print):
+    """``cfg`` with its training settings chosen (given > tuned with this backbone by `ferry
+    tune` for this ε > the DP-aware rule: common.training_defaults), where each came from,
+    and the one line printed about them."""
+    from server.tuning import load_tuned
+
+    folder = weights_dir(cfg.backbone, cfg.weights, cfg.scenario)
+    tuned = load_tuned(folder, artifact.sha256, cfg) if folder is not None else None
+    cfg, source = resolve_schedule(cfg, tuned)
+    log(describe(cfg, source))
+    return cfg, source
 
 
 def resolve_backbone(

@@ -26,7 +26,7 @@ from common.config import RunConfig
 from common.errors import FerryError
 from common.model import initial_trainable_arrays, out_dim
 from common.scenarios import with_scenario_defaults
-from server.backbone_source import resolve_backbone
+from server.backbone_source import choose_training, resolve_backbone
 from server.checkpoint import CHECKPOINT_FILE
 from server.federation import FederationPlan
 from server.ledger import LEDGER_FILE
@@ -125,10 +125,11 @@ def plan_deployment(run_config: dict, log=print) -> FederationPlan:
     """Validate a deployment run config and build its plan (raises FerryError)."""
     s = check_deployment(run_config)
     artifact = resolve_backbone(s.cfg.backbone, s.cfg.weights, s.cfg.seed, s.cfg.scenario)
-    initial_trainable_arrays(artifact, s.cfg, out_dim(s.cfg.task, s.num_classes))
+    cfg, source = choose_training(s.cfg, artifact, log)
+    initial_trainable_arrays(artifact, cfg, out_dim(cfg.task, s.num_classes))
     out = Path(s.cfg.out) if s.resume else prepare_out_dir(s.cfg.out)
     return FederationPlan(
-        cfg=s.cfg,
+        cfg=cfg,
         artifact=artifact,
         num_classes=s.num_classes,
         out=out,
@@ -138,4 +139,5 @@ def plan_deployment(run_config: dict, log=print) -> FederationPlan:
         resume=s.resume,
         node_names=s.node_names,
         log=log,
+        training_source=source,
     )

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from common.errors import FerryError
 from common.model import initial_trainable_arrays, out_dim
 from common.privacy.statement import privacy_statement
+from common.training_defaults import training_record
 from server.checkpoint import (
     Checkpoint,
     check_ledger_prefix,
@@ -114,6 +115,7 @@ def _fresh(plan: FederationPlan) -> tuple[FederationState, np.random.Generator, 
         "run_started",
         run_id=plan.run_id,
         config=cfg.to_record(),
+        training=training_record(cfg, plan.training_source),
         backbone_sha256=plan.artifact.sha256,
         privacy=privacy_statement(cfg.delta, accountant="prv", non_private=cfg.non_private),
     )

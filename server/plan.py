@@ -12,6 +12,7 @@ import numpy as np
 
 from common.config import RunConfig
 from common.serialization import BackboneArtifact
+from common.training_defaults import resolve_schedule
 from server.ledger import Ledger
 
 
@@ -31,6 +32,17 @@ class FederationPlan:
     connect_timeout: float = 300.0  # seconds to wait for ``cfg.clients`` to connect
     resume: bool = False  # continue after the checkpoint in ``out``
     node_names: dict[int, str] = field(default_factory=dict)  # registered node id -> name
+    # Where each training setting came from: {field: given | tuned | rule}
+    # (common.training_defaults.resolve_schedule); recorded in ``run_started``.
+    training_source: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Every round asks for settled values: what the planner left out takes the rule's
+        # (common.training_defaults), as every institution would take it.
+        if any(getattr(self.cfg, k) is None for k in ("local_epochs", "rounds", "lr")):
+            self.cfg, source = resolve_schedule(self.cfg)
+            self.training_source = {**source, **self.training_source}
+
     log: Callable[[str], None] = print
     ledger: Ledger | None = None  # opened by run_federation in ``out``
 

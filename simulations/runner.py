@@ -20,8 +20,9 @@ from common.data.datasets import DataSpec, load_dataset, partition_sizes
 from common.errors import FerryError
 from common.model import initial_trainable_arrays, out_dim
 from common.paths import ferry_home
-from common.scenarios import get_scenario, with_scenario_defaults
-from server.backbone_source import resolve_backbone
+from common.scenarios import get_scenario, with_base_rates, with_scenario_defaults
+from common.training_defaults import check_feasible, trainable_size
+from server.backbone_source import choose_training, resolve_backbone
 from server.federation import FederationPlan
 from server.outputs import FINAL_METRICS, prepare_out_dir
 
@@ -72,7 +73,8 @@ def plan_simulation(
     # The task as found in the data travels to every client with the run config.
     cfg = dataclasses.replace(cfg, task=dataset.task)
     num_classes = dataset.num_classes
-    initial_trainable_arrays(artifact, cfg, out_dim(cfg.task, num_classes))
+    cfg = with_base_rates(cfg, num_classes)  # the preset's public rates; count checked
+    initial = initial_trainable_arrays(artifact, cfg, out_dim(cfg.task, num_classes))
     sizes = partition_sizes(spec)
     smallest = min(sizes)
     if cfg.task == "classification" and num_classes < 2:
@@ -89,6 +91,8 @@ def plan_simulation(
             f"--delta {cfg.delta:g} is not below 1/n = {1.0 / smallest:.3g} for the smallest "
             f"client ({smallest} examples): use --delta below {1.0 / smallest:.1g}"
         )
+    cfg, source = choose_training(cfg, artifact, log)
+    check_feasible(cfg, sizes, trainable_size(initial))
     out = prepare_out_dir(cfg.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S"))
     cfg = dataclasses.replace(cfg, out=str(out))
     return FederationPlan(
@@ -100,6 +104,7 @@ def plan_simulation(
         client_cache_root=(ferry_home() / "simulation-clients").resolve(),
         run_id=out.name,
         log=log,
+        training_source=source,
     )
 
 

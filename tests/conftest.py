@@ -82,8 +82,9 @@ class Client:
 
 @pytest.fixture
 def small_run() -> RunConfig:
-    """400 synthetic examples over 2 clients, 3 planned rounds: a client round takes ~0.3 s."""
-    return RunConfig(examples=400, clients=2, rounds=3)
+    """400 synthetic examples over 2 clients, 3 planned rounds of one epoch at batch 32 (given,
+    not the DP-aware defaults): a client round takes ~0.3 s."""
+    return RunConfig(examples=400, clients=2, rounds=3, batch_size=32, local_epochs=1, lr=1.0)
 
 
 @pytest.fixture

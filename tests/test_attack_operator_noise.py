@@ -40,6 +40,7 @@ def small_run(request) -> RunConfig:
         clients=1,
         rounds=1,
         batch_size=10_000,
+        local_epochs=1,
         noise_multiplier=SIGMA,
         max_grad_norm=CLIP,
         lr=LR,

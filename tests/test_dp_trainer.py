@@ -90,7 +90,7 @@ def test_derived_noise_keeps_planned_run_at_or_just_below_target_epsilon(
 
 
 def test_client_derives_noise_for_all_planned_rounds_not_one():
-    run = RunConfig(epsilon=3.0, delta=DELTA, rounds=4, batch_size=32)
+    run = RunConfig(epsilon=3.0, delta=DELTA, rounds=4, batch_size=32, local_epochs=1)
     req = runtime.RoundRequest(run, 1, "0" * 64, 4)
     q, steps = round_plan(100, 32, 1)
 

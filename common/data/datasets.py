@@ -149,8 +149,10 @@ def load_dataset(spec: DataSpec, split: str = "target") -> Dataset:
 
 
 @functools.lru_cache(maxsize=4)
-def _split(spec: DataSpec) -> list[tuple[np.ndarray, np.ndarray]]:
-    dataset = load_dataset(spec)
+def _split(spec: DataSpec, split: str = "target") -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(train index, held-out index)] per partition of ``spec``'s data (``split`` "source":
+    the scenario's public pretraining source, which ``ferry tune`` may use)."""
+    dataset = load_dataset(spec, split)
     where = spec.data or f"the {spec.scenario} synthetic data"
     if len(dataset) < spec.num_partitions:
         raise FerryError(
@@ -170,7 +172,10 @@ def _split(spec: DataSpec) -> list[tuple[np.ndarray, np.ndarray]]:
             dataset.task,
         )
     if dataset.modality == "series":  # hold out the windows after a public cutoff date
-        cutoff = _cutoff(spec, dataset)
+        if split == "target":
+            cutoff = _cutoff(spec, dataset)
+        else:
+            cutoff = default_cutoff(dataset.spans, spec.test_fraction)
         return [cutoff_split(p, dataset.spans, cutoff) for p in parts]
     # Held-out membership is a function of each raw record alone (see train_test_split): its
     # source row or file as read, so no run setting (label column, class order, task) moves it.

@@ -16,6 +16,7 @@ from common.scenarios.registry import (
     Scenario,
     get_scenario,
     known_scenarios,
+    with_base_rates,
     with_scenario_defaults,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "Scenario",
     "get_scenario",
     "known_scenarios",
+    "with_base_rates",
     "with_scenario_defaults",
 ]

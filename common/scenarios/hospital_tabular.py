@@ -32,5 +32,8 @@ register_scenario(
         synthetic=synthetic,
         load=load,
         classes=("0", "1"),
+        # Public constant of the preset, in class order: make_patients
+        # (common.data.synthetic_records) is built for ~25% adverse outcomes (~0.26).
+        base_rates=(0.75, 0.25),
     )
 )

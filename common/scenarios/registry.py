@@ -18,7 +18,11 @@ class Scenario:
     folder (``spec.data``) with the options the format needs. Both return a
     :class:`Dataset` and compute no statistics over it. ``classes``: the public class list
     of its built-in task (empty for regression): the run's classes when it gives none and
-    uses the built-in data, or a deployment whose operator lists none.
+    uses the built-in data, or a deployment whose operator lists none. ``base_rates``: the
+    public frequency of each of those classes in its built-in data, as its generator is
+    constructed to produce them (a constant of the preset, never computed from institutions'
+    data): the run's ``--base-rates`` when it gives none and uses the built-in data
+    (:func:`with_base_rates`); empty for a balanced or regression task.
     """
 
     name: str
@@ -30,8 +34,11 @@ class Scenario:
     example: str  # a command line that runs the preset on a user's data
     synthetic: Callable[..., Dataset]
     load: Callable[..., Dataset]
-    lr: float = 1.0  # the DP-SGD learning rate that suits its default head
+    # The DP-SGD learning rate of a regression head (common.training_defaults: a
+    # classification head takes the fitted rule's).
+    lr: float = 1.0
     classes: tuple[str, ...] = ()
+    base_rates: tuple[float, ...] = ()
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -55,8 +62,9 @@ def get_scenario(name: str) -> Scenario:
 
 def with_scenario_defaults(cfg):
     """``cfg`` (a RunConfig) with the scenario's backbone and partition where it left them
-    unset, and its public class list when the run names none, is not a regression and
-    reads no researcher's ``--data`` (a simulation on ``--data`` fixes the list from it)."""
+    unset, and its public class list when the run names none, is not a regression and reads
+    no researcher's ``--data`` (a simulation on ``--data`` fixes the list from it). Training
+    settings are chosen later, from the task (common.training_defaults)."""
     from dataclasses import replace
 
     scenario = get_scenario(cfg.scenario)
@@ -67,9 +75,27 @@ def with_scenario_defaults(cfg):
         cfg,
         backbone=cfg.backbone or scenario.backbone,
         partition=cfg.partition or scenario.partition,
-        lr=cfg.learning_rate,
         classes=classes,
     )
+
+
+def with_base_rates(cfg, num_classes: int):
+    """``cfg`` (a RunConfig, scenario defaults applied, task known) with its ``base_rates``
+    resolved for a simulation: "" becomes the preset's public rates when the run reads the
+    built-in data with the preset's class list (otherwise it stays "": no weighting), and
+    the rates must fit the task and its ``num_classes`` (:func:`common.config.class_weights`,
+    a one-line refusal), checked here before any institution trains."""
+    from dataclasses import replace
+
+    from common.config import class_weights
+
+    scenario = get_scenario(cfg.scenario)
+    rates = cfg.base_rates
+    built_in = not cfg.data and cfg.task != "regression" and scenario.base_rates
+    if not rates.strip() and built_in and cfg.names("classes") == list(scenario.classes):
+        rates = ",".join(repr(r) for r in scenario.base_rates)
+    class_weights(rates, num_classes, cfg.task)
+    return replace(cfg, base_rates=rates)
 
 
 def known_scenarios() -> list[str]:

@@ -23,6 +23,7 @@ from common.metrics import classification_statistics, regression_statistics
 from common.privacy import UNIT_OF_PRIVACY
 from common.privacy.report import NON_PRIVATE_EVENT
 from common.train_reply import ModelUpdate, PrivacyReply, TrainReply
+from common.training_defaults import batch_size_for
 
 app = ClientApp()
 
@@ -44,7 +45,7 @@ def train(msg: Message, context: Context) -> Message:
         "institution": name,
         "unit": UNIT_OF_PRIVACY,
         "examples": 1,
-        "batch-size": req.run.batch_size,
+        "batch-size": batch_size_for(req.run, 1, 1),  # one example: a batch of 1
         "local-epochs": req.run.local_epochs,
         "delta": req.run.delta,
         "max-grad-norm": req.run.max_grad_norm,
