@@ -269,16 +269,18 @@ def _run_config(path: Path, base: Path, run: dict, institutions: int, resume: st
 def check_server_settings(s: ServerSettings) -> None:
     """Everything that can be checked before starting a process."""
     from common.model import initial_trainable_arrays, out_dim
-    from server.backbone_source import resolve_backbone
+    from server.backbone_source import choose_training, resolve_backbone
 
     settings = check_deployment(s.run)
     cfg = settings.cfg
     artifact = resolve_backbone(cfg.backbone, cfg.weights, cfg.seed, cfg.scenario)
     initial_trainable_arrays(artifact, cfg, out_dim(cfg.task, settings.num_classes))
+    # The settings the run will use (and, resumed, must have used): given, tuned or the rule's.
+    cfg, _ = choose_training(cfg, artifact, log=lambda _: None)
     if settings.resume:
         ckpt = load_checkpoint(s.out)
         check_ledger_prefix(s.out, ckpt)
-        check_same_run(s.out, ckpt, settings.cfg.to_record(), artifact.sha256)
+        check_same_run(s.out, ckpt, cfg.to_record(), artifact.sha256)
     if not s.insecure:
         assert s.ca_cert and s.server_cert and s.server_key
         ca = check_ca_certificate(s.ca_cert, "[server] ca-cert")

@@ -233,7 +233,8 @@ def run_federation(
                 "bias": layer.bias.detach().numpy().copy(),
             }
             if not all(np.isfinite(a).all() for a in arrays.values()):
-                return {"accuracy": float("nan"), "balanced_accuracy": float("nan")}
+                diverged = {"accuracy": math.nan, "balanced_accuracy": math.nan}
+                return diverged | ({"roc_auc": math.nan} if k == 2 else {})
             updates.append((name, arrays, float(len(idx))))
         current = aggregate_updates(current, updates, policy).arrays
     test = np.concatenate([t for _, t in splits])

@@ -27,12 +27,12 @@ import pytest
 from client import runtime
 from client.backbone_cache import BackboneCache
 from client.budget_guard import Budget, BudgetExceeded, check_round
+from client.dp_trainer import round_plan
 from client.privacy_state import PrivacyState
 from common.config import RunConfig
 from common.errors import FerryError
 from common.heads import build_head
 from common.privacy.accounting import MechanismSegment, epsilon_for_history
-from client.dp_trainer import round_plan
 
 DELTA = 1e-5
 STATE, BACKUP = "privacy_state.json", "privacy_state.json.bak"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from common.config import RunConfig
+from common.training_defaults import resolve_schedule
 from server.audit import audit_ledger
 from simulations.runner import simulate
 
@@ -16,7 +17,8 @@ def test_default_demo_run_replays_within_one_percent(tmp_path, monkeypatch):
     monkeypatch.setenv("FERRY_HOME", str(tmp_path / "home"))
     # The demo's settings; random weights give the same mechanism (DP does not depend on them).
     cfg = RunConfig(weights="random", out=str(tmp_path / "run"))
-    assert (cfg.clients, cfg.rounds, cfg.epsilon, cfg.delta) == (10, 5, 3.0, 1e-5)
+    assert (cfg.clients, cfg.epsilon, cfg.delta) == (10, 3.0, 1e-5)
+    assert resolve_schedule(cfg)[0].rounds == 5  # the DP-aware default
     summary = simulate(cfg, log=lambda line: None)
     report = audit_ledger(tmp_path / "run")
     assert report.exit_code == 0, report.verdict

@@ -433,6 +433,32 @@ CASES = [
             "import-backbone", "--arch", "ferry-cnn", "--source", "random", "--out", "{w}/backbone"
         ),
     ),
+    # --- ferry tune (public-data tuning: nothing may be written to the backbone's folder) ---
+    Case(
+        "tune-epsilon-zero",
+        _argv("tune", "--weights", "{w}/backbone", "--epsilon", "0"),
+        "--epsilon",
+    ),
+    Case(
+        "tune-epsilon-nan",
+        _argv("tune", "--weights", "{w}/backbone", "--epsilon", "nan"),
+        "--epsilon",
+    ),
+    Case(
+        "tune-epsilon-text",
+        _argv("tune", "--weights", "{w}/backbone", "--epsilon", "1,x"),
+        "--epsilon",
+    ),
+    Case(
+        "tune-clients-zero",
+        _argv("tune", "--weights", "{w}/backbone", "--clients", "0"),
+        "--clients",
+    ),
+    Case("tune-weights-missing", _argv("tune", "--weights", "{w}/none")),
+    # --- training settings that cannot meet the budget ---
+    Case("sim-batch-larger-than-an-institution", _sim("--batch-size", "5000"), "--batch-size"),
+    Case("sim-epsilon-beyond-the-accountant", _sim("--epsilon", "1e-7"), "--epsilon"),
+    Case("sim-base-rates-nan", _sim("--base-rates", "nan,1"), "--base-rates"),
     # --- ferry audit ---
     Case("audit-missing", _argv("audit", "{w}/nothing-here", "--no-plot")),
     Case("audit-binary-ledger", _argv("audit", "{w}/binary.bin", "--no-plot")),

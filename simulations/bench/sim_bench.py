@@ -108,7 +108,6 @@ def child_main(kind: str, clients: int, rounds: int, fraction: float, out: str) 
         examples=EXAMPLES_PER_CLIENT * clients,
         alpha=100.0,
         out=out,
-        batch_size=32,
         non_private=kind == "noop",
         noise_multiplier=0.0 if kind == "noop" else None,
     )
