@@ -5,17 +5,16 @@ DP-SGD at a fixed (ε, δ) rewards large expected batches and enough passes over
 of norm about σ·C·√p to the clipped sum of a part with p trainable values, while the signal is
 at most C per example: the batch that keeps the mean gradient's noise in check grows with √p,
 and with Poisson sampling the σ a budget needs grows only about as fast as the batch, so the
-larger batch comes almost free, up to the whole institution (q = 1). Fewer passes leave more
-budget per pass: at small ε fewer, smaller steps do better. Ferry's defaults follow that, from
+larger batch comes almost free, up to the whole institution (q = 1). The noisier the mean
+gradient (the smaller ε), the smaller the step it can take. Ferry's defaults follow that, from
 what is known without touching private data:
 
-* **batch size** (per institution): ``4·√p`` within [32, 1024] and at most the institution's
+* **batch size** (per institution): ``5·√p`` within [32, 1024] and at most the institution's
   own n (:func:`rule_batch_size`; n is released anyway: it sets q, and p is public: the size of
   the arrays the server sends);
-* **local epochs, rounds, learning rate** (the same for every institution): 5 rounds of
-  ``round(2·√ε)`` local epochs (1 to 8) at learning rate ``min(1, √(ε/2))``
-  (:func:`rule_schedule`); a regression head takes its preset's learning rate, a non-private
-  run 5 × 5 epochs at 0.1 (unclipped gradients are larger).
+* **local epochs, rounds, learning rate** (the same for every institution): 6 rounds of 5
+  local epochs at learning rate ``min(2, 0.3·ε)`` (:func:`rule_schedule`); a regression head
+  takes its preset's learning rate, a non-private run 0.1 (unclipped gradients are larger).
 
 Explicit options always win; next come settings tuned on public data and recorded with the
 backbone (``ferry tune``, ``tuning.json``); the rule fills the rest. Every value a run uses,
@@ -40,11 +39,11 @@ from common.config import RunConfig
 from common.errors import FerryError
 
 # Fitted constants (see the module docstring).
-BATCH_PER_SQRT_PARAMS = 4.0
+BATCH_PER_SQRT_PARAMS = 5.0
 MIN_BATCH, MAX_BATCH = 32, 1024
-ROUNDS = 5
-EPOCHS_PER_SQRT_EPSILON, MAX_EPOCHS = 2.0, 8
-NON_PRIVATE = (5, 5, 0.1)  # local epochs, rounds, learning rate
+ROUNDS, LOCAL_EPOCHS = 6, 5
+LR_PER_EPSILON, MAX_LR = 0.3, 2.0
+NON_PRIVATE_LR = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,16 +64,12 @@ def rule_batch_size(n: int, params: int) -> int:
 
 def rule_schedule(cfg: RunConfig) -> Schedule:
     """Local epochs, rounds and learning rate for ``cfg``'s privacy (and task)."""
-    if cfg.non_private:
-        epochs, rounds, lr = NON_PRIVATE
-        return Schedule(local_epochs=epochs, rounds=rounds, lr=lr)
-    epochs = min(MAX_EPOCHS, max(1, round(EPOCHS_PER_SQRT_EPSILON * math.sqrt(cfg.epsilon))))
-    lr = min(1.0, math.sqrt(cfg.epsilon / 2))
+    lr = NON_PRIVATE_LR if cfg.non_private else min(MAX_LR, LR_PER_EPSILON * cfg.epsilon)
     if cfg.task == "regression":  # squared errors: the preset's own step size
         from common.scenarios import get_scenario
 
         lr = get_scenario(cfg.scenario).lr
-    return Schedule(local_epochs=epochs, rounds=ROUNDS, lr=lr)
+    return Schedule(local_epochs=LOCAL_EPOCHS, rounds=ROUNDS, lr=lr)
 
 
 def trainable_size(arrays) -> int:

