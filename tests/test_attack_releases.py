@@ -174,6 +174,7 @@ def federation(tmp_path, artifact):
         epsilon=30.0,
         lr=5.0,
         local_epochs=3,
+        batch_size=32,  # many small steps: a model whose scores spread over the histograms
         max_grad_norm=5.0,
         # No honest count here is near 100 x the median, so the bounded pool caps nothing and
         # its metrics are exactly the pooled held-out set's (the cap's own attack test is in
