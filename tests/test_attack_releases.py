@@ -241,9 +241,10 @@ def _assert_matches(got: dict, want: dict, where: str) -> None:
     assert got["balanced_accuracy"] == pytest.approx(want["balanced_accuracy"], abs=1e-12), where
     assert got["macro_f1"] == pytest.approx(want["macro_f1"], abs=1e-12), where
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6), where
-    # The stated bound, from the histograms alone, holds (about 0.07 here; a one-round model
-    # whose probabilities all lie within 0.003 of each other would make it about 0.45).
-    assert 0 < got["roc_auc_bin_error"] < 0.25, where
+    # The stated bound, from the histograms alone, holds. Its size depends on how the one-round
+    # model's scores spread over the bins (about 0.07 typically; 0 when one class is absent
+    # from an institution's held-out split, 0.27 was seen for a near-constant model).
+    assert 0 <= got["roc_auc_bin_error"] < 0.5, where
     assert abs(got["roc_auc"] - want["roc_auc"]) <= got["roc_auc_bin_error"] + 1e-12, where
 
 
