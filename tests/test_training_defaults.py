@@ -113,48 +113,25 @@ def test_a_report_with_another_batch_size_than_the_rule_gives_for_its_n_is_rejec
         )
 
 
-def test_simulate_refuses_a_batch_larger_than_an_institution_before_any_work(tmp_path):
+def _simulate_refused(out, *options: str) -> int:
+    """``ferry simulate`` on random weights with ``options``; its exit code."""
     from common.cli import main
 
-    out = tmp_path / "run"
-    code = main(
-        [
-            "simulate",
-            "--weights",
-            "random",
-            "--clients",
-            "4",
-            "--examples",
-            "400",
-            "--batch-size",
-            "5000",
-            "--out",
-            str(out),
-        ]
+    return main(
+        ["simulate", "--weights", "random", "--examples", "400", *options, "--out", str(out)]
     )
+
+
+def test_simulate_refuses_a_batch_larger_than_an_institution_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    code = _simulate_refused(out, "--clients", "4", "--batch-size", "5000")
     assert code == 2
     assert not out.exists()
 
 
 def test_simulate_refuses_an_epsilon_beyond_the_accountants_range(tmp_path, capsys):
-    from common.cli import main
-
     out = tmp_path / "run"
-    code = main(
-        [
-            "simulate",
-            "--weights",
-            "random",
-            "--clients",
-            "2",
-            "--examples",
-            "400",
-            "--epsilon",
-            "1e-7",
-            "--out",
-            str(out),
-        ]
-    )
+    code = _simulate_refused(out, "--clients", "2", "--epsilon", "1e-7")
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--epsilon" in err[0] and "larger --epsilon" in err[0]
