@@ -26,14 +26,13 @@ import traceback
 
 import numpy as np
 import torch
+from ferry.client import runtime
+from ferry.common.errors import FerryError
+from ferry.common.messages import EvaluationReply, Refusal, TrainRequest
+from ferry.common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
+from ferry.common.train_reply import ModelUpdate, PrivacyReply, TrainReply
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-
-from client import runtime
-from common.errors import FerryError
-from common.messages import EvaluationReply, Refusal, TrainRequest
-from common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
-from common.train_reply import ModelUpdate, PrivacyReply, TrainReply
 
 app = ClientApp()
 

@@ -16,11 +16,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ferry.common.errors import FerryError
+from ferry.common.private_files import PRIVATE_FILE, private_dir
+from ferry.common.serialization import (
+    BackboneArtifact,
+    instantiate,
+    load_artifact,
+    save_artifact,
+    verify,
+)
 from torch import nn
-
-from common.errors import FerryError
-from common.private_files import PRIVATE_FILE, private_dir
-from common.serialization import BackboneArtifact, instantiate, load_artifact, save_artifact, verify
 
 _LOADED: dict[tuple[str, str], tuple[BackboneArtifact, nn.Module]] = {}
 

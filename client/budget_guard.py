@@ -23,9 +23,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from client.privacy_state import PrivacyState
-from common.errors import FerryError
-from common.privacy.accounting import (
+from ferry.client.privacy_state import PrivacyState
+from ferry.common.errors import FerryError
+from ferry.common.privacy.accounting import (
     MechanismSegment,
     UnaccountableMechanism,
     epsilon_for_history,

@@ -1,8 +1,8 @@
 """The institution's check of a Flower app bundle (FAB): it must carry no code.
 
 Ferry's federation bundle (``server.superlink.write_app``) holds one ``pyproject.toml`` that
-names the Ferry apps installed on each machine (``serverapp = "server.app:app"``,
-``clientapp = "client.app:app"``) and carries the run config. ``flwr build`` adds one
+names the Ferry apps installed on each machine (``serverapp = "ferry.server.app:app"``,
+``clientapp = "ferry.client.app:app"``) and carries the run config. ``flwr build`` adds one
 metadata file, ``.info/CONTENT`` (one ``path,sha256,size_in_bits`` line per file). Anything
 else in a bundle is something the operator (or whoever reached the Control API) wants to run
 at the institution, so :func:`check_bundle` refuses it, working on the bundle's bytes only:
@@ -37,13 +37,13 @@ import tomllib
 import zipfile
 from dataclasses import dataclass
 
-from common.errors import FerryError
+from ferry.common.errors import FerryError
 
 PYPROJECT = "pyproject.toml"
 CONTENT = ".info/CONTENT"
 BUNDLE_FILES = frozenset({PYPROJECT, CONTENT})
 # The apps installed with Ferry, under the names Ferry's server gives them.
-FERRY_COMPONENTS = {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+FERRY_COMPONENTS = {"serverapp": "ferry.server.app:app", "clientapp": "ferry.client.app:app"}
 # Ferry's bundle is well under 10 KiB; the bound keeps a zip bomb from costing memory.
 MAX_BUNDLE_BYTES = 1 << 20
 # A refusal quotes at most MAX_SHOWN_NAMES names of MAX_SHOWN_CHARS, in one line of at most

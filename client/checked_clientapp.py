@@ -29,6 +29,7 @@ import os
 import sys
 from logging import ERROR
 
+from ferry.client.bundle_check import BundleRefused, check_bundle
 from flwr.app import Message
 from flwr.app.error import Error
 from flwr.common.constant import ErrorCode, SubStatus
@@ -45,8 +46,6 @@ from flwr.supernode.runtime.run_clientapp import (
     push_message,
     push_task_output,
 )
-
-from client.bundle_check import BundleRefused, check_bundle
 
 TOKEN_VAR = "FERRY_TASK_TOKEN"
 
@@ -95,7 +94,7 @@ def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> No
             reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=details), reply_to=message)
             exit_code = ExitCode.TASK_PROC_EXCEPTION
         else:
-            from client.app import app  # the installed ClientApp; heavy (torch), so only now
+            from ferry.client.app import app  # the installed ClientApp; heavy (torch), so only now
 
             reply = app(message=message, context=context)
             sub_status, details = SubStatus.COMPLETED, ""

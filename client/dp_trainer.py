@@ -59,14 +59,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from ferry.client import dp_randomness
+from ferry.common.errors import FerryError
+from ferry.common.privacy.accounting import MechanismSegment
+from ferry.common.trainable import set_train_mode, trainable_state
+from ferry.common.training_defaults import round_plan  # noqa: F401 - its home before
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-
-from client import dp_randomness
-from common.errors import FerryError
-from common.privacy.accounting import MechanismSegment
-from common.trainable import set_train_mode, trainable_state
-from common.training_defaults import round_plan  # noqa: F401 - its home before
 
 TASKS = ("classification", "regression")
 CLIPPING = ("flat", "ghost")
@@ -447,7 +446,7 @@ def _fast_linear(tail: nn.Module, cfg: DPTrainConfig) -> bool:
 
 
 def _train_linear(tail, inputs, targets, rows, y, cfg: DPTrainConfig, task: str) -> TrainOutcome:
-    from client.linear_dp import train_linear
+    from ferry.client.linear_dp import train_linear
 
     n = len(y)
     if task == "regression":

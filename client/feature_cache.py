@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ferry.common.data.preprocess import check_preprocessing, preprocess
+from ferry.common.private_files import private_dir, private_temp
 from torch import nn
-
-from common.data.preprocess import check_preprocessing, preprocess
-from common.private_files import private_dir, private_temp
 
 MMAP_BYTES = 64 * 2**20
 _MEMORY: dict[str, dict[str, np.ndarray]] = {}

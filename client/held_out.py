@@ -33,8 +33,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import FerryError
-from common.private_files import write_private
+from ferry.common.errors import FerryError
+from ferry.common.private_files import write_private
 
 SPLIT_FILE = "split.json"
 DEFAULT_TEST_FRACTION = 0.2

@@ -37,10 +37,9 @@ import math
 from collections.abc import Sequence
 
 import torch
+from ferry.client import dp_randomness
+from ferry.common.privacy.accounting import MechanismSegment
 from torch import nn
-
-from client import dp_randomness
-from common.privacy.accounting import MechanismSegment
 
 NOISE_BLOCK = 1 << 22  # noise values drawn per call (16 MiB of float32, twice: secure sum)
 MASK_BLOCK = 1 << 24  # Poisson draws per call (64 MiB of float32): memory bounded for any round

@@ -49,10 +49,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.errors import FerryError
-from common.privacy.accounting import MechanismSegment, epsilon_for_history
-from common.privacy.report import RECEIPTS_FILE, read_receipts
-from common.private_files import open_private, private_dir, write_private
+from ferry.common.errors import FerryError
+from ferry.common.privacy.accounting import MechanismSegment, epsilon_for_history
+from ferry.common.privacy.report import RECEIPTS_FILE, read_receipts
+from ferry.common.private_files import open_private, private_dir, write_private
 
 STATE_FILE = "privacy_state.json"
 BACKUP_FILE = STATE_FILE + ".bak"

@@ -28,9 +28,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-
-from common.errors import FerryError
-from common.privacy.report import (
+from ferry.common.errors import FerryError
+from ferry.common.privacy.report import (
     GENESIS,
     RECEIPTS_FILE,
     REPLY_BODY,
@@ -43,7 +42,7 @@ from common.privacy.report import (
     read_receipts,
     sign,
 )
-from common.private_files import PRIVATE_FILE, open_private, private_dir
+from ferry.common.private_files import PRIVATE_FILE, open_private, private_dir
 
 LOCAL_KEY = "report-signing.key"
 LOCAL_PUB = "report-signing.pub"

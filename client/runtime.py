@@ -19,32 +19,37 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from client.backbone_cache import BackboneCache
-from client.budget_guard import (
+from ferry.client.backbone_cache import BackboneCache
+from ferry.client.budget_guard import (
     Budget,
     BudgetExceeded,
     can_afford_another,
     check_steps,
     reserve_round,
 )
-from client.dp_trainer import DPTrainConfig, predict_tail, resolve_device, round_plan, train_tail
-from client.feature_cache import FeatureCache, feature_key
-from client.held_out import HeldOutSplit, data_settings_of, pin_data_settings, pin_split
-from client.privacy_state import PrivacyState
-from client.receipts import sign_and_keep
-from common.data.datasets import DataSpec, Partition, load_partition, whole
-from common.errors import FerryError
-from common.messages import RoundRequest
-from common.metrics import classification_statistics, regression_statistics
-from common.model import out_dim, split_for_run
-from common.privacy import UNIT_OF_PRIVACY
-from common.privacy.accounting import MechanismSegment, noise_multiplier_for_target
-from common.privacy.dp_events import event_to_json, segment_event
-from common.privacy.report import NON_PRIVATE_EVENT
-from common.private_files import write_private
-from common.trainable import SplitModel, load_trainable_state, trainable_state
-from common.training_defaults import (
+from ferry.client.dp_trainer import (
+    DPTrainConfig,
+    predict_tail,
+    resolve_device,
+    round_plan,
+    train_tail,
+)
+from ferry.client.feature_cache import FeatureCache, feature_key
+from ferry.client.held_out import HeldOutSplit, data_settings_of, pin_data_settings, pin_split
+from ferry.client.privacy_state import PrivacyState
+from ferry.client.receipts import sign_and_keep
+from ferry.common.data.datasets import DataSpec, Partition, load_partition, whole
+from ferry.common.errors import FerryError
+from ferry.common.messages import RoundRequest
+from ferry.common.metrics import classification_statistics, regression_statistics
+from ferry.common.model import out_dim, split_for_run
+from ferry.common.privacy import UNIT_OF_PRIVACY
+from ferry.common.privacy.accounting import MechanismSegment, noise_multiplier_for_target
+from ferry.common.privacy.dp_events import event_to_json, segment_event
+from ferry.common.privacy.report import NON_PRIVATE_EVENT
+from ferry.common.private_files import write_private
+from ferry.common.trainable import SplitModel, load_trainable_state, trainable_state
+from ferry.common.training_defaults import (
     batch_size_for,
     plan_for,
     resolve_schedule,

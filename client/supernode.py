@@ -36,14 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from client.held_out import check_test_fraction, pin_data_settings, pin_split
-from common.certs import check_institution_name
-from common.child_processes import ChildProcess, exit_on_signals, flower_bin, flower_env
-from common.data.image_folder import IMAGE_SUFFIXES
-from common.errors import FerryError
-from common.private_files import write_private
-from common.tls import (
+from ferry.client.held_out import check_test_fraction, pin_data_settings, pin_split
+from ferry.common.certs import check_institution_name
+from ferry.common.child_processes import ChildProcess, exit_on_signals, flower_bin, flower_env
+from ferry.common.data.image_folder import IMAGE_SUFFIXES
+from ferry.common.errors import FerryError
+from ferry.common.private_files import write_private
+from ferry.common.tls import (
     check_ca_certificate,
     check_private_key_file,
     check_server_identity,
@@ -140,9 +139,8 @@ def check_data(path: Path) -> tuple[list[str], int]:
     """(class names, image count) of an image folder (pictures or DICOM files, as
     :mod:`common.data.image_folder` reads them), opening one image per class; for a table
     file, ([], row count)."""
+    from ferry.common.data.dicom import is_dicom, read_dicom
     from PIL import Image, UnidentifiedImageError
-
-    from common.data.dicom import is_dicom, read_dicom
 
     if path.is_file():
         return [], check_table(path)
@@ -365,7 +363,7 @@ def run_client(s: InstitutionSettings, log=None) -> int:
             sys.executable,
             "-P",
             "-m",
-            "client.task_launcher",
+            "ferry.client.task_launcher",
             "--supernode-pid",
             str(supernode.pid),
             "--runtime-api-address",

@@ -20,10 +20,9 @@ from __future__ import annotations
 import math
 
 import torch
+from ferry.common.errors import FerryError
 from torch import nn
 from torch.nn import functional as F
-
-from common.errors import FerryError
 
 
 class LoRALinear(nn.Module):

@@ -42,9 +42,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from common.errors import FerryError
-from common.private_files import private_dir, shared_dir_warning
+from ferry.common.errors import FerryError
+from ferry.common.private_files import private_dir, shared_dir_warning
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 MAX_DAYS = 36500  # 100 years; X.509 dates end in 9999 and no key should live that long
@@ -118,7 +117,7 @@ def check_federation_name(name: str) -> str:
 
 def _missing_hosts(cert_path: Path, hosts: list[str]) -> list[str]:
     """The ``hosts`` that the existing certificate at ``cert_path`` is not valid for."""
-    from common.tls import _san_matches
+    from ferry.common.tls import _san_matches
 
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())

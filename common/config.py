@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from common.errors import FerryError
+from ferry.common.errors import FerryError
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ class RunConfig:
             raise bad("cpus_per_client", self.cpus_per_client, "use a positive number of CPUs")
         if not 0 <= self.gpus_per_client <= _LIMITS["gpus_per_client"]:
             raise bad("gpus_per_client", self.gpus_per_client, "use 0 or a (fraction of a) GPU")
-        from common.trainable import TRAINABLE_PARTS
+        from ferry.common.trainable import TRAINABLE_PARTS
 
         if self.trainable not in TRAINABLE_PARTS:
             raise bad("trainable", self.trainable, f"choose one of {', '.join(TRAINABLE_PARTS)}")

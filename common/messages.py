@@ -25,17 +25,16 @@ import math
 from dataclasses import dataclass, fields
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-
-from common.config import RunConfig
-from common.errors import FerryError
-from common.metrics import (
+from ferry.common.config import RunConfig
+from ferry.common.errors import FerryError
+from ferry.common.metrics import (
     AUC_BINS,
     ClassificationStatistics,
     EvaluationStatistics,
     RegressionStatistics,
     statistics_from_record,
 )
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 MAX_TEXT = 256  # an institution's name, a run id, an accountant, a hash
 MAX_REASON = 2_000  # a refusal's reason

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from common.backbones.registry import backbone_spec
-from common.config import RunConfig
-from common.serialization import BackboneArtifact, instantiate
-from common.trainable import SplitModel, TrainableSpec, split_model, trainable_state
+from ferry.common.backbones.registry import backbone_spec
+from ferry.common.config import RunConfig
+from ferry.common.serialization import BackboneArtifact, instantiate
+from ferry.common.trainable import SplitModel, TrainableSpec, split_model, trainable_state
 
 
 def out_dim(task: str, num_classes: int) -> int:

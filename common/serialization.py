@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ferry.common.backbones.registry import backbone_spec
+from ferry.common.errors import FerryError
 from torch import nn
-
-from common.backbones.registry import backbone_spec
-from common.errors import FerryError
 
 FORMAT = "ferry-backbone/1"
 WEIGHTS_FILE = "backbone.safetensors"

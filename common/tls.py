@@ -25,8 +25,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-
-from common.errors import FerryError
+from ferry.common.errors import FerryError
 
 NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 

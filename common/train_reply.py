@@ -25,9 +25,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-
-from common.messages import (
+from ferry.common.messages import (
     MAX_EXAMPLES,
     MAX_KEYS,
     MAX_ROUND,
@@ -42,10 +40,10 @@ from common.messages import (
     record,
     text,
 )
-from common.privacy import UNIT_OF_PRIVACY
-from common.privacy.accounting import ACCOUNTANTS, MechanismSegment
-from common.privacy.dp_events import event_to_json, segment_event
-from common.privacy.report import (
+from ferry.common.privacy import UNIT_OF_PRIVACY
+from ferry.common.privacy.accounting import ACCOUNTANTS, MechanismSegment
+from ferry.common.privacy.dp_events import event_to_json, segment_event
+from ferry.common.privacy.report import (
     NON_PRIVATE_EVENT,
     REPLY_BODY,
     REPLY_SIGNATURE,
@@ -53,7 +51,8 @@ from common.privacy.report import (
     ReportError,
     SignedReport,
 )
-from common.training_defaults import batch_size_for, trainable_size
+from ferry.common.training_defaults import batch_size_for, trainable_size
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 MAX_NOISE = 1e6  # as RunConfig.validate bounds a given sigma
 BUDGET_LEFT = "budget-left-for-another-round"  # the report's extra: may it be asked again

@@ -38,12 +38,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from ferry.common.adapters import (
+    ConvAdapter,
+    DPAttention,
+    FrozenBatchNorm,
+    LoRALinear,
+    replace_module,
+)
+from ferry.common.backbones.registry import BackboneSpec
+from ferry.common.errors import FerryError
+from ferry.common.heads import build_head
 from torch import nn
-
-from common.adapters import ConvAdapter, DPAttention, FrozenBatchNorm, LoRALinear, replace_module
-from common.backbones.registry import BackboneSpec
-from common.errors import FerryError
-from common.heads import build_head
 
 TRAINABLE_PARTS = ("head", "lora", "conv-adapter", "last-block")
 HEAD_NAME = "output"

@@ -46,14 +46,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from ferry.common.config import ASSUMED_HOSTILE, RunConfig, updates_needed
+from ferry.common.metrics import EvaluationStatistics, scale_statistics
 from flwr.server.strategy.aggregate import (
     aggregate_krum,
     aggregate_median,
     aggregate_trimmed_avg,
 )
-
-from common.config import ASSUMED_HOSTILE, RunConfig, updates_needed
-from common.metrics import EvaluationStatistics, scale_statistics
 
 Arrays = dict[str, np.ndarray]
 Changes = list[np.ndarray]  # one update's change, one float64 array per key, in key order

@@ -8,23 +8,22 @@
 
 from __future__ import annotations
 
+from ferry.server.federation import FederationPlan, run_federation
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-
-from server.federation import FederationPlan, run_federation
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from server.deployment import is_deployment, plan_deployment
+    from ferry.server.deployment import is_deployment, plan_deployment
 
     run_config = dict(context.run_config)
     if is_deployment(run_config):
         plan = plan_deployment(run_config)
     else:
-        from simulations.runner import plan_simulation
+        from ferry.simulations.runner import plan_simulation
 
         plan = plan_simulation(run_config, num_clients=len(list(grid.get_node_ids())))
     run_federation(grid, plan)

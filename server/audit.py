@@ -48,9 +48,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.errors import FerryError
-from server import audit_signatures as sigs
-from server.audit_checks import (
+from ferry.common.errors import FerryError
+from ferry.server import audit_signatures as sigs
+from ferry.server.audit_checks import (
     MALFORMED,
     TOLERANCE,
     UNREPLAYABLE,
@@ -59,10 +59,10 @@ from server.audit_checks import (
     check_institution,
     trained_record,
 )
-from server.audit_presence import REPORT_MISSING, missing_reports
-from server.audit_render import render, write_plot
-from server.audit_replay import PLD_INTERVAL, ReplayFailure, replay_all, replay_description
-from server.ledger import HEAD_FILE, LEDGER_FILE, LedgerError, read_ledger
+from ferry.server.audit_presence import REPORT_MISSING, missing_reports
+from ferry.server.audit_render import render, write_plot
+from ferry.server.audit_replay import PLD_INTERVAL, ReplayFailure, replay_all, replay_description
+from ferry.server.ledger import HEAD_FILE, LEDGER_FILE, LedgerError, read_ledger
 
 PLOT_FILE = "audit_epsilon.png"
 # What a verdict says the audit could not see, so that a PASS never claims more than it checked.

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from common.privacy.accounting import MechanismSegment
-from common.privacy.report import PrivacyReport
-from server.audit_replay import mechanism
+from ferry.common.privacy.accounting import MechanismSegment
+from ferry.common.privacy.report import PrivacyReport
+from ferry.server.audit_replay import mechanism
 
 # Relative. Honest PRV reports sit above the replay (Opacus reports the top of its error
 # bound), so the tolerance only absorbs the replay's own discretization (< 0.5 %).

@@ -6,10 +6,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.audit_replay import replay_description
+from ferry.server.audit_replay import replay_description
 
 if TYPE_CHECKING:
-    from server.audit import AuditReport
+    from ferry.server.audit import AuditReport
 
 
 def _eps(x: float | None) -> str:

@@ -21,8 +21,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from common.privacy.accounting import MechanismSegment, compact_history
-from common.privacy.dp_events import event_from_json
+from ferry.common.privacy.accounting import MechanismSegment, compact_history
+from ferry.common.privacy.dp_events import event_from_json
 
 # PLD value discretization interval: 4e-3 (dp-accounting's default is 1e-4). On the audit
 # benchmark (q 0.0014-0.16, sigma 0.4-3, 400-600 steps, epsilon 0.3-8) it stays within 0.31 %

@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
-
-from common.privacy.report import (
+from ferry.common.privacy.report import (
     RECEIPTS_FILE,
     PrivacyReport,
     ReportError,

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.backbones.registry import backbone_spec
-from common.config import RunConfig
-from common.errors import FerryError
-from common.paths import ferry_home
-from common.serialization import BackboneArtifact, load_artifact
-from common.training_defaults import describe, resolve_schedule
+from ferry.common.backbones.registry import backbone_spec
+from ferry.common.config import RunConfig
+from ferry.common.errors import FerryError
+from ferry.common.paths import ferry_home
+from ferry.common.serialization import BackboneArtifact, load_artifact
+from ferry.common.training_defaults import describe, resolve_schedule
 
 
 def default_weights_dir(backbone: str, scenario: str) -> Path:
@@ -35,7 +35,7 @@ def choose_training(cfg: RunConfig, artifact: BackboneArtifact, log=print):
     """``cfg`` with its training settings chosen (given > tuned with this backbone by `ferry
     tune` for this ε > the DP-aware rule: common.training_defaults), where each came from,
     and the one line printed about them."""
-    from server.tuning import load_tuned
+    from ferry.server.tuning import load_tuned
 
     folder = weights_dir(cfg.backbone, cfg.weights, cfg.scenario)
     tuned = load_tuned(folder, artifact.sha256, cfg) if folder is not None else None
@@ -56,7 +56,7 @@ def resolve_backbone(
     ``scenario``. Raises FerryError on bad input."""
     backbone_spec(backbone)  # unknown names fail here, listing the known ones
     if weights == "random":
-        from server.pretrain import random_artifact
+        from ferry.server.pretrain import random_artifact
 
         return random_artifact(backbone, seed, input_shape)
     default = default_weights_dir(backbone, scenario)

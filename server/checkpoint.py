@@ -29,9 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from common.errors import FerryError
-from server.ledger import LEDGER_FILE, line_hash
+from ferry.common.errors import FerryError
+from ferry.server.ledger import LEDGER_FILE, line_hash
 
 CHECKPOINT_FILE = "checkpoint.json"
 FORMAT = 1
@@ -169,7 +168,7 @@ def check_ledger_prefix(out: str | os.PathLike, ckpt: Checkpoint) -> None:
 
 def restore_metrics(out: str | os.PathLike, rounds: list[dict]) -> None:
     """Rewrite ``metrics.jsonl`` (atomically) to exactly the checkpointed rounds."""
-    from server.outputs import _json_safe
+    from ferry.server.outputs import _json_safe
 
     path = Path(out) / "metrics.jsonl"
     tmp = path.with_name(path.name + ".tmp")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
-from common.train_reply import PrivacyReply
-from server.ledger import Ledger
+from ferry.common.train_reply import PrivacyReply
+from ferry.server.ledger import Ledger
 
 
 def ledger_trained(

@@ -22,15 +22,15 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from common.config import RunConfig
-from common.errors import FerryError
-from common.model import initial_trainable_arrays, out_dim
-from common.scenarios import with_scenario_defaults
-from server.backbone_source import choose_training, resolve_backbone
-from server.checkpoint import CHECKPOINT_FILE
-from server.federation import FederationPlan
-from server.ledger import LEDGER_FILE
-from server.outputs import RUN_FILES, prepare_out_dir
+from ferry.common.config import RunConfig
+from ferry.common.errors import FerryError
+from ferry.common.model import initial_trainable_arrays, out_dim
+from ferry.common.scenarios import with_scenario_defaults
+from ferry.server.backbone_source import choose_training, resolve_backbone
+from ferry.server.checkpoint import CHECKPOINT_FILE
+from ferry.server.federation import FederationPlan
+from ferry.server.ledger import LEDGER_FILE
+from ferry.server.outputs import RUN_FILES, prepare_out_dir
 
 MODE = "deployment"
 DEPLOYMENT_KEYS = (

@@ -25,13 +25,11 @@ import time
 from collections.abc import Collection
 
 import numpy as np
-from flwr.serverapp import Grid
-
-from common.errors import FerryError
-from common.model import initial_trainable_arrays, out_dim
-from common.privacy.statement import privacy_statement
-from common.training_defaults import training_record
-from server.checkpoint import (
+from ferry.common.errors import FerryError
+from ferry.common.model import initial_trainable_arrays, out_dim
+from ferry.common.privacy.statement import privacy_statement
+from ferry.common.training_defaults import training_record
+from ferry.server.checkpoint import (
     Checkpoint,
     check_ledger_prefix,
     check_same_run,
@@ -39,11 +37,11 @@ from server.checkpoint import (
     restore_metrics,
     save_checkpoint,
 )
-from server.exchange import Traffic
-from server.ledger import Ledger
-from server.outputs import append_metrics, build_summary, write_summary
-from server.plan import FederationPlan, FederationState
-from server.rounds import (
+from ferry.server.exchange import Traffic
+from ferry.server.ledger import Ledger
+from ferry.server.outputs import append_metrics, build_summary, write_summary
+from ferry.server.plan import FederationPlan, FederationState
+from ferry.server.rounds import (
     ensure_backbone,
     evaluate_round,
     institution_name,
@@ -51,6 +49,7 @@ from server.rounds import (
     sample_nodes,
     train_round,
 )
+from flwr.serverapp import Grid
 
 __all__ = ["FederationPlan", "FederationState", "run_federation", "wait_for_nodes"]
 

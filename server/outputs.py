@@ -7,8 +7,8 @@ import math
 import os
 from pathlib import Path
 
-from common.errors import FerryError
-from common.privacy.statement import privacy_statement
+from ferry.common.errors import FerryError
+from ferry.common.privacy.statement import privacy_statement
 
 RUN_FILES = ("ledger.jsonl", "metrics.jsonl", "summary.json")
 # Federated evaluation metrics carried into summary.json's "final" (those the task has).

@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from common.config import RunConfig
-from common.serialization import BackboneArtifact
-from common.training_defaults import resolve_schedule
-from server.ledger import Ledger
+from ferry.common.config import RunConfig
+from ferry.common.serialization import BackboneArtifact
+from ferry.common.training_defaults import resolve_schedule
+from ferry.server.ledger import Ledger
 
 
 @dataclass

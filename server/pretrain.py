@@ -25,20 +25,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
-from common.backbones.registry import backbone_spec, build_backbone
-from common.data.dataset import Dataset
-from common.data.datasets import DataSpec, load_dataset
-from common.data.preprocess import fixed_preprocessing, preprocess, public_preprocessing
-from common.errors import FerryError
-from common.serialization import (
+from ferry.common.backbones.registry import backbone_spec, build_backbone
+from ferry.common.data.dataset import Dataset
+from ferry.common.data.datasets import DataSpec, load_dataset
+from ferry.common.data.preprocess import fixed_preprocessing, preprocess, public_preprocessing
+from ferry.common.errors import FerryError
+from ferry.common.serialization import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
     BackboneArtifact,
     make_artifact,
     save_artifact,
 )
+from torch import nn
 
 MAX_EPOCHS = 10_000
 MAX_EXAMPLES = 10_000_000
@@ -92,7 +91,7 @@ class PretrainConfig:
 
     @property
     def architecture(self) -> str:
-        from common.scenarios import get_scenario
+        from ferry.common.scenarios import get_scenario
 
         return self.arch or get_scenario(self.scenario).backbone
 

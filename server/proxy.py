@@ -40,10 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-
-from common.child_processes import ChildProcess
-from common.errors import FerryError
-from common.tls import load_certificate
+from ferry.common.child_processes import ChildProcess
+from ferry.common.errors import FerryError
+from ferry.common.tls import load_certificate
 
 FLEET_ROUTES = (
     "register-node",

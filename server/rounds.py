@@ -23,10 +23,7 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
-
-from common.messages import (
+from ferry.common.messages import (
     EvaluationReply,
     MessageRejected,
     Refusal,
@@ -34,18 +31,20 @@ from common.messages import (
     TrainRequest,
     clipped,
 )
-from common.metrics import metrics_from_statistics, pool_statistics
-from common.train_reply import ModelUpdate, PrivacyReply, TrainExpectation
-from server.aggregation import (
+from ferry.common.metrics import metrics_from_statistics, pool_statistics
+from ferry.common.train_reply import ModelUpdate, PrivacyReply, TrainExpectation
+from ferry.server.aggregation import (
     AggregationPolicy,
     TooFewUpdates,
     aggregate_updates,
     capped_statistics,
     capped_weights,
 )
-from server.client_reports import ledger_trained, update_client_summary
-from server.exchange import Traffic, array_record, exchange
-from server.plan import FederationPlan, FederationState
+from ferry.server.client_reports import ledger_trained, update_client_summary
+from ferry.server.exchange import Traffic, array_record, exchange
+from ferry.server.plan import FederationPlan, FederationState
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
 
 
 def _problem(reply: Message, *records: str) -> str | None:

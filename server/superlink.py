@@ -44,20 +44,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.certs import CA_CERT, SERVER_CERT, SERVER_KEY, check_institution_name
-from common.child_processes import ChildProcess, exit_on_signals, flower_bin, flower_env
-from common.config import read_toml
-from common.errors import FerryError
-from common.tls import (
+from ferry.common.certs import CA_CERT, SERVER_CERT, SERVER_KEY, check_institution_name
+from ferry.common.child_processes import ChildProcess, exit_on_signals, flower_bin, flower_env
+from ferry.common.config import read_toml
+from ferry.common.errors import FerryError
+from ferry.common.tls import (
     check_ca_certificate,
     check_public_key,
     check_server_certificate,
     parse_address,
 )
-from server.checkpoint import check_ledger_prefix, check_same_run, load_checkpoint
-from server.deployment import MODE, check_deployment
-from server.ledger import LEDGER_FILE
-from server.proxy import (
+from ferry.server.checkpoint import check_ledger_prefix, check_same_run, load_checkpoint
+from ferry.server.deployment import MODE, check_deployment
+from ferry.server.ledger import LEDGER_FILE
+from ferry.server.proxy import (
     LOOPBACK,
     ProxySettings,
     check_upstream_certificate,
@@ -268,8 +268,8 @@ def _run_config(path: Path, base: Path, run: dict, institutions: int, resume: st
 
 def check_server_settings(s: ServerSettings) -> None:
     """Everything that can be checked before starting a process."""
-    from common.model import initial_trainable_arrays, out_dim
-    from server.backbone_source import choose_training, resolve_backbone
+    from ferry.common.model import initial_trainable_arrays, out_dim
+    from ferry.server.backbone_source import choose_training, resolve_backbone
 
     settings = check_deployment(s.run)
     cfg = settings.cfg
@@ -350,8 +350,8 @@ dependencies = []
 publisher = "ferry"
 
 [tool.flwr.app.components]
-serverapp = "server.app:app"
-clientapp = "client.app:app"
+serverapp = "ferry.server.app:app"
+clientapp = "ferry.client.app:app"
 
 [tool.flwr.app.config]
 {config}

@@ -24,11 +24,11 @@ import math
 import time
 from pathlib import Path
 
-from common.config import RunConfig
-from common.data.datasets import _split
-from common.errors import FerryError
-from server import tuning
-from server.tuning import Privacy, TrainingSettings
+from ferry.common.config import RunConfig
+from ferry.common.data.datasets import _split
+from ferry.common.errors import FerryError
+from ferry.server import tuning
+from ferry.server.tuning import Privacy, TrainingSettings
 
 # ``--quick``: four grid points, two seeds (a smoke test, or a first look).
 QUICK_GRID = {"batch_size": (64, 256), "schedules": ((5, 3),), "lr": (0.5, 2.0)}
@@ -96,11 +96,11 @@ def describe_data(cfg: RunConfig, split: str, records: int) -> dict:
 def _check_inputs(cfg: RunConfig, weights: str, epsilons: list[float], seed: int | None):
     """Everything that can be refused before any work: returns (artifact, cfg with the
     scenario's defaults and the public data's seed, split, splits, record)."""
-    from common.backbones.registry import backbone_spec
-    from common.data.datasets import DataSpec, load_dataset
-    from common.data.preprocess import preprocess
-    from common.scenarios import get_scenario, with_scenario_defaults
-    from common.serialization import load_artifact
+    from ferry.common.backbones.registry import backbone_spec
+    from ferry.common.data.datasets import DataSpec, load_dataset
+    from ferry.common.data.preprocess import preprocess
+    from ferry.common.scenarios import get_scenario, with_scenario_defaults
+    from ferry.common.serialization import load_artifact
 
     if not epsilons:
         raise FerryError("--epsilon names no ε: give a comma list, e.g. --epsilon 1,3,8")
@@ -226,7 +226,7 @@ def tune(
 
 def _rule_metrics(features, splits, privacy: Privacy, repeats: int, class_weights) -> dict:
     """The DP-aware rule's settings at this ε and its mean metrics on the same data."""
-    from common.training_defaults import rule_batch_size, rule_schedule
+    from ferry.common.training_defaults import rule_batch_size, rule_schedule
 
     schedule = rule_schedule(RunConfig(epsilon=privacy.epsilon))
     settings = TrainingSettings(0, schedule.local_epochs, schedule.rounds, schedule.lr)

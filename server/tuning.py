@@ -33,9 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from common.config import RunConfig
-from common.errors import FerryError
+from ferry.common.config import RunConfig
+from ferry.common.errors import FerryError
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ class FeatureSet:
     def splits(self, clients: int, partition: str | None = None, alpha: float | None = None):
         """[(train index, held-out index)] per institution, as ``ferry simulate`` splits the
         same data among ``clients`` institutions."""
-        from common.data.datasets import DataSpec, _split
+        from ferry.common.data.datasets import DataSpec, _split
 
         cfg = dataclasses.replace(
             self.cfg,
@@ -97,10 +96,10 @@ def extract_features(
     """The frozen backbone's features for every record of ``cfg``'s data (its scenario's
     built-in data or ``--data``), preprocessed as the manifest says. ``split`` "source": the
     scenario's built-in pretraining source task instead (:func:`source_config`)."""
-    from common.data.datasets import DataSpec, load_dataset
-    from common.data.preprocess import preprocess
-    from common.scenarios import with_scenario_defaults
-    from common.serialization import instantiate
+    from ferry.common.data.datasets import DataSpec, load_dataset
+    from ferry.common.data.preprocess import preprocess
+    from ferry.common.scenarios import with_scenario_defaults
+    from ferry.common.serialization import instantiate
 
     cfg = with_scenario_defaults(cfg)
     if split == "source":
@@ -146,7 +145,7 @@ class Privacy:
 
 
 def _sigma(privacy: Privacy, q: float, steps: int) -> float:
-    from common.privacy.accounting import noise_multiplier_for_target
+    from ferry.common.privacy.accounting import noise_multiplier_for_target
 
     if privacy.epsilon is None:
         return 0.0
@@ -178,9 +177,9 @@ def run_federation(
     return its metrics on the pooled held-out records. ``batch_rule``: each institution's
     expected batch from its own n and the head's size p (``settings.batch_size`` otherwise),
     e.g. :func:`common.training_defaults.rule_batch_size`."""
-    from client.dp_trainer import round_plan
-    from client.linear_dp import train_linear
-    from server.aggregation import AggregationPolicy, aggregate_updates
+    from ferry.client.dp_trainer import round_plan
+    from ferry.client.linear_dp import train_linear
+    from ferry.server.aggregation import AggregationPolicy, aggregate_updates
 
     if features.task != "classification":
         raise FerryError("tuning covers classification tasks only (for now)")
@@ -243,7 +242,7 @@ def run_federation(
 
 def evaluate(arrays: dict, x: np.ndarray, y: np.ndarray, num_classes: int) -> dict[str, float]:
     """Accuracy, balanced accuracy and (two classes) ROC AUC of a linear head."""
-    from common.metrics import binary_auc
+    from ferry.common.metrics import binary_auc
 
     logits = x.astype(np.float64) @ arrays["weight"].T.astype(np.float64) + arrays["bias"]
     pred = logits.argmax(axis=1)
@@ -371,8 +370,8 @@ def _malformed(path: Path, why: str) -> FerryError:
 
 def _check_settings(path: Path, key: str, entry: object) -> dict:
     """The four tuned settings of one entry, each of the type and range a run accepts."""
-    from common.config import _LIMITS
-    from common.training_defaults import TUNED_FIELDS
+    from ferry.common.config import _LIMITS
+    from ferry.common.training_defaults import TUNED_FIELDS
 
     if not isinstance(entry, dict):
         raise _malformed(path, f"is malformed (entry {key} is not an object)")

@@ -40,10 +40,10 @@ def write_tables(out: Path, public_fraction: float = 0.3, seed: int = 0) -> tupl
 
 def run(out: Path, clients: int = 3, rounds: int = 5, epsilon: float = 3.0, log=print) -> dict:
     """Pretrain on the public cohort, then simulate with and without DP; return both finals."""
-    from common.config import RunConfig
-    from common.data.datasets import DataSpec
-    from server.pretrain import PretrainConfig, pretrain
-    from simulations.runner import simulate
+    from ferry.common.config import RunConfig
+    from ferry.common.data.datasets import DataSpec
+    from ferry.server.pretrain import PretrainConfig, pretrain
+    from ferry.simulations.runner import simulate
 
     public, hospitals = write_tables(out)
     weights = out / "encoder"

@@ -14,17 +14,17 @@ import os
 import time
 from pathlib import Path
 
-from common.backbones.registry import backbone_spec
-from common.config import RunConfig
-from common.data.datasets import DataSpec, load_dataset, partition_sizes
-from common.errors import FerryError
-from common.model import initial_trainable_arrays, out_dim
-from common.paths import ferry_home
-from common.scenarios import get_scenario, with_base_rates, with_scenario_defaults
-from common.training_defaults import check_feasible, trainable_size
-from server.backbone_source import choose_training, resolve_backbone
-from server.federation import FederationPlan
-from server.outputs import FINAL_METRICS, prepare_out_dir
+from ferry.common.backbones.registry import backbone_spec
+from ferry.common.config import RunConfig
+from ferry.common.data.datasets import DataSpec, load_dataset, partition_sizes
+from ferry.common.errors import FerryError
+from ferry.common.model import initial_trainable_arrays, out_dim
+from ferry.common.paths import ferry_home
+from ferry.common.scenarios import get_scenario, with_base_rates, with_scenario_defaults
+from ferry.common.training_defaults import check_feasible, trainable_size
+from ferry.server.backbone_source import choose_training, resolve_backbone
+from ferry.server.federation import FederationPlan
+from ferry.server.outputs import FINAL_METRICS, prepare_out_dir
 
 
 def plan_simulation(
@@ -148,12 +148,11 @@ def simulate(cfg: RunConfig, log=print, client_app=None) -> dict:
         f"backbone {plan.artifact.manifest['architecture']} {plan.artifact.sha256[:12]} "
         f"({pre.get('kind', '?')}), trains {_trained_part(cfg)}, outputs in {plan.out}/"
     )
+    from ferry.server.app import build_server_app
     from flwr.simulation import run_simulation
 
-    from server.app import build_server_app
-
     if client_app is None:
-        from client.app import app as client_app
+        from ferry.client.app import app as client_app
 
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ferry.client.backbone_cache as backbone_cache
+import ferry.client.feature_cache as feature_cache
 import pytest
-
-import client.backbone_cache as backbone_cache
-import client.feature_cache as feature_cache
-from client.runtime import ClientSettings, RoundRequest
-from common.config import RunConfig
-from common.heads import build_head
-from common.serialization import BackboneArtifact, save_artifact
-from server.pretrain import random_artifact
+from ferry.client.runtime import ClientSettings, RoundRequest
+from ferry.common.config import RunConfig
+from ferry.common.heads import build_head
+from ferry.common.serialization import BackboneArtifact, save_artifact
+from ferry.server.pretrain import random_artifact
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -100,8 +99,7 @@ def reissue_server_cert():
     made with other tools could be (``ferry certs`` always adds the loopback names)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
-
-    from common import certs
+    from ferry.common import certs
 
     def reissue(out: Path, hosts: list[str]) -> Path:
         ca_cert = x509.load_pem_x509_certificate((out / certs.CA_CERT).read_bytes())

@@ -15,20 +15,19 @@ import math
 
 import numpy as np
 import pytest
-
-from common import config as run_config
-from common import metrics
-from common.config import RunConfig
-from common.errors import FerryError
-from common.metrics import (
+from ferry.common import config as run_config
+from ferry.common import metrics
+from ferry.common.config import RunConfig
+from ferry.common.errors import FerryError
+from ferry.common.metrics import (
     classification_statistics,
     metrics_from_statistics,
     pool_statistics,
     regression_statistics,
     statistics_from_record,
 )
-from server import aggregation
-from server.aggregation import aggregate
+from ferry.server import aggregation
+from ferry.server.aggregation import aggregate
 
 HONEST = 9
 SHAPES = {"head.weight": (5, 10), "head.bias": (5,)}
@@ -337,7 +336,7 @@ def test_the_policy_comes_from_the_config_and_the_run_record_carries_it():
 
 
 def test_a_deployment_run_config_takes_the_aggregation_settings_and_refuses_bad_ones(tmp_path):
-    from server.deployment import check_deployment
+    from ferry.server.deployment import check_deployment
 
     run = {"mode": "deployment", "num-classes": 4, "out": str(tmp_path / "run"), "clients": 5}
     settings = check_deployment({**run, "aggregation": "krum", "min-clients": 5, "weight-cap": 3.0})

@@ -23,16 +23,15 @@ import traceback
 from pathlib import Path
 
 import pytest
-
-from client import runtime
-from client.backbone_cache import BackboneCache
-from client.budget_guard import Budget, BudgetExceeded, check_round
-from client.dp_trainer import round_plan
-from client.privacy_state import PrivacyState
-from common.config import RunConfig
-from common.errors import FerryError
-from common.heads import build_head
-from common.privacy.accounting import MechanismSegment, epsilon_for_history
+from ferry.client import runtime
+from ferry.client.backbone_cache import BackboneCache
+from ferry.client.budget_guard import Budget, BudgetExceeded, check_round
+from ferry.client.dp_trainer import round_plan
+from ferry.client.privacy_state import PrivacyState
+from ferry.common.config import RunConfig
+from ferry.common.errors import FerryError
+from ferry.common.heads import build_head
+from ferry.common.privacy.accounting import MechanismSegment, epsilon_for_history
 
 DELTA = 1e-5
 STATE, BACKUP = "privacy_state.json", "privacy_state.json.bak"
@@ -247,7 +246,7 @@ def test_both_copies_deleted_with_only_the_signing_key_left_are_refused(tmp_path
 def test_receipts_of_non_private_rounds_alone_are_not_a_lost_state(tmp_path):
     """A simulated non-private run (no budget) signs receipts but spends nothing: its
     directory is still a fresh budget."""
-    from client.receipts import sign_and_keep
+    from ferry.client.receipts import sign_and_keep
 
     state_dir = tmp_path / "state"
     state_dir.mkdir()
@@ -334,7 +333,7 @@ def test_another_institutions_state_copied_in_is_refused_naming_both(
 def test_crash_between_the_two_writes_takes_the_longer_copy_and_repairs_the_backup(
     tmp_path, monkeypatch
 ):
-    import client.privacy_state as ps
+    import ferry.client.privacy_state as ps
 
     _spend(tmp_path, "hospital-000", 2)
     real = ps._install
@@ -435,7 +434,7 @@ def test_server_chosen_tiny_sigma_is_refused_quickly_as_a_refusal(
 
 
 def test_tiny_sigma_is_refused_before_the_accountant_even_under_an_absurd_budget():
-    from common.privacy.accounting import UnaccountableMechanism
+    from ferry.common.privacy.accounting import UnaccountableMechanism
 
     tiny = MechanismSegment(0.01, 0.1, 100)
     start = time.perf_counter()
@@ -472,7 +471,7 @@ def test_absurd_local_epochs_are_refused_quickly(tmp_path, artifact, derived):
 def test_honest_derived_sigma_is_never_refused(target, q, steps_per_round, rounds):
     """The last round of a run whose sigma is derived for ``target`` passes the guard (the
     floor and the accountant's grid only grow with the history, so earlier rounds do too)."""
-    from common.privacy.accounting import (
+    from ferry.common.privacy.accounting import (
         MAX_PRV_GRID_POINTS,
         compact_history,
         epsilon_lower_bound,
@@ -489,7 +488,7 @@ def test_honest_derived_sigma_is_never_refused(target, q, steps_per_round, round
 
 
 def test_epsilon_floor_is_below_the_prv_epsilon_and_tight_for_one_step():
-    from common.privacy.accounting import epsilon_lower_bound
+    from ferry.common.privacy.accounting import epsilon_lower_bound
 
     for sigma, q in ((0.5, 0.01), (0.5, 1.0), (1.0, 0.2), (2.0, 0.01)):
         one = MechanismSegment(sigma, q, 1)

@@ -20,14 +20,14 @@ import flwr.simulation
 import numpy as np
 import pytest
 import torch
+from ferry.client import runtime
+from ferry.client.linear_dp import exact_clipped_sum
+from ferry.client.privacy_state import STATE_FILE
+from ferry.common.config import RunConfig
+from ferry.common.errors import FerryError
 from torch import nn
 
-from client import runtime
-from client.linear_dp import exact_clipped_sum
-from client.privacy_state import STATE_FILE
-from common.cli import main
-from common.config import RunConfig
-from common.errors import FerryError
+from ferry.cli import main
 from tests.test_attack_operator_config import _head, _one_line, _request, _settings
 
 C = 0.5
@@ -35,7 +35,7 @@ C = 0.5
 
 def class_weights(rates: str, num_classes: int):
     """The new API, imported here so that on the old code each test fails on its own."""
-    from common.config import class_weights
+    from ferry.common.config import class_weights
 
     return class_weights(rates, num_classes)
 

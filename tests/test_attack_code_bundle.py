@@ -9,7 +9,7 @@ OPERATOR, with the SuperLink's Control API on its own machine, submits with ``fl
 (b) Ferry's component names, but the bundle ships ``client/app.py`` (and ``server/app.py``)
     shadowing the installed ones, with the same payload;
 (c) a code-free bundle naming another installed ClientApp
-    (``simulations.bench.noop_client:app``, which answers without DP or budget).
+    (``ferry.simulations.bench.noop_client:app``, which answers without DP or budget).
 
 Each attack's ServerApp (the operator's: shipped in (a)/(b), on the SuperLink's
 ``PYTHONPATH`` for (c)) sends one message to every node and writes the replies it gets.
@@ -31,13 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ferry.common.child_processes import ChildProcess, flower_bin, tagged_pids
+from ferry.common.data.synthetic import class_names, make_images
+from ferry.common.serialization import save_artifact
+from ferry.server.pretrain import random_artifact
+from ferry.server.superlink import load_server_config, write_app
 from PIL import Image
-
-from common.child_processes import ChildProcess, flower_bin, tagged_pids
-from common.data.synthetic import class_names, make_images
-from common.serialization import save_artifact
-from server.pretrain import random_artifact
-from server.superlink import load_server_config, write_app
 
 pytestmark = pytest.mark.slow
 
@@ -196,7 +195,7 @@ def attacked(tmp_path_factory) -> dict:
     client = ChildProcess(
         "hospital-a",
         [
-            *(sys.executable, "-m", "common.cli", "client", "--insecure"),
+            *(sys.executable, "-m", "ferry.cli", "client", "--insecure"),
             *("--server", f"127.0.0.1:{port}", "--data", str(root / "data")),
             *("--state-dir", str(state), "--institution", "hospital-a"),
             *("--budget-epsilon", "50", "--budget-delta", "1e-4"),
@@ -219,7 +218,7 @@ def attacked(tmp_path_factory) -> dict:
             ),
             "b-shadow-client-app": operator_app(
                 root / "b-shadow-client-app",
-                {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+                {"serverapp": "ferry.server.app:app", "clientapp": "ferry.client.app:app"},
                 {
                     "server/__init__.py": "",
                     "server/app.py": SENDER,
@@ -258,7 +257,7 @@ def attacked(tmp_path_factory) -> dict:
     return result
 
 
-_NOOP = "simulations.bench.noop_client:app"
+_NOOP = "ferry.simulations.bench.noop_client:app"
 
 
 def honest_run_config(root: Path, out: Path) -> dict:

@@ -13,21 +13,20 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import ferry.client.backbone_cache as bc
 import numpy as np
 import pandas as pd
 import pytest
-
-import client.backbone_cache as bc
-from client.budget_guard import Budget
-from client.held_out import pin_split
-from client.runtime import ClientSettings, RoundRequest, _local_data, evaluate_round
-from common.config import RunConfig
-from common.data import synthetic_records
-from common.data.datasets import DataSpec, load_partition, whole
-from common.errors import FerryError
-from common.heads import build_head
-from common.scenarios.registry import with_scenario_defaults
-from server.pretrain import random_artifact
+from ferry.client.budget_guard import Budget
+from ferry.client.held_out import pin_split
+from ferry.client.runtime import ClientSettings, RoundRequest, _local_data, evaluate_round
+from ferry.common.config import RunConfig
+from ferry.common.data import synthetic_records
+from ferry.common.data.datasets import DataSpec, load_partition, whole
+from ferry.common.errors import FerryError
+from ferry.common.heads import build_head
+from ferry.common.scenarios.registry import with_scenario_defaults
+from ferry.server.pretrain import random_artifact
 
 
 @pytest.fixture(autouse=True)
@@ -180,8 +179,8 @@ def test_a_changed_loader_setting_is_refused_before_the_data_is_read(tmp_path, c
 
 
 def test_the_institution_pins_its_classes_and_cutoff_up_front(tmp_path):
-    from client.held_out import pin_data_settings
-    from client.supernode import InstitutionSettings, write_node_config
+    from ferry.client.held_out import pin_data_settings
+    from ferry.client.supernode import InstitutionSettings, write_node_config
 
     csv = _patients(tmp_path, rare=False)
     s = InstitutionSettings(

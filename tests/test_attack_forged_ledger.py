@@ -18,11 +18,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from test_audit import BATCH, DELTA, ROUNDS, ferry_audit, signed_by_client, write_run
-
-from common.privacy.accounting import MechanismSegment, epsilon_for_history
-from common.privacy.dp_events import event_to_json, segment_event
-from common.privacy.report import (
+from ferry.common.privacy.accounting import MechanismSegment, epsilon_for_history
+from ferry.common.privacy.dp_events import event_to_json, segment_event
+from ferry.common.privacy.report import (
     SIGNATURE_CONTEXT,
     PrivacyReport,
     digest,
@@ -31,8 +29,9 @@ from common.privacy.report import (
     public_key_text,
     sign,
 )
-from server import audit
-from server.ledger import HEAD_FILE, LEDGER_FILE, Ledger, read_ledger
+from ferry.server import audit
+from ferry.server.ledger import HEAD_FILE, LEDGER_FILE, Ledger, read_ledger
+from test_audit import BATCH, DELTA, ROUNDS, ferry_audit, signed_by_client, write_run
 
 # What a PASS must say it did not check (the README quotes these lines).
 NO_RECEIPTS = (
@@ -587,7 +586,7 @@ def test_signed_report_without_a_positive_clipping_norm_fails(run: Path, capsys,
 
 
 def test_replay_of_extreme_mechanisms_is_a_failure_value_not_an_exception() -> None:
-    from server.audit_replay import ReplayFailure, replay_all
+    from ferry.server.audit_replay import ReplayFailure, replay_all
 
     jobs = {
         ((MechanismSegment(1e-6, 0.05, 10),), (DELTA,)),
@@ -602,7 +601,7 @@ def test_replay_of_extreme_mechanisms_is_a_failure_value_not_an_exception() -> N
 def test_honest_small_simulation_audits_clean_with_its_own_keys(tmp_path: Path, capsys) -> None:
     """`ferry simulate` then `ferry audit RUN`: each virtual institution signed with the key
     in its state directory, the audit finds those keys and the receipts match the ledger."""
-    from common.cli import main
+    from ferry.cli import main
 
     run = tmp_path / "run"
     args = ["--examples", "400", "--clients", "3", "--rounds", "2", "--weights", "random"]
@@ -623,10 +622,10 @@ def test_deployed_institution_signs_with_its_ferry_certs_key(tmp_path: Path, cap
     ``report-key``), which signs with it; the auditor verifies with ``ferry certs``' NAME.pub."""
     import tomllib
 
-    from client.receipts import LOCAL_KEY, sign_and_keep
-    from client.runtime import settings_for_deployment
-    from client.supernode import InstitutionSettings, write_node_config
-    from common.certs import make_auth_key_pair
+    from ferry.client.receipts import LOCAL_KEY, sign_and_keep
+    from ferry.client.runtime import settings_for_deployment
+    from ferry.client.supernode import InstitutionSettings, write_node_config
+    from ferry.common.certs import make_auth_key_pair
 
     key, _ = make_auth_key_pair(tmp_path / "institutions", "clinic-b")
     state = tmp_path / "state"

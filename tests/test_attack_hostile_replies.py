@@ -21,11 +21,11 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from ferry.server.checkpoint import load_checkpoint
+from ferry.server.federation import run_federation
+from ferry.server.ledger import read_ledger
 from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
 
-from server.checkpoint import load_checkpoint
-from server.federation import run_federation
-from server.ledger import read_ledger
 from tests import test_deploy_federation as deployed
 from tests.test_deploy_federation import NODES, FakeGrid
 

@@ -21,21 +21,21 @@ import socket
 import stat
 from pathlib import Path
 
+import ferry.common.child_processes as child_processes
 import numpy as np
 import pytest
+from ferry.client.backbone_cache import BackboneCache
+from ferry.client.feature_cache import FeatureCache, feature_key
+from ferry.client.held_out import pin_data_settings, pin_split
+from ferry.client.privacy_state import PrivacyState
+from ferry.client.receipts import sign_and_keep
+from ferry.client.supernode import check_data
+from ferry.common.certs import make_certs
+from ferry.common.privacy.accounting import MechanismSegment
+from ferry.common.serialization import instantiate, save_artifact
+from ferry.server.superlink import load_server_config
 
-import common.child_processes as child_processes
-from client.backbone_cache import BackboneCache
-from client.feature_cache import FeatureCache, feature_key
-from client.held_out import pin_data_settings, pin_split
-from client.privacy_state import PrivacyState
-from client.receipts import sign_and_keep
-from client.supernode import check_data
-from common.certs import make_certs
-from common.cli import main
-from common.privacy.accounting import MechanismSegment
-from common.serialization import instantiate, save_artifact
-from server.superlink import load_server_config
+from ferry.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -165,10 +165,10 @@ def test_another_user_cannot_read_the_node_config_the_noise_cache_or_the_superno
 ):
     """The node config names the data and key paths; the noise cache holds q (so n); the
     SuperNode's log holds refusals that may quote data. All 0600 in a 0700 directory."""
-    from client.runtime import noise_for
-    from client.supernode import InstitutionSettings, write_node_config
-    from common.config import RunConfig
-    from common.messages import RoundRequest
+    from ferry.client.runtime import noise_for
+    from ferry.client.supernode import InstitutionSettings, write_node_config
+    from ferry.common.config import RunConfig
+    from ferry.common.messages import RoundRequest
 
     state = tmp_path / "state"
     data = tmp_path / "data.csv"

@@ -8,10 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from client import dp_randomness
-from client.dp_trainer import DPTrainConfig, train_tail
-from common.heads import build_head
+from ferry.client import dp_randomness
+from ferry.client.dp_trainer import DPTrainConfig, train_tail
+from ferry.common.heads import build_head
 
 N, D, BAD = 200, 8, 17
 

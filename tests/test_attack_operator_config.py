@@ -28,15 +28,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from client import runtime
-from client.backbone_cache import BackboneCache
-from client.budget_guard import Budget
-from client.dp_trainer import DPTrainConfig, round_plan
-from client.privacy_state import PrivacyState
-from common.config import RunConfig
-from common.errors import FerryError
-from common.heads import build_head
+from ferry.client import runtime
+from ferry.client.backbone_cache import BackboneCache
+from ferry.client.budget_guard import Budget
+from ferry.client.dp_trainer import DPTrainConfig, round_plan
+from ferry.client.privacy_state import PrivacyState
+from ferry.common.config import RunConfig
+from ferry.common.errors import FerryError
+from ferry.common.heads import build_head
 
 DELTA = 1e-5
 RUN = RunConfig(examples=400, clients=2, rounds=3, noise_multiplier=1.0)
@@ -197,7 +196,7 @@ def test_message_is_validated_where_it_arrives(artifact):
 def test_linear_dp_draws_poisson_masks_in_bounded_blocks(monkeypatch):
     """The attack allocated ``torch.rand((steps, n))`` at once: 1e6 x 20,000 was 75 GiB.
     Here 4,000 steps on 5,000 examples (2e7 draws) must come in blocks of at most 2**24."""
-    from client.linear_dp import train_linear
+    from ferry.client.linear_dp import train_linear
 
     sizes = []
     real_rand = torch.rand
@@ -228,7 +227,7 @@ def test_linear_dp_draws_poisson_masks_in_bounded_blocks(monkeypatch):
 
 
 def test_round_of_absurd_work_is_refused_before_the_reservation(tmp_path, artifact, monkeypatch):
-    from client import budget_guard
+    from ferry.client import budget_guard
 
     _, steps = round_plan(20_000, 1, 50)  # the red team's 1e6 steps on 20,000 examples
     with pytest.raises(FerryError, match="example-steps"):
@@ -271,7 +270,7 @@ def _tabular_run(csv: Path, **changes) -> RunConfig:
 
 
 def _deployed(root: Path, csv: Path):
-    from server.pretrain import random_artifact
+    from ferry.server.pretrain import random_artifact
 
     art = random_artifact("tabular-mlp", input_shape=(3,))
     node_config = {
@@ -305,7 +304,7 @@ def test_evaluate_message_cannot_move_a_deployed_institutions_training_records_i
 
 
 def test_deployed_split_is_pinned_with_a_secret_salt_and_cannot_change(tmp_path):
-    from client.held_out import SPLIT_FILE, pin_split
+    from ferry.client.held_out import SPLIT_FILE, pin_split
 
     a = pin_split(tmp_path / "a", 0.25)
     assert pin_split(tmp_path / "a") == a == pin_split(tmp_path / "a", 0.25)
@@ -320,7 +319,7 @@ def test_deployed_split_is_pinned_with_a_secret_salt_and_cannot_change(tmp_path)
 
 
 def test_ferry_client_writes_its_test_fraction_into_the_node_config(tmp_path):
-    from client.supernode import InstitutionSettings, write_node_config
+    from ferry.client.supernode import InstitutionSettings, write_node_config
 
     state = tmp_path / "state"
     state.mkdir()
@@ -356,7 +355,7 @@ def test_deployed_data_error_reaches_the_server_as_one_generic_line(tmp_path, ca
 
 
 def test_simulated_data_error_keeps_its_details_for_the_researcher(tmp_path, artifact):
-    from server.pretrain import random_artifact
+    from ferry.server.pretrain import random_artifact
 
     csv = _table(tmp_path, label_of_first="HIV+")
     art = random_artifact("tabular-mlp", input_shape=(3,))

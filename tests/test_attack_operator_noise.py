@@ -19,12 +19,11 @@ import opacus.optimizers.optimizer as opacus_optimizer
 import opacus.optimizers.optimizer_fast_gradient_clipping as opacus_ghost
 import pytest
 import torch
+from ferry.client import dp_randomness, runtime
+from ferry.client.dp_trainer import DPTrainConfig, round_plan, train_tail
+from ferry.common.config import RunConfig
 from torch import nn
 from torch.func import functional_call, grad, vmap
-
-from client import dp_randomness, runtime
-from client.dp_trainer import DPTrainConfig, round_plan, train_tail
-from common.config import RunConfig
 
 SIGMA, CLIP, LR = 1.0, 0.5, 0.1
 

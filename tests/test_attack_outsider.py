@@ -31,20 +31,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ferry.common.certs import make_auth_key_pair, make_certs
+from ferry.common.child_processes import flower_bin
+from ferry.common.data.synthetic import class_names, make_images
+from ferry.common.serialization import save_artifact
+from ferry.server.ledger import read_ledger
+from ferry.server.pretrain import random_artifact
 from PIL import Image
 
-from common.certs import make_auth_key_pair, make_certs
-from common.child_processes import flower_bin
-from common.data.synthetic import class_names, make_images
-from common.serialization import save_artifact
-from server.ledger import read_ledger
-from server.pretrain import random_artifact
 from tests.test_deploy import Processes, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
 HONEST = ("hospital-a", "hospital-b")
-FERRY = [sys.executable, "-m", "common.cli"]
+FERRY = [sys.executable, "-m", "ferry.cli"]
 ROUNDS = 2
 
 # (method, raw path) sent as-is by the outsider; each must be answered 404 (nothing behind it).

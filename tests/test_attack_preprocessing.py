@@ -24,19 +24,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from client import runtime
-from client.backbone_cache import BackboneCache
-from client.runtime import ClientSettings, RoundRequest
-from common.backbones.registry import backbone_spec
-from common.config import RunConfig
-from common.data.dataset import Dataset
-from common.data.datasets import DataSpec, Partition, load_dataset, load_partition, whole
-from common.errors import FerryError
-from common.scenarios import get_scenario
-from common.scenarios.registry import known_scenarios, with_scenario_defaults
-from common.serialization import BackboneArtifact, backbone_digest, verify
-from server.pretrain import PretrainConfig, pretrain, random_artifact
+from ferry.client import runtime
+from ferry.client.backbone_cache import BackboneCache
+from ferry.client.runtime import ClientSettings, RoundRequest
+from ferry.common.backbones.registry import backbone_spec
+from ferry.common.config import RunConfig
+from ferry.common.data.dataset import Dataset
+from ferry.common.data.datasets import DataSpec, Partition, load_dataset, load_partition, whole
+from ferry.common.errors import FerryError
+from ferry.common.scenarios import get_scenario
+from ferry.common.scenarios.registry import known_scenarios, with_scenario_defaults
+from ferry.common.serialization import BackboneArtifact, backbone_digest, verify
+from ferry.server.pretrain import PretrainConfig, pretrain, random_artifact
 
 C = 1.0  # clipping norm
 EXAMPLES = 300
@@ -195,8 +194,7 @@ def test_one_record_added_or_removed_leaves_other_records_features_and_gradients
 
 def _table_file(scenario: str, path: Path, change: str) -> Path:
     import pandas as pd
-
-    from common.data import synthetic_records
+    from ferry.common.data import synthetic_records
 
     make, drop, label, _ = TABLE_FILES[scenario]
     frame = getattr(synthetic_records, make)(EXAMPLES, 0, "target").drop(columns=drop)
@@ -219,8 +217,7 @@ def _price_file(path: Path, change: str) -> Path:
     """A deployed bank's price file; ``add``: one more (hostile) day at the end of the first
     ticker (one more window); ``remove``: its first day gone (its oldest window gone)."""
     import pandas as pd
-
-    from common.data import synthetic_records
+    from ferry.common.data import synthetic_records
 
     frame = synthetic_records.make_prices(PRICE_DAYS, 3, 0, "target")
     first = frame[frame["ticker"] == frame["ticker"].iloc[0]]
@@ -315,8 +312,7 @@ def _only_the_data_settings_pin(state_dir: Path) -> bool:
 
 def _molecule_file(path: Path, extra_label: str = "", drop_extra: bool = False) -> Path:
     import pandas as pd
-
-    from common.data import synthetic_records
+    from ferry.common.data import synthetic_records
 
     frame = synthetic_records.make_molecules(EXAMPLES, 0, "target")
     if extra_label:

@@ -14,18 +14,17 @@ import json
 import math
 import uuid
 
+import ferry.client.app as client_app
+import ferry.server.exchange as exchange
 import numpy as np
 import pytest
+from ferry.client import runtime
+from ferry.client.backbone_cache import BackboneCache
+from ferry.common.config import RunConfig
+from ferry.common.heads import build_head
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from sklearn import metrics as skm
-
-import client.app as client_app
-import server.exchange
-from client import runtime
-from client.backbone_cache import BackboneCache
-from common.config import RunConfig
-from common.heads import build_head
 
 PARTITIONS = 3
 
@@ -36,7 +35,7 @@ def server_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(server.exchange, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(exchange, "POLL_SECONDS", 0.01)
 
 
 def _context(pid: int) -> Context:
@@ -161,7 +160,7 @@ class InProcessGrid:
 @pytest.fixture
 def federation(tmp_path, artifact):
     """One round over three institutions; the run's outputs and the plan."""
-    from server.federation import FederationPlan, run_federation
+    from ferry.server.federation import FederationPlan, run_federation
 
     out = tmp_path / "run"
     out.mkdir()
@@ -201,9 +200,9 @@ def federation(tmp_path, artifact):
 def _held_out_predictions(plan) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """What no one outside the institutions holds: each one's held-out labels and the final
     model's scores on them (the test plays every institution at once)."""
-    from client.dp_trainer import predict_tail
-    from server.checkpoint import load_checkpoint
-    from server.rounds import _run_record
+    from ferry.client.dp_trainer import predict_tail
+    from ferry.server.checkpoint import load_checkpoint
+    from ferry.server.rounds import _run_record
 
     arrays = load_checkpoint(plan.out).arrays
     record = dict(_run_record(plan, 1))
@@ -263,7 +262,7 @@ def test_federated_metrics_are_sklearn_metrics_of_the_pooled_held_out_prediction
 
 
 def test_regression_statistics_pool_to_sklearn_rmse_mae_r2_and_direction():
-    from common.metrics import metrics_from_statistics, pool_statistics, regression_statistics
+    from ferry.common.metrics import metrics_from_statistics, pool_statistics, regression_statistics
 
     rng = np.random.default_rng(3)
     parts = [(rng.normal(0.1, 1, n), rng.normal(0, 1, n)) for n in (7, 60, 233)]
@@ -285,8 +284,8 @@ def test_no_train_split_metric_reaches_the_server_outputs_or_ledger(federation):
 
 
 def test_summary_and_ledger_state_what_each_release_covers_and_what_it_does_not(federation):
-    from common.privacy.statement import privacy_statement
-    from server.ledger import read_ledger
+    from ferry.common.privacy.statement import privacy_statement
+    from ferry.server.ledger import read_ledger
 
     plan, summary = federation
     statement = privacy_statement(plan.cfg.delta, accountant="prv")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client import task_launcher
-from client.supernode import InstitutionSettings, _refusal
+from ferry.client import task_launcher
+from ferry.client.supernode import InstitutionSettings, _refusal
 
 
 class _Reply:

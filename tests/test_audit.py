@@ -11,17 +11,17 @@ import json
 from pathlib import Path
 
 import pytest
-
-from client.receipts import sign_and_keep
-from common.cli import main
-from common.privacy.accounting import (
+from ferry.client.receipts import sign_and_keep
+from ferry.common.privacy.accounting import (
     MechanismSegment,
     epsilon_for_history,
     noise_multiplier_for_target,
 )
-from common.privacy.dp_events import event_to_json, segment_event
-from server import audit, audit_replay
-from server.ledger import LEDGER_FILE, Ledger
+from ferry.common.privacy.dp_events import event_to_json, segment_event
+from ferry.server import audit, audit_replay
+from ferry.server.ledger import LEDGER_FILE, Ledger
+
+from ferry.cli import main
 
 DELTA = 1e-5
 ROUNDS = 4

@@ -8,13 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from common.privacy.accounting import MechanismSegment, epsilon_for_history
-from common.privacy.report import RECEIPTS_FILE, SignedReport, fingerprint, load_public_key
-from server.audit import audit_ledger
-from server.audit_signatures import discover_keys, verify_record
-from server.ledger import read_ledger
-from simulations.bench.audit_bench import (
+from ferry.common.privacy.accounting import MechanismSegment, epsilon_for_history
+from ferry.common.privacy.report import RECEIPTS_FILE, SignedReport, fingerprint, load_public_key
+from ferry.server.audit import audit_ledger
+from ferry.server.audit_signatures import discover_keys, verify_record
+from ferry.server.ledger import read_ledger
+from ferry.simulations.bench.audit_bench import (
     DELTA,
     plan_institutions,
     sign_reports,

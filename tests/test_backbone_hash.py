@@ -7,11 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
-
-from client.backbone_cache import BackboneCache
-from common.errors import FerryError
-from common.serialization import (
+from ferry.client.backbone_cache import BackboneCache
+from ferry.common.errors import FerryError
+from ferry.common.serialization import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
     BackboneArtifact,
@@ -19,6 +17,7 @@ from common.serialization import (
     instantiate,
     load_artifact,
 )
+from safetensors.numpy import load_file, save_file
 
 
 def _nudge_one_weight(weights_file: Path, name: str = "0.weight") -> None:

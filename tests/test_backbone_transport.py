@@ -27,17 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ferry.common.certs import make_certs
+from ferry.common.config import RunConfig
+from ferry.common.data.synthetic import class_names, make_images
+from ferry.common.serialization import BackboneArtifact, load_artifact
+from ferry.server.audit import audit_ledger
+from ferry.server.backbone_import import import_backbone
+from ferry.server.ledger import read_ledger
+from ferry.simulations.runner import simulate
 from PIL import Image
 from test_deploy import FERRY, Processes, client_argv, free_port, wait_for
-
-from common.certs import make_certs
-from common.config import RunConfig
-from common.data.synthetic import class_names, make_images
-from common.serialization import BackboneArtifact, load_artifact
-from server.audit import audit_ledger
-from server.backbone_import import import_backbone
-from server.ledger import read_ledger
-from simulations.runner import simulate
 
 pytestmark = pytest.mark.slow
 

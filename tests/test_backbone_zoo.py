@@ -15,15 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ferry.common.backbones import build_backbone
+from ferry.common.backbones.origins import origin_of
+from ferry.common.backbones.registry import backbone_spec
+from ferry.common.data.preprocess import preprocess
+from ferry.common.errors import FerryError
+from ferry.common.serialization import instantiate, load_artifact, make_artifact
+from ferry.server.backbone_import import import_backbone
 from torch import nn
-
-from common.backbones import build_backbone
-from common.backbones.origins import origin_of
-from common.backbones.registry import backbone_spec
-from common.data.preprocess import preprocess
-from common.errors import FerryError
-from common.serialization import instantiate, load_artifact, make_artifact
-from server.backbone_import import import_backbone
 
 torch.set_num_threads(1)
 
@@ -150,7 +149,7 @@ def test_last_stage_onwards_gets_opacus_per_sample_gradients(arch):
 
 
 def test_vit_default_lora_targets_name_linear_layers_once_attention_is_dp_converted():
-    from common.adapters import DPAttention as to_dp_attention
+    from ferry.common.adapters import DPAttention as to_dp_attention
 
     _, trunk = built("vit_b_16")
     targets = backbone_spec("vit_b_16").lora_targets
@@ -171,9 +170,8 @@ def test_vit_default_lora_targets_name_linear_layers_once_attention_is_dp_conver
 
 
 def test_dp_attention_gives_opacus_per_sample_gradients_of_each_example():
+    from ferry.common.adapters import DPAttention as to_dp_attention
     from opacus import GradSampleModule
-
-    from common.adapters import DPAttention as to_dp_attention
 
     torch.manual_seed(0)
     attention = to_dp_attention(nn.MultiheadAttention(16, 2, batch_first=True)).train()

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from common.cli import main
+from ferry.cli import main
 
 
 @pytest.mark.slow

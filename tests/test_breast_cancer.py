@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-
-from simulations.breast_cancer import LABEL, run, write_tables
+from ferry.simulations.breast_cancer import LABEL, run, write_tables
 
 pytestmark = pytest.mark.slow
 

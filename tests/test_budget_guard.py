@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
-from client import runtime
-from client.backbone_cache import BackboneCache
-from client.budget_guard import Budget, BudgetExceeded, check_round
-from client.privacy_state import PrivacyState
-from common.config import RunConfig
-from common.privacy.accounting import MechanismSegment, epsilon_for_history
-from server.pretrain import random_artifact
+from ferry.client import runtime
+from ferry.client.backbone_cache import BackboneCache
+from ferry.client.budget_guard import Budget, BudgetExceeded, check_round
+from ferry.client.privacy_state import PrivacyState
+from ferry.common.config import RunConfig
+from ferry.common.privacy.accounting import MechanismSegment, epsilon_for_history
+from ferry.server.pretrain import random_artifact
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +28,7 @@ def _client(tmp_path, artifact, budget: Budget | None):
 
 
 def _head_arrays():
-    from common.heads import build_head
+    from ferry.common.heads import build_head
 
     head = build_head("linear", 64, 4)
     return {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}

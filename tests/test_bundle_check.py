@@ -12,10 +12,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from ferry.client.bundle_check import MAX_BUNDLE_BYTES, BundleRefused, check_bundle
+from ferry.server.superlink import write_app
 from flwr.cli.build import build_fab_from_disk
-
-from client.bundle_check import MAX_BUNDLE_BYTES, BundleRefused, check_bundle
-from server.superlink import write_app
 
 RUN = {"rounds": 2, "num-classes": 4, "epsilon": 8.0, "out": "/srv/run", "resume": False}
 
@@ -55,12 +54,15 @@ def refusal(fab: bytes) -> str:
 
 def test_ferry_servers_code_free_bundle_passes_with_its_config(tmp_path):
     checked = check_bundle(build_fab_from_disk(honest_app(tmp_path)))
-    assert checked.components == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert checked.components == {
+        "serverapp": "ferry.server.app:app",
+        "clientapp": "ferry.client.app:app",
+    }
     assert checked.config["rounds"] == 2 and checked.config["out"] == "/srv/run"
 
 
 def test_bundle_with_an_extra_module_is_refused_naming_the_files(tmp_path):
-    app = edit_pyproject(honest_app(tmp_path), '"client.app:app"', '"evil:app"')
+    app = edit_pyproject(honest_app(tmp_path), '"ferry.client.app:app"', '"evil:app"')
     (app / "evil.py").write_text("import os\nos.system('id')\n")
     (app / "notes.md").write_text("not code, but not Ferry's bundle either\n")
     why = refusal(build_fab_from_disk(app))
@@ -80,11 +82,11 @@ def test_bundle_shadowing_the_installed_client_app_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "old, new, why",
     [
-        ('"client.app:app"', '"simulations.bench.noop_client:app"', "components are"),
-        ('"server.app:app"', '"evil_server:app"', "components are"),
+        ('"ferry.client.app:app"', '"ferry.simulations.bench.noop_client:app"', "components are"),
+        ('"ferry.server.app:app"', '"evil_server:app"', "components are"),
         (
-            'clientapp = "client.app:app"',
-            'clientapp = "client.app:app"\nagentapp = "client.app:app"',
+            'clientapp = "ferry.client.app:app"',
+            'clientapp = "ferry.client.app:app"\nagentapp = "ferry.client.app:app"',
             "components are",
         ),
         ("dependencies = []", 'dependencies = ["evil-package"]', "asks for dependencies"),

@@ -15,10 +15,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-from client import runtime
-from client.dp_trainer import (
+from ferry.client import runtime
+from ferry.client.dp_trainer import (
     DPTrainConfig,
     _BatchWeights,
     _finite_clipping_coef,
@@ -27,9 +25,11 @@ from client.dp_trainer import (
     round_plan,
     train_tail,
 )
-from client.linear_dp import exact_clipped_sum
-from common.config import RunConfig, class_weights
-from common.scenarios import get_scenario, with_base_rates
+from ferry.client.linear_dp import exact_clipped_sum
+from ferry.common.config import RunConfig, class_weights
+from ferry.common.scenarios import get_scenario, with_base_rates
+from torch import nn
+
 from tests.test_attack_operator_config import _head, _request, _settings
 
 IMBALANCED = {"bank-credit": "credit", "hospital-tabular": "patients", "drug-activity": "molecules"}
@@ -40,7 +40,7 @@ IMBALANCED = {"bank-credit": "credit", "hospital-tabular": "patients", "drug-act
 
 @pytest.mark.parametrize("scenario, kind", IMBALANCED.items())
 def test_preset_base_rates_are_its_generators_rates_in_class_id_order(scenario, kind):
-    from common.data.synthetic_records import synthetic_dataset
+    from ferry.common.data.synthetic_records import synthetic_dataset
 
     preset = get_scenario(scenario)
     assert len(preset.base_rates) == len(preset.classes)
@@ -214,9 +214,9 @@ def test_weighted_round_reports_the_same_mechanism_and_epsilon_as_an_unweighted_
 def bank_credit(tmp_path_factory):
     """The bank-credit preset's built-in data through its pretrained encoder (features of
     every record, and ``ferry simulate``'s split among 10 banks)."""
-    from common.serialization import load_artifact
-    from server.pretrain import PretrainConfig, pretrain
-    from server.tuning import extract_features
+    from ferry.common.serialization import load_artifact
+    from ferry.server.pretrain import PretrainConfig, pretrain
+    from ferry.server.tuning import extract_features
 
     out = tmp_path_factory.mktemp("bank-credit-encoder")
     with pytest.MonkeyPatch.context() as mp:
@@ -230,7 +230,7 @@ def bank_credit(tmp_path_factory):
 
 @pytest.mark.slow
 def test_class_weights_lift_balanced_accuracy_above_half_at_the_same_epsilon(bank_credit):
-    from server.tuning import Privacy, TrainingSettings, repeated
+    from ferry.server.tuning import Privacy, TrainingSettings, repeated
 
     features, _ = bank_credit
     splits = features.splits(10)
@@ -249,7 +249,7 @@ def test_class_weights_lift_balanced_accuracy_above_half_at_the_same_epsilon(ban
 def test_bank_credit_simulation_with_its_defaults_predicts_the_rare_class(
     bank_credit, tmp_path, monkeypatch
 ):
-    from simulations.runner import simulate
+    from ferry.simulations.runner import simulate
 
     monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     _, encoder = bank_credit

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.cli import main
+from ferry.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +121,7 @@ def test_unreadable_image_is_named_and_can_be_skipped_with_a_count(capsys, tmp_p
     )
     assert "broken.png" in line
 
-    from common.data.datasets import DataSpec, load_dataset
+    from ferry.common.data.datasets import DataSpec, load_dataset
 
     spec = DataSpec(data=str(data), num_partitions=2, skip_unreadable=True)
     dataset = load_dataset(spec)

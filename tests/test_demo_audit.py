@@ -5,11 +5,10 @@ verifies and every hospital's reported ε (Opacus PRV) matches the independent r
 from __future__ import annotations
 
 import pytest
-
-from common.config import RunConfig
-from common.training_defaults import resolve_schedule
-from server.audit import audit_ledger
-from simulations.runner import simulate
+from ferry.common.config import RunConfig
+from ferry.common.training_defaults import resolve_schedule
+from ferry.server.audit import audit_ledger
+from ferry.simulations.runner import simulate
 
 
 @pytest.mark.slow

@@ -31,11 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from client.privacy_state import PrivacyState
-from common.certs import make_certs
-from common.child_processes import (
+from ferry.client.privacy_state import PrivacyState
+from ferry.common.certs import make_certs
+from ferry.common.child_processes import (
     TAG_VAR,
     ChildProcess,
     flower_bin,
@@ -43,18 +41,19 @@ from common.child_processes import (
     stop_tagged,
     tagged_pids,
 )
-from common.data.synthetic import class_names, make_images
-from common.privacy.accounting import MechanismSegment, epsilon_for_history
-from common.serialization import save_artifact
-from server.ledger import read_ledger
-from server.pretrain import random_artifact
+from ferry.common.data.synthetic import class_names, make_images
+from ferry.common.privacy.accounting import MechanismSegment, epsilon_for_history
+from ferry.common.serialization import save_artifact
+from ferry.server.ledger import read_ledger
+from ferry.server.pretrain import random_artifact
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
 INSTITUTIONS = ("hospital-a", "hospital-b", "hospital-c")
 ROUND_TIMEOUT = 45.0  # > the slowest healthy exchange here (~25 s: 3 clients on 2 cores)
 DELTA = 1e-5
-FERRY = [sys.executable, "-m", "common.cli"]
+FERRY = [sys.executable, "-m", "ferry.cli"]
 
 
 def free_port() -> int:
@@ -201,7 +200,7 @@ def _clientapps(child: ChildProcess) -> set[int]:
     pids = set()
     for pid in tagged_pids(child.tag):
         try:
-            if b"client.checked_clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"ferry.client.checked_clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 pids.add(pid)
         except OSError:
             pass

@@ -13,22 +13,21 @@ import json
 import uuid
 from pathlib import Path
 
+import ferry.client.app as client_app
+import ferry.server.exchange as exchange
 import numpy as np
 import pytest
+from ferry.client.privacy_state import PrivacyState
+from ferry.common.config import RunConfig
+from ferry.common.errors import FerryError
+from ferry.common.privacy.accounting import MechanismSegment, epsilon_for_history
+from ferry.server.aggregation import aggregate
+from ferry.server.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from ferry.server.federation import FederationPlan, run_federation
+from ferry.server.ledger import read_ledger
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
-
-import client.app as client_app
-import server.exchange
-from client.privacy_state import PrivacyState
-from common.config import RunConfig
-from common.errors import FerryError
-from common.privacy.accounting import MechanismSegment, epsilon_for_history
-from server.aggregation import aggregate
-from server.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from server.federation import FederationPlan, run_federation
-from server.ledger import read_ledger
 
 NODES = [2**63 + 11, 2**63 + 22, 2**63 + 33]  # 64-bit ids, as Flower's
 HANDLERS = {
@@ -97,7 +96,7 @@ def server_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(server.exchange, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(exchange, "POLL_SECONDS", 0.01)
 
 
 @pytest.fixture

@@ -14,19 +14,19 @@ import threading
 import time
 from pathlib import Path
 
+import ferry.common.child_processes as child_processes
 import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from ferry.common.certs import make_certs
+from ferry.common.serialization import save_artifact
+from ferry.server.pretrain import random_artifact
 from PIL import Image
 
-import common.child_processes as child_processes
-from common.certs import make_certs
-from common.cli import main
-from common.serialization import save_artifact
-from server.pretrain import random_artifact
+from ferry.cli import main
 
 START = child_processes.ChildProcess.start
 
@@ -285,8 +285,8 @@ def test_client_refuses_data_without_usable_examples(capsys, certs, data, tmp_pa
 
 
 def test_client_accepts_a_table_and_refuses_a_file_of_another_kind(tmp_path):
-    from client.supernode import check_data
-    from common.errors import FerryError
+    from ferry.client.supernode import check_data
+    from ferry.common.errors import FerryError
 
     table = tmp_path / "loans.csv"
     table.write_text("income,default\n" + "".join(f"{1000 + i},{i % 2}\n" for i in range(9)))
@@ -454,7 +454,7 @@ def test_server_refuses_a_port_in_use(capsys, server_toml):
 
 
 def test_insecure_server_warns_loudly_on_stderr(capsys, server_toml, monkeypatch):
-    import server.superlink as superlink
+    import ferry.server.superlink as superlink
 
     monkeypatch.setattr(superlink, "stop_stale_runs", lambda s, log: None)
     monkeypatch.setattr(superlink, "exit_on_signals", lambda: None)  # pytest keeps its own
@@ -491,7 +491,7 @@ def test_stopping_a_child_also_stops_descendants_that_left_its_process_group(tmp
 
 
 def test_server_refuses_to_resume_a_run_with_other_settings(capsys, server_toml, tmp_path):
-    from server.checkpoint import Checkpoint, save_checkpoint
+    from ferry.server.checkpoint import Checkpoint, save_checkpoint
 
     config = server_toml(run="lr = 0.5")
     (tmp_path / "run").mkdir()

@@ -8,13 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from client import runtime
-from client.dp_trainer import DPTrainConfig, round_plan, train_head
-from client.privacy_state import PrivacyState
-from common.config import RunConfig
-from common.errors import FerryError
-from common.privacy.accounting import (
+from ferry.client import runtime
+from ferry.client.dp_trainer import DPTrainConfig, round_plan, train_head
+from ferry.client.privacy_state import PrivacyState
+from ferry.common.config import RunConfig
+from ferry.common.errors import FerryError
+from ferry.common.privacy.accounting import (
     MechanismSegment,
     compact_history,
     epsilon_for_history,
@@ -240,8 +239,8 @@ def test_train_round_refuses_delta_not_below_one_over_n(client):
 
 def test_derived_noise_is_remembered_in_the_state_dir(tmp_path, monkeypatch):
     """A deployed client runs each round in a fresh process: the PRV bisection is done once."""
-    from client import runtime
-    from common.config import RunConfig
+    from ferry.client import runtime
+    from ferry.common.config import RunConfig
 
     req = runtime.RoundRequest(RunConfig(rounds=3), 1, "0" * 64, 4)
     first = runtime.noise_for(req, 300, tmp_path)

@@ -6,16 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ferry.common.backbones import build_backbone
+from ferry.common.backbones.registry import backbone_spec
+from ferry.common.errors import FerryError
+from ferry.common.serialization import instantiate, make_artifact
+from ferry.common.trainable import TrainableSpec, split_model
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
-
-from common.backbones import build_backbone
-from common.backbones.registry import backbone_spec
-from common.errors import FerryError
-from common.serialization import instantiate, make_artifact
-from common.trainable import TrainableSpec, split_model
 
 ENCODERS = {
     # name: (modality, preprocessing, last_stage)

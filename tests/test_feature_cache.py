@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import ferry.client.feature_cache as feature_cache
 import numpy as np
 import pytest
+from ferry.client import runtime
+from ferry.client.backbone_cache import BackboneCache
+from ferry.client.feature_cache import FeatureCache, feature_key
+from ferry.common.data.datasets import DataSpec, load_partition
+from ferry.server.pretrain import random_artifact
 from torch import nn
-
-import client.feature_cache as feature_cache
-from client import runtime
-from client.backbone_cache import BackboneCache
-from client.feature_cache import FeatureCache, feature_key
-from common.data.datasets import DataSpec, load_partition
-from server.pretrain import random_artifact
 
 
 class TrunkThatMustNotRun(nn.Module):

@@ -8,7 +8,7 @@ before any work starts: exit code 2, one stderr line ``ferry: error: ...`` and n
 within a time limit, and every file that was there before (a backbone, a ledger, a privacy
 state file, certificates and keys) byte-identical and with the same mode afterwards.
 
-Cases run in-process (``common.cli.main`` with argv); the few that hung on old code run as a
+Cases run in-process (``ferry.cli.main`` with argv); the few that hung on old code run as a
 real ``ferry`` process with a timeout, so a hang fails the case instead of the suite.
 """
 
@@ -25,15 +25,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ferry.common.child_processes as child_processes
 import numpy as np
 import pytest
+from ferry.common.certs import make_certs
+from ferry.common.serialization import save_artifact
+from ferry.server.pretrain import random_artifact
 from PIL import Image
 
-import common.child_processes as child_processes
-from common.certs import make_certs
-from common.cli import main
-from common.serialization import save_artifact
-from server.pretrain import random_artifact
+from ferry.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_PROCESS_LIMIT_S = 30  # most cases take well under a second
@@ -521,7 +521,7 @@ def _in_process(argv: list[str], capsys) -> tuple[int, str, float]:
 
 def _as_process(argv: list[str], w: Path) -> tuple[int, str, float]:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_HOME=str(w / "flwr-home"))
-    command = [sys.executable, "-m", "common.cli", *argv]
+    command = [sys.executable, "-m", "ferry.cli", *argv]
     start = time.monotonic()
     proc = subprocess.Popen(
         command,
@@ -563,7 +563,7 @@ def test_hostile_input_is_one_line_error_and_touches_nothing(case, world, capsys
 
 
 def test_the_table_is_large_and_covers_every_subcommand(tmp_path):
-    from common.cli import build_parser
+    from ferry.cli import build_parser
 
     parser = build_parser()
     commands = set(parser._subparsers._group_actions[0].choices)  # noqa: SLF001
@@ -574,8 +574,9 @@ def test_the_table_is_large_and_covers_every_subcommand(tmp_path):
 
 def test_the_valid_baselines_are_accepted(world, capsys, nothing_starts):
     """The cases change one thing in a valid command: the unchanged one must pass the checks."""
-    from common.cli import build_parser, cmd_client
-    from server.superlink import load_server_config
+    from ferry.server.superlink import load_server_config
+
+    from ferry.cli import build_parser, cmd_client
 
     argv = _server()(world)
     load_server_config(argv[2])

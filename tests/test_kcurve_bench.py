@@ -10,9 +10,8 @@ import math
 
 import numpy as np
 import pytest
-
-from simulations.bench import kcurve_bench
-from simulations.bench.report import replace_section
+from ferry.simulations.bench import kcurve_bench
+from ferry.simulations.bench.report import replace_section
 
 QUICK = kcurve_bench.QUICK
 
@@ -43,10 +42,9 @@ def test_an_institution_alone_trains_on_its_own_records_and_is_scored_on_everyon
 
 def test_default_settings_are_the_rules_schedule_for_the_datas_run_and_privacy():
     import torch
-
-    from common.config import RunConfig
-    from common.training_defaults import rule_schedule
-    from server.tuning import FeatureSet
+    from ferry.common.config import RunConfig
+    from ferry.common.training_defaults import rule_schedule
+    from ferry.server.tuning import FeatureSet
 
     data = RunConfig(scenario="hospital-imaging", task="classification")
     features = FeatureSet(torch.zeros(4, 3), torch.zeros(4).long(), "classification", 2, data, (3,))

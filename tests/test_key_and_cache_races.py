@@ -11,11 +11,10 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from client import receipts, runtime
-from client.runtime import RoundRequest
-from common.config import RunConfig
-from common.privacy.report import load_private_key, public_key_text
+from ferry.client import receipts, runtime
+from ferry.client.runtime import RoundRequest
+from ferry.common.config import RunConfig
+from ferry.common.privacy.report import load_private_key, public_key_text
 
 THREADS = 8
 

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from server.ledger import HEAD_FILE, LEDGER_FILE, Ledger, LedgerError, encode, read_ledger
+from ferry.server.ledger import HEAD_FILE, LEDGER_FILE, Ledger, LedgerError, encode, read_ledger
 
 RECORDS = 5
 
@@ -136,7 +135,7 @@ def test_reopening_after_a_crash_truncates_the_incomplete_tail_and_continues(
 
 
 def _two_records(tmp_path):
-    from server.ledger import Ledger
+    from ferry.server.ledger import Ledger
 
     ledger = Ledger(tmp_path)
     ledger.append("run_started", run_id="r")
@@ -145,7 +144,7 @@ def _two_records(tmp_path):
 
 
 def test_unreadable_head_is_tampering_not_a_traceback(tmp_path):
-    from server.ledger import LedgerError, read_ledger
+    from ferry.server.ledger import LedgerError, read_ledger
 
     path, head = _two_records(tmp_path)
     head.write_text("not json")
@@ -155,7 +154,7 @@ def test_unreadable_head_is_tampering_not_a_traceback(tmp_path):
 
 
 def test_emptied_ledger_with_a_head_is_tampering_and_not_restarted(tmp_path):
-    from server.ledger import Ledger, LedgerError, read_ledger
+    from ferry.server.ledger import Ledger, LedgerError, read_ledger
 
     path, head = _two_records(tmp_path)
     before = head.read_text()
@@ -171,7 +170,7 @@ def test_emptied_ledger_with_a_head_is_tampering_and_not_restarted(tmp_path):
 def test_head_one_behind_after_a_crash_is_accepted_and_repaired(tmp_path):
     import json
 
-    from server.ledger import Ledger, read_ledger
+    from ferry.server.ledger import Ledger, read_ledger
 
     path, head = _two_records(tmp_path)
     stale = {"seq": 0, "sha256": read_ledger(path).records[1]["prev"]}
@@ -185,7 +184,7 @@ def test_head_one_behind_after_a_crash_is_accepted_and_repaired(tmp_path):
 
 
 def test_crash_during_the_first_append_does_not_block_startup(tmp_path):
-    from server.ledger import Ledger, read_ledger
+    from ferry.server.ledger import Ledger, read_ledger
 
     (tmp_path / "ledger.jsonl").write_bytes(b'{"event":"run_sta')
     Ledger(tmp_path).append("run_started", run_id="r")

@@ -7,11 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ferry.client.dp_trainer import DPTrainConfig, round_plan, train_tail
+from ferry.client.linear_dp import exact_clipped_sum, train_linear
 from opacus import GradSampleModule
 from torch import nn
-
-from client.dp_trainer import DPTrainConfig, round_plan, train_tail
-from client.linear_dp import exact_clipped_sum, train_linear
 
 
 def _opacus_clipped_sum(layer: nn.Linear, x, y, max_grad_norm: float, task: str):
@@ -88,7 +87,7 @@ def test_linear_head_round_runs_the_planned_mechanism_and_learns():
 
 
 def test_ghost_clipping_or_physical_batches_still_run_opacus(monkeypatch):
-    import client.linear_dp as linear_dp
+    import ferry.client.linear_dp as linear_dp
 
     def refuse(*args, **kwargs):
         raise AssertionError("the vectorised path ran where Opacus should")

@@ -13,20 +13,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from common.data.dataset import Dataset
-from common.data.image_folder import load_image_folder, load_images
-from common.data.molecules import load_molecules
-from common.data.series import load_series
-from common.data.synthetic_records import (
+from ferry.common.data.dataset import Dataset
+from ferry.common.data.image_folder import load_image_folder, load_images
+from ferry.common.data.molecules import load_molecules
+from ferry.common.data.series import load_series
+from ferry.common.data.synthetic_records import (
     make_credit,
     make_molecules,
     make_patients,
     make_prices,
     synthetic_dataset,
 )
-from common.data.tabular import hash_buckets_of, load_table
-from common.errors import FerryError
+from ferry.common.data.tabular import hash_buckets_of, load_table
+from ferry.common.errors import FerryError
 
 
 def _error(call, *args, **kwargs) -> str:

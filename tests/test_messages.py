@@ -8,14 +8,12 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-
-from client import runtime
-from client.budget_guard import BudgetExceeded
-from client.dp_trainer import round_plan
-from common.config import RunConfig
-from common.errors import FerryError
-from common.messages import (
+from ferry.client import runtime
+from ferry.client.budget_guard import BudgetExceeded
+from ferry.client.dp_trainer import round_plan
+from ferry.common.config import RunConfig
+from ferry.common.errors import FerryError
+from ferry.common.messages import (
     MAX_EXAMPLES,
     MAX_REASON,
     EvaluationReply,
@@ -24,15 +22,16 @@ from common.messages import (
     RoundRequest,
     TrainRequest,
 )
-from common.metrics import classification_statistics, regression_statistics
-from common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
-from common.train_reply import (
+from ferry.common.metrics import classification_statistics, regression_statistics
+from ferry.common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
+from ferry.common.train_reply import (
     ModelUpdate,
     PrivacyReply,
     TrainExpectation,
     TrainReply,
     _check_report,
 )
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 REQUEST = RoundRequest(RunConfig(noise_multiplier=1.5), 3, "ab" * 32, 4, "run-a")
 HEAD = {"weight": np.ones((4, 8), np.float32), "bias": np.zeros(4, np.float32)}
@@ -251,10 +250,10 @@ def test_the_reply_codec_derives_q_and_steps_as_the_trainer_does():
 
 
 def _honest_report(run: RunConfig, n: int, q: float, steps: int):
-    from common.privacy import UNIT_OF_PRIVACY
-    from common.privacy.accounting import MechanismSegment
-    from common.privacy.dp_events import event_to_json, segment_event
-    from common.privacy.report import PrivacyReport
+    from ferry.common.privacy import UNIT_OF_PRIVACY
+    from ferry.common.privacy.accounting import MechanismSegment
+    from ferry.common.privacy.dp_events import event_to_json, segment_event
+    from ferry.common.privacy.report import PrivacyReport
 
     return PrivacyReport(
         run_id="r",

@@ -6,9 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from sklearn import metrics as skm
-
-from common.metrics import (
+from ferry.common.metrics import (
     HEADLINE,
     binary_auc,
     classification_metrics,
@@ -20,6 +18,7 @@ from common.metrics import (
     regression_statistics,
     statistics_from_record,
 )
+from sklearn import metrics as skm
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from common.data.partition import (
+from ferry.common.data.partition import (
     dirichlet_label_skew,
     iid,
     natural,
@@ -15,7 +14,7 @@ from common.data.partition import (
     target_bins,
     train_test_split,
 )
-from common.errors import FerryError
+from ferry.common.errors import FerryError
 
 
 def _each_example_once(parts: list[np.ndarray], n: int) -> None:
@@ -117,7 +116,7 @@ def test_train_test_split_membership_is_per_record_so_one_more_record_moves_no_o
 
 
 def test_chronological_split_holds_out_each_tickers_latest_windows_with_an_embargo():
-    from common.data.partition import chronological_split
+    from ferry.common.data.partition import chronological_split
 
     groups = np.array(["a"] * 20 + ["b"] * 10)
     mine = np.arange(0, 30, 1)[::1]

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from simulations.bench import poison_bench
+from ferry.simulations.bench import poison_bench
 
 
 @pytest.fixture(scope="module")

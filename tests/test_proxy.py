@@ -22,17 +22,17 @@ import threading
 import time
 from pathlib import Path
 
+import ferry.common.child_processes as child_processes
+import ferry.server.proxy as proxy
 import pytest
+from ferry.common.certs import make_certs
+from ferry.common.errors import FerryError
+from ferry.common.serialization import save_artifact
+from ferry.server.pretrain import random_artifact
+from ferry.server.proxy import FLEET_ROUTES, ProxySettings, render_config
+from ferry.server.superlink import load_server_config, superlink_argv, write_flower_home
 
-import common.child_processes as child_processes
-import server.proxy as proxy
-from common.certs import make_certs
-from common.cli import main
-from common.errors import FerryError
-from common.serialization import save_artifact
-from server.pretrain import random_artifact
-from server.proxy import FLEET_ROUTES, ProxySettings, render_config
-from server.superlink import load_server_config, superlink_argv, write_flower_home
+from ferry.cli import main
 from tests.test_deploy import free_port
 
 START = child_processes.ChildProcess.start
@@ -171,7 +171,7 @@ def _status(settings: ProxySettings, method: str, path: str) -> int:
 PARENT = """
 import sys, time
 from pathlib import Path
-from server.proxy import ProxySettings, preflight, start_proxy
+from ferry.server.proxy import ProxySettings, preflight, start_proxy
 port, upstream, certs, directory = sys.argv[1:5]
 certs = Path(certs)
 s = ProxySettings("127.0.0.1", int(port), int(upstream), certs / "server.pem",

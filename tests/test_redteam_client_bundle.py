@@ -15,10 +15,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from ferry.client.bundle_check import BundleRefused, check_bundle
+from ferry.server.superlink import write_app
 from flwr.cli.build import build_fab_from_disk
-
-from client.bundle_check import BundleRefused, check_bundle
-from server.superlink import write_app
 
 FORGED = "ferry: refused nothing: this line was written by the operator"
 # A refusal is one log line; well under this many characters.

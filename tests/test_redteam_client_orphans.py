@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.child_processes import ChildProcess, flower_env
+from ferry.common.child_processes import ChildProcess, flower_env
 
 
 def free_port() -> int:
@@ -64,7 +64,7 @@ def test_killed_ferry_client_leaves_no_supernode_or_launcher(tmp_path):
     argv = [
         sys.executable,
         "-m",
-        "common.cli",
+        "ferry.cli",
         "client",
         "--server",
         f"127.0.0.1:{free_port()}",  # nothing listens: the SuperNode keeps retrying
@@ -89,7 +89,7 @@ def test_killed_ferry_client_leaves_no_supernode_or_launcher(tmp_path):
         while time.monotonic() < deadline and client.poll() is None:
             children = children_of(client.pid)
             names = " ".join(cmdline(pid) for pid in children)
-            if "flower-supernode" in names and "client.task_launcher" in names:
+            if "flower-supernode" in names and "ferry.client.task_launcher" in names:
                 break
             time.sleep(0.5)
         else:

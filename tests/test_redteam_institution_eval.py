@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from common.metrics import (
+from ferry.common.metrics import (
     classification_statistics,
     metrics_from_statistics,
     pool_statistics,
     statistics_from_record,
 )
-from server.aggregation import capped_statistics
+from ferry.server.aggregation import capped_statistics
 
 CAP = 2.0
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from common.messages import EvaluationReply, MessageRejected
-from common.metrics import (
+from ferry.common.messages import EvaluationReply, MessageRejected
+from ferry.common.metrics import (
     classification_statistics,
     metrics_from_statistics,
     pool_statistics,
     regression_statistics,
 )
-from server.aggregation import capped_statistics
+from ferry.server.aggregation import capped_statistics
 
 HONEST = {
     "num-examples": 4,

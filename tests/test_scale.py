@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from ferry.client.dp_trainer import DPTrainConfig, round_plan, train_head
+from ferry.common.config import RunConfig
 from torch import nn
 
-from client.dp_trainer import DPTrainConfig, round_plan, train_head
-from common.cli import main
-from common.config import RunConfig
+from ferry.cli import main
 
 
 def test_physical_batches_keep_the_logical_mechanism():
@@ -46,7 +46,7 @@ def test_gpus_requested_without_a_gpu_is_a_one_line_error(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_two_hundred_client_simulation_completes(tmp_path, monkeypatch):
-    from simulations.runner import simulate
+    from ferry.simulations.runner import simulate
 
     monkeypatch.setenv("FERRY_HOME", str(tmp_path / "home"))
     cfg = RunConfig(

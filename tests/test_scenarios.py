@@ -11,12 +11,11 @@ import json
 from pathlib import Path
 
 import pytest
-
-from common.config import RunConfig
-from common.scenarios import known_scenarios
-from server.audit import audit_ledger
-from server.pretrain import PretrainConfig, pretrain
-from simulations.runner import simulate
+from ferry.common.config import RunConfig
+from ferry.common.scenarios import known_scenarios
+from ferry.server.audit import audit_ledger
+from ferry.server.pretrain import PretrainConfig, pretrain
+from ferry.simulations.runner import simulate
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +70,7 @@ def test_preset_runs_end_to_end_on_its_synthetic_data(scenario, tmp_path, ray_en
 
 
 def test_bank_credit_on_a_user_csv_split_naturally_by_branch(tmp_path, ray_env):
-    from common.data.synthetic_records import make_credit
+    from ferry.common.data.synthetic_records import make_credit
 
     frame = make_credit(900, seed=3, split="target")
     branches = sorted(frame["branch"].unique())[:3]

@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from common.config import RunConfig
-from common.serialization import load_artifact
-from server.pretrain import PretrainConfig, pretrain
-from simulations.runner import simulate
+from ferry.common.config import RunConfig
+from ferry.common.serialization import load_artifact
+from ferry.server.pretrain import PretrainConfig, pretrain
+from ferry.simulations.runner import simulate
 
 pytestmark = pytest.mark.slow
 

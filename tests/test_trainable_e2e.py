@@ -17,31 +17,31 @@ import dataclasses
 import json
 from pathlib import Path
 
+import ferry.client.feature_cache as feature_cache
 import flwr.simulation
 import numpy as np
 import pytest
 import torch
 from conftest import Client  # the one-institution driver of the feature-cache tests
-
-import client.feature_cache as feature_cache
-from client import runtime
-from client.backbone_cache import BackboneCache
-from client.privacy_state import PrivacyState
-from common.cli import main
-from common.config import RunConfig
-from common.data.datasets import DataSpec, load_partition
-from common.errors import FerryError
-from common.model import initial_trainable_arrays
-from common.serialization import (
+from ferry.client import runtime
+from ferry.client.backbone_cache import BackboneCache
+from ferry.client.privacy_state import PrivacyState
+from ferry.common.config import RunConfig
+from ferry.common.data.datasets import DataSpec, load_partition
+from ferry.common.errors import FerryError
+from ferry.common.model import initial_trainable_arrays
+from ferry.common.serialization import (
     BackboneArtifact,
     backbone_digest,
     load_artifact,
     save_artifact,
 )
-from server.audit import audit_ledger
-from server.backbone_import import import_backbone
-from server.pretrain import random_artifact
-from simulations.runner import simulate
+from ferry.server.audit import audit_ledger
+from ferry.server.backbone_import import import_backbone
+from ferry.server.pretrain import random_artifact
+from ferry.simulations.runner import simulate
+
+from ferry.cli import main
 
 NUM_CLASSES = 4  # the hospital-imaging target task (conftest's Client asks for 4 outputs)
 # ferry-cnn on 1x32x32 images: three 2x2 max-pools (32 -> 4 px) before the fourth conv block

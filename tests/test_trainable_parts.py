@@ -9,23 +9,22 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-from client import dp_randomness
-from client.dp_trainer import DPTrainConfig, predict_tail, train_tail
-from common.adapters import ConvAdapter, LoRALinear
-from common.backbones import build_backbone
-from common.backbones.registry import backbone_spec
-from common.errors import FerryError
-from common.privacy.accounting import epsilon_for_history
-from common.trainable import (
+from ferry.client import dp_randomness
+from ferry.client.dp_trainer import DPTrainConfig, predict_tail, train_tail
+from ferry.common.adapters import ConvAdapter, LoRALinear
+from ferry.common.backbones import build_backbone
+from ferry.common.backbones.registry import backbone_spec
+from ferry.common.errors import FerryError
+from ferry.common.privacy.accounting import epsilon_for_history
+from ferry.common.trainable import (
     TrainableSpec,
     load_trainable_state,
     set_train_mode,
     split_model,
     trainable_state,
 )
-from server.aggregation import aggregate
+from ferry.server.aggregation import aggregate
+from torch import nn
 
 DP = DPTrainConfig(noise_multiplier=1.0, batch_size=8, lr=0.5)
 
@@ -67,9 +66,8 @@ def _cnn():
 
 def _tiny_vit(dropout: float = 0.0):
     """A 2-block torchvision ViT (32 px, patch 16, width 64) staged like ``vit_b_16``."""
+    from ferry.common.backbones.vit_b_16 import vit_stages
     from torchvision.models.vision_transformer import VisionTransformer
-
-    from common.backbones.vit_b_16 import vit_stages
 
     torch.manual_seed(0)
     vit = VisionTransformer(
@@ -221,7 +219,7 @@ def test_lora_on_a_staged_vit_trains_only_lora_factors_and_head():
 
 
 def test_lora_on_the_registry_vit_b_16_at_32px_targets_its_last_two_blocks():
-    from common.backbones.vit_b_16 import LORA_TARGETS
+    from ferry.common.backbones.vit_b_16 import LORA_TARGETS
 
     torch.manual_seed(0)
     backbone = build_backbone("vit_b_16", (3, 32, 32)).eval()

@@ -24,13 +24,12 @@ import math
 from pathlib import Path
 
 import pytest
-
-from common.config import RunConfig
-from common.errors import FerryError
+from ferry.common.config import RunConfig
+from ferry.common.errors import FerryError
 
 
 def test_rule_batch_grows_with_the_trained_part_stays_within_bounds_and_never_exceeds_n():
-    from common.training_defaults import MAX_BATCH, MIN_BATCH, rule_batch_size
+    from ferry.common.training_defaults import MAX_BATCH, MIN_BATCH, rule_batch_size
 
     for params in (1, 130, 260, 12_810, 10**7):
         sizes = [1, 5, 31, 32, 64, 100, 250, 1_000, 3_200, 40_000, 10**7]
@@ -49,7 +48,7 @@ def test_rule_batch_grows_with_the_trained_part_stays_within_bounds_and_never_ex
 
 
 def test_given_settings_win_over_tuned_and_tuned_over_the_rule():
-    from common.training_defaults import resolve_schedule, rule_schedule
+    from ferry.common.training_defaults import resolve_schedule, rule_schedule
 
     cfg = RunConfig(epsilon=3.0, rounds=9)
     tuned = {"batch_size": 200, "local_epochs": 2, "rounds": 4, "lr": 0.7}
@@ -75,7 +74,7 @@ def test_given_settings_win_over_tuned_and_tuned_over_the_rule():
 def test_the_rule_uses_no_private_data_only_epsilon_and_the_task():
     """The schedule is a function of the run config alone: two runs that differ only in their
     data get the same epochs, rounds and learning rate."""
-    from common.training_defaults import rule_schedule
+    from ferry.common.training_defaults import rule_schedule
 
     a = rule_schedule(RunConfig(epsilon=3.0, data="/hospital-a.csv"))
     b = rule_schedule(RunConfig(epsilon=3.0, data="/hospital-b.csv", examples=17))
@@ -87,11 +86,11 @@ def test_a_report_with_another_batch_size_than_the_rule_gives_for_its_n_is_rejec
 ):
     """A hostile institution samples with the batch size (so the q and steps) of its own
     choice, not the public rule's for its n, and signs an honest report of it."""
-    from client import runtime
-    from common.messages import MessageRejected
-    from common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
-    from common.train_reply import ModelUpdate, PrivacyReply, TrainExpectation, TrainReply
-    from common.training_defaults import batch_size_for, trainable_size
+    from ferry.client import runtime
+    from ferry.common.messages import MessageRejected
+    from ferry.common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
+    from ferry.common.train_reply import ModelUpdate, PrivacyReply, TrainExpectation, TrainReply
+    from ferry.common.training_defaults import batch_size_for, trainable_size
 
     client.run = dataclasses.replace(client.run, batch_size=None)
     head, asked = client.initial_head(), client.request(1)
@@ -115,7 +114,7 @@ def test_a_report_with_another_batch_size_than_the_rule_gives_for_its_n_is_rejec
 
 def _simulate_refused(out, *options: str) -> int:
     """``ferry simulate`` on random weights with ``options``; its exit code."""
-    from common.cli import main
+    from ferry.cli import main
 
     return main(
         ["simulate", "--weights", "random", "--examples", "400", *options, "--out", str(out)]
@@ -139,7 +138,7 @@ def test_simulate_refuses_an_epsilon_beyond_the_accountants_range(tmp_path, caps
 
 
 def test_feasibility_check_names_the_fix_for_each_problem():
-    from common.training_defaults import check_feasible, resolve_schedule
+    from ferry.common.training_defaults import check_feasible, resolve_schedule
 
     cfg, _ = resolve_schedule(RunConfig(epsilon=3.0, batch_size=300))
     with pytest.raises(FerryError, match=r"--batch-size 300 is larger .*\(120 training examples\)"):
@@ -155,8 +154,9 @@ def test_simulate_prints_and_records_the_settings_and_reports_carry_the_rule_bat
 ):
     """End to end: the settings line is printed, the ledger's run_started record says each
     value and its source, and every signed report's batch size is the rule's for its n."""
-    from common.cli import main
-    from common.training_defaults import rule_batch_size, rule_schedule
+    from ferry.common.training_defaults import rule_batch_size, rule_schedule
+
+    from ferry.cli import main
 
     out = tmp_path / "run"
     code = main(

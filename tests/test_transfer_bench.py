@@ -5,10 +5,9 @@ BENCHMARKS.md; only facts that hold at any size are)."""
 from __future__ import annotations
 
 import pytest
+from ferry.simulations.bench import trainable_bench, transfer_bench
+from ferry.simulations.bench.report import replace_section
 from PIL import Image
-
-from simulations.bench import trainable_bench, transfer_bench
-from simulations.bench.report import replace_section
 
 
 def test_digits_folder_holds_each_digit_as_an_8x8_gray_png_per_class(tmp_path):

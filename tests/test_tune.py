@@ -17,18 +17,18 @@ import json
 import shutil
 from pathlib import Path
 
+import ferry.common.data.datasets as datasets
+import ferry.server.tuning as tuning
 import pytest
+from ferry.common.config import RunConfig
+from ferry.common.data.synthetic_records import make_patients
+from ferry.common.errors import FerryError
+from ferry.common.scenarios.registry import SCENARIOS
+from ferry.common.serialization import MANIFEST_FILE, WEIGHTS_FILE, load_artifact
+from ferry.server.pretrain import PretrainConfig, pretrain
+from ferry.server.tuning import TUNING_FILE, load_tuned
 
-import common.data.datasets as datasets
-import server.tuning as tuning
-from common.cli import main
-from common.config import RunConfig
-from common.data.synthetic_records import make_patients
-from common.errors import FerryError
-from common.scenarios.registry import SCENARIOS
-from common.serialization import MANIFEST_FILE, WEIGHTS_FILE, load_artifact
-from server.pretrain import PretrainConfig, pretrain
-from server.tuning import TUNING_FILE, load_tuned
+from ferry.cli import main
 
 SMALL = ["--quick", "--examples", "100", "--clients", "2", "--partition", "iid"]
 

@@ -5,7 +5,7 @@ A backbone is a frozen trunk mapping a preprocessed input batch to a feature vec
 ``@register_backbone("name")``, an import below, and a test.
 """
 
-from common.backbones import (  # noqa: F401  (each module registers its backbones)
+from ferry.common.backbones import (  # noqa: F401  (each module registers its backbones)
     convnext_tiny,
     efficientnet_b0,
     efficientnet_lite0,
@@ -16,7 +16,7 @@ from common.backbones import (  # noqa: F401  (each module registers its backbon
     tabular_mlp,
     vit_b_16,
 )
-from common.backbones.registry import (
+from ferry.common.backbones.registry import (
     BackboneSpec,
     build_backbone,
     known_backbones,

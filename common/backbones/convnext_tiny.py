@@ -8,9 +8,7 @@ torchvision's final LayerNorm ``classifier.0``, flatten): 768 features. ``last_s
 with its strided block. Stochastic depth only acts in training mode, as in torchvision.
 """
 
-from torch import nn
-
-from common.backbones.origins import (
+from ferry.common.backbones.origins import (
     Origin,
     image_preprocessing,
     named_stages,
@@ -19,7 +17,8 @@ from common.backbones.origins import (
     torchvision_imagenet,
     torchvision_original,
 )
-from common.backbones.registry import register_backbone
+from ferry.common.backbones.registry import register_backbone
+from torch import nn
 
 
 def convnext_stages(net: nn.Module) -> nn.Sequential:

@@ -7,9 +7,7 @@ Stages: ``stem`` (``features.0``), ``stage1`` .. ``stage7`` (torchvision's MBCon
 in training mode, as in torchvision.
 """
 
-from torch import nn
-
-from common.backbones.origins import (
+from ferry.common.backbones.origins import (
     Origin,
     image_preprocessing,
     named_stages,
@@ -18,7 +16,8 @@ from common.backbones.origins import (
     torchvision_imagenet,
     torchvision_original,
 )
-from common.backbones.registry import register_backbone
+from ferry.common.backbones.registry import register_backbone
+from torch import nn
 
 
 def efficientnet_stages(net: nn.Module) -> nn.Sequential:

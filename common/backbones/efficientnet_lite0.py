@@ -25,9 +25,7 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
-from torch import nn
-
-from common.backbones.origins import (
+from ferry.common.backbones.origins import (
     ImagenetWeights,
     Origin,
     check_image_shape,
@@ -36,8 +34,9 @@ from common.backbones.origins import (
     pool_and_flatten,
     register_origin,
 )
-from common.backbones.registry import register_backbone
-from common.errors import FerryError
+from ferry.common.backbones.registry import register_backbone
+from ferry.common.errors import FerryError
+from torch import nn
 
 MEAN = (127 / 255,) * 3
 STD = (128 / 255,) * 3

@@ -8,9 +8,7 @@ out). ``last_stage`` is ``stage6``: the three 160-channel blocks at 1/32 resolut
 ``head``.
 """
 
-from torch import nn
-
-from common.backbones.origins import (
+from ferry.common.backbones.origins import (
     Origin,
     image_preprocessing,
     named_stages,
@@ -19,7 +17,8 @@ from common.backbones.origins import (
     torchvision_imagenet,
     torchvision_original,
 )
-from common.backbones.registry import register_backbone
+from ferry.common.backbones.registry import register_backbone
+from torch import nn
 
 
 def mobilenet_v3_stages(net: nn.Module) -> nn.Sequential:

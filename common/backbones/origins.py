@@ -23,9 +23,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from ferry.common.errors import FerryError
 from torch import nn
-
-from common.errors import FerryError
 
 # torchvision's ImageNet statistics (every torchvision classification weight uses them).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ferry.common.errors import FerryError
 from torch import nn
-
-from common.errors import FerryError
 
 MODALITIES = ("image", "tabular", "series", "molecule")
 

@@ -6,9 +6,7 @@ downsampling block included). Weights map 1:1 from torchvision's layout (``conv1
 ``stem.conv1.weight``, ``layer1.*`` unchanged; ``fc`` is the classifier and is left out).
 """
 
-from torch import nn
-
-from common.backbones.origins import (
+from ferry.common.backbones.origins import (
     Origin,
     image_preprocessing,
     named_stages,
@@ -17,7 +15,8 @@ from common.backbones.origins import (
     torchvision_imagenet,
     torchvision_original,
 )
-from common.backbones.registry import register_backbone
+from ferry.common.backbones.registry import register_backbone
+from torch import nn
 
 
 def resnet_stages(net: nn.Module) -> nn.Sequential:

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from ferry.common.backbones.registry import register_backbone
+from ferry.common.errors import FerryError
 from torch import nn
-
-from common.backbones.registry import register_backbone
-from common.errors import FerryError
 
 FEATURES = 64
 HIDDEN = 128

@@ -16,9 +16,7 @@ Checkpoints for another size are fitted by interpolating their position embeddin
 """
 
 import torch
-from torch import nn
-
-from common.backbones.origins import (
+from ferry.common.backbones.origins import (
     Origin,
     check_image_shape,
     image_preprocessing,
@@ -26,7 +24,8 @@ from common.backbones.origins import (
     register_origin,
     torchvision_imagenet,
 )
-from common.backbones.registry import register_backbone
+from ferry.common.backbones.registry import register_backbone
+from torch import nn
 
 LORA_TARGETS = (
     "block10.self_attention.qlinear",

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-
-from common.errors import FerryError
+from ferry.common.errors import FerryError
 
 TASKS = ("classification", "regression")
 
@@ -92,7 +91,7 @@ class Dataset:
 def class_key(name: object) -> str:
     """How a class name is compared with a label: numbers written canonically (``1.0`` is
     ``1``), text stripped (see :func:`common.data.tabular.canonical`)."""
-    from common.data.tabular import canonical
+    from ferry.common.data.tabular import canonical
 
     return canonical(name)
 

@@ -23,16 +23,15 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-
-from common.data.dataset import Dataset, by_public_classes
-from common.data.partition import (
+from ferry.common.data.dataset import Dataset, by_public_classes
+from ferry.common.data.partition import (
     cutoff_split,
     default_cutoff,
     partition,
     record_digests,
     train_test_split,
 )
-from common.errors import FerryError
+from ferry.common.errors import FerryError
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ class Partition:
 def load_dataset(spec: DataSpec, split: str = "target") -> Dataset:
     """The whole dataset ``spec`` names (``split`` "source": the scenario's pretraining
     data, synthetic only)."""
-    from common.scenarios import get_scenario
+    from ferry.common.scenarios import get_scenario
 
     scenario = get_scenario(spec.scenario)
     if spec.data and split == "target":

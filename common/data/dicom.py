@@ -19,8 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from common.errors import FerryError
+from ferry.common.errors import FerryError
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 INSTALL = "pip install 'ferry-fl[dicom]'"

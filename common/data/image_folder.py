@@ -21,12 +21,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-
-from common.data.dataset import Dataset, class_key, public_class_ids, unknown_label
-from common.data.dicom import UnreadableImage, is_dicom, read_dicom
-from common.data.partition import raw_digest
-from common.data.tabular import warn
-from common.errors import FerryError
+from ferry.common.data.dataset import Dataset, class_key, public_class_ids, unknown_label
+from ferry.common.data.dicom import UnreadableImage, is_dicom, read_dicom
+from ferry.common.data.partition import raw_digest
+from ferry.common.data.tabular import warn
+from ferry.common.errors import FerryError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 _LUMA = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)

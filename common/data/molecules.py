@@ -26,10 +26,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-
-from common.data.dataset import Dataset
-from common.data.partition import row_digests
-from common.data.tabular import (
+from ferry.common.data.dataset import Dataset
+from ferry.common.data.partition import row_digests
+from ferry.common.data.tabular import (
     Origin,
     columns_named,
     enough_rows,
@@ -39,7 +38,7 @@ from common.data.tabular import (
     read_frame,
     warn,
 )
-from common.errors import FerryError
+from ferry.common.errors import FerryError
 
 FEATURIZERS = ("auto", "morgan", "ngram")
 _SMILES_CHARS = re.compile(r"^[A-Za-z0-9@+\-\[\]()=#$/\\%.:*~]+$")

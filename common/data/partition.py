@@ -13,8 +13,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-
-from common.errors import FerryError
+from ferry.common.errors import FerryError
 
 
 def dirichlet_label_skew(

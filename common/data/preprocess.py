@@ -23,9 +23,8 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-
-from common.data.dataset import Dataset
-from common.errors import FerryError
+from ferry.common.data.dataset import Dataset
+from ferry.common.errors import FerryError
 
 PUBLIC = "public"
 # Standardised values are clipped to [-CLIP, CLIP]: a fixed bound, so one extreme value

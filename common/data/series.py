@@ -26,9 +26,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-
-from common.data.dataset import Dataset
-from common.data.tabular import (
+from ferry.common.data.dataset import Dataset
+from ferry.common.data.tabular import (
     Origin,
     canonical,
     columns_named,
@@ -40,7 +39,7 @@ from common.data.tabular import (
     require_pandas,
     warn,
 )
-from common.errors import FerryError
+from ferry.common.errors import FerryError
 
 
 def _dates(column, name: str, origin: Origin, rows: np.ndarray) -> np.ndarray:

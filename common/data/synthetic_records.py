@@ -22,10 +22,9 @@ import json
 from dataclasses import replace
 
 import numpy as np
-
-from common.data.dataset import Dataset
-from common.data.tabular import Origin, require_pandas
-from common.errors import FerryError
+from ferry.common.data.dataset import Dataset
+from ferry.common.data.tabular import Origin, require_pandas
+from ferry.common.errors import FerryError
 
 GENERATOR_VERSION = 1  # bump when any generator's output changes (feature caches key on it)
 SPLITS = ("target", "source")
@@ -342,7 +341,7 @@ def synthetic_dataset(kind: str, n: int, seed: int, split: str = "target", **opt
     """``n`` examples of ``kind`` (one of :data:`KINDS`) read through the same code as a
     user's file. ``options`` go to the loader (prices: ``window``, ``horizon``; molecules:
     ``bits``, ``radius``, ``featurizer``). The fingerprint is the generator's parameters."""
-    from common.data import molecules, series, tabular
+    from ferry.common.data import molecules, series, tabular
 
     if kind not in KINDS:
         raise FerryError(f"unknown synthetic data {kind!r}: use one of {', '.join(KINDS)}")

@@ -39,10 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from common.data.dataset import Dataset, public_class_ids, unknown_label
-from common.data.partition import row_digests
-from common.errors import FerryError
+from ferry.common.data.dataset import Dataset, public_class_ids, unknown_label
+from ferry.common.data.partition import row_digests
+from ferry.common.errors import FerryError
 
 CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}

@@ -1,6 +1,6 @@
 """Privacy accounting: mechanisms described as data, accountants that consume them."""
 
-from common.privacy.accounting import (
+from ferry.common.privacy.accounting import (
     MechanismSegment,
     compact_history,
     epsilon_for_history,

@@ -29,8 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from common.errors import FerryError
+from ferry.common.errors import FerryError
 
 ACCOUNTANTS = ("prv", "rdp")
 

@@ -16,7 +16,7 @@ never changes, so every ledger ever written stays replayable.
 
 from __future__ import annotations
 
-from common.privacy.accounting import MechanismSegment
+from ferry.common.privacy.accounting import MechanismSegment
 
 
 def segment_event(segment: MechanismSegment):

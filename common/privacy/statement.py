@@ -16,7 +16,7 @@ accuracy): pinned by ``tests/test_attack_releases.py``.
 
 from __future__ import annotations
 
-from common.privacy import UNIT_OF_PRIVACY
+from ferry.common.privacy import UNIT_OF_PRIVACY
 
 _ACCOUNTANTS = {"prv": "PRV (Opacus)", "pld": "PLD (dp-accounting)", "rdp": "RDP (Opacus)"}
 

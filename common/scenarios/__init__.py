@@ -4,14 +4,14 @@ One module per preset registers a :class:`Scenario`. Adding one: a new module he
 import below, a test that runs it end to end, and a README section.
 """
 
-from common.scenarios import (  # noqa: F401  (each registers its preset)
+from ferry.common.scenarios import (  # noqa: F401  (each registers its preset)
     bank_credit,
     bank_stocks,
     drug_activity,
     hospital_imaging,
     hospital_tabular,
 )
-from common.scenarios.registry import (
+from ferry.common.scenarios.registry import (
     SCENARIOS,
     Scenario,
     get_scenario,

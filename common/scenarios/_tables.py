@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.data.dataset import Dataset
-from common.errors import FerryError
+from ferry.common.data.dataset import Dataset
+from ferry.common.errors import FerryError
 
 
 def load_table_for(spec, scenario: str) -> Dataset:
-    from common.data.tabular import load_table
+    from ferry.common.data.tabular import load_table
 
     if not spec.label_column:
         raise FerryError(

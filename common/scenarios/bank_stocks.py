@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.data.dataset import Dataset
-from common.errors import FerryError
-from common.scenarios.registry import Scenario, register_scenario
+from ferry.common.data.dataset import Dataset
+from ferry.common.errors import FerryError
+from ferry.common.scenarios.registry import Scenario, register_scenario
 
 
 def synthetic(spec, split: str = "target") -> Dataset:
-    from common.data.synthetic_records import synthetic_dataset
+    from ferry.common.data.synthetic_records import synthetic_dataset
 
     return synthetic_dataset(
         "prices", spec.examples, spec.seed, split, window=spec.window, horizon=spec.horizon
@@ -18,7 +18,7 @@ def synthetic(spec, split: str = "target") -> Dataset:
 
 
 def load(spec) -> Dataset:
-    from common.data.series import load_series
+    from ferry.common.data.series import load_series
 
     if not spec.date_column:
         raise FerryError(

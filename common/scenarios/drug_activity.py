@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.data.dataset import Dataset
-from common.scenarios.registry import Scenario, register_scenario
+from ferry.common.data.dataset import Dataset
+from ferry.common.scenarios.registry import Scenario, register_scenario
 
 
 def synthetic(spec, split: str = "target") -> Dataset:
-    from common.data.synthetic_records import synthetic_dataset
+    from ferry.common.data.synthetic_records import synthetic_dataset
 
     return synthetic_dataset("molecules", spec.examples, spec.seed, split)
 
 
 def load(spec) -> Dataset:
-    from common.data.molecules import load_molecules
+    from ferry.common.data.molecules import load_molecules
 
     return load_molecules(
         Path(spec.data),

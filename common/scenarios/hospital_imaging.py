@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.data.dataset import Dataset
-from common.data.synthetic import class_names
-from common.scenarios.registry import Scenario, register_scenario
+from ferry.common.data.dataset import Dataset
+from ferry.common.data.synthetic import class_names
+from ferry.common.scenarios.registry import Scenario, register_scenario
 
 
 def synthetic(spec, split: str = "target") -> Dataset:
-    from common.data.synthetic import make_images
+    from ferry.common.data.synthetic import make_images
 
     task = "source" if split == "source" else "target"
     images, labels = make_images(task, spec.examples, spec.seed)
@@ -25,7 +25,7 @@ TARGET_CLASSES = class_names("target")
 
 
 def load(spec) -> Dataset:
-    from common.data.image_folder import load_images
+    from ferry.common.data.image_folder import load_images
 
     channels, size = spec.input_shape[0], spec.input_shape[-1]
     return load_images(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from common.data.dataset import Dataset
-from common.errors import FerryError
+from ferry.common.data.dataset import Dataset
+from ferry.common.errors import FerryError
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def with_base_rates(cfg, num_classes: int):
     a one-line refusal), checked here before any institution trains."""
     from dataclasses import replace
 
-    from common.config import class_weights
+    from ferry.common.config import class_weights
 
     scenario = get_scenario(cfg.scenario)
     rates = cfg.base_rates

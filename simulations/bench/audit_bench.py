@@ -45,8 +45,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-
-from simulations.bench.report import machine, replace_section
+from ferry.simulations.bench.report import machine, replace_section
 
 HEADING = "## Audit: `ferry audit` on a signed ledger"
 COMMAND = "python -m simulations.bench.audit_bench"
@@ -71,7 +70,7 @@ class InstitutionPlan:
 def plan_institutions(count: int, seed: int = 7) -> list[InstitutionPlan]:
     """Institutions of log-normal sizes (median ~4,000 examples), each round planned as the
     client plans it (one epoch at batch 64): distinct q and steps for most of them."""
-    from client.dp_trainer import round_plan
+    from ferry.client.dp_trainer import round_plan
 
     rng = np.random.default_rng(seed)
     sizes = np.clip(np.exp(rng.normal(math.log(4000), 1.1, count)), 400, 150_000).astype(int)
@@ -105,7 +104,7 @@ def honest_history(plan: InstitutionPlan, rounds: int, accountant: str = "prv") 
     them (``noise_for`` for sigma, ``PrivacyState.epsilon`` for the reports) with
     ``accountant``: "prv" as Ferry's clients do, or "rdp", an honest but looser client whose
     numbers take milliseconds instead of 10 to 60 s."""
-    from common.privacy.accounting import (
+    from ferry.common.privacy.accounting import (
         MechanismSegment,
         epsilon_for_history,
         noise_multiplier_for_target,
@@ -163,9 +162,9 @@ def client_report(plan: InstitutionPlan, h: dict, rnd: int) -> dict:
     hint, an extra field the audit does not read)."""
     from importlib.metadata import version
 
-    from common.privacy import UNIT_OF_PRIVACY
-    from common.privacy.accounting import MechanismSegment
-    from common.privacy.dp_events import event_to_json, segment_event
+    from ferry.common.privacy import UNIT_OF_PRIVACY
+    from ferry.common.privacy.accounting import MechanismSegment
+    from ferry.common.privacy.dp_events import event_to_json, segment_event
 
     seg = MechanismSegment(h["sigma"], plan.sample_rate, plan.steps_per_round)
     return {
@@ -197,8 +196,8 @@ def sign_institution(state_dir: str, plan: InstitutionPlan, h: dict, rounds: int
     """Every round's report of one institution, signed and kept in its receipt chain by
     :func:`client.receipts.sign_and_keep` (its key in ``state_dir``, made once and reused).
     Returns ``{"reports": [report dict with the signed report, ...], "seconds": signing}``."""
-    from client.receipts import sign_and_keep
-    from common.privacy.report import RECEIPTS_FILE
+    from ferry.client.receipts import sign_and_keep
+    from ferry.common.privacy.report import RECEIPTS_FILE
 
     directory = Path(state_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -216,7 +215,7 @@ def sign_reports(
     """Every institution's signed reports (state directories under ``out/clients``), signed
     in ``workers`` processes, one institution per task as real institutions sign in parallel;
     also the total seconds spent inside ``sign_and_keep``."""
-    from server.audit_signatures import CLIENT_STATE_DIR
+    from ferry.server.audit_signatures import CLIENT_STATE_DIR
 
     root = out / CLIENT_STATE_DIR
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
@@ -234,11 +233,11 @@ def write_ledger(
     """A fresh ``out/ledger.jsonl`` for the whole run, as the server writes it: each
     ``client_trained`` record through the server's own ``ledger_trained``, carrying the
     institution's signed report verbatim."""
-    from common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
-    from common.privacy.statement import privacy_statement
-    from common.train_reply import PrivacyReply
-    from server.client_reports import ledger_trained
-    from server.ledger import HEAD_FILE, LEDGER_FILE, Ledger
+    from ferry.common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
+    from ferry.common.privacy.statement import privacy_statement
+    from ferry.common.train_reply import PrivacyReply
+    from ferry.server.client_reports import ledger_trained
+    from ferry.server.ledger import HEAD_FILE, LEDGER_FILE, Ledger
 
     out.mkdir(parents=True, exist_ok=True)
     for name in (LEDGER_FILE, HEAD_FILE):
@@ -284,9 +283,9 @@ def cpu():
     return sum(getattr(resource.getrusage(who), f) for who in
                (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
 t0, c0 = time.perf_counter(), cpu()
-import server.audit
-from server.audit import audit_ledger
-replay = server.audit.replay_all
+import ferry.server.audit
+from ferry.server.audit import audit_ledger
+replay = ferry.server.audit.replay_all
 spent = {"replay": 0.0}
 def timed_replay(*args, **kwargs):  # the audit's PLD + RDP replay, timed apart
     started = time.perf_counter()
@@ -294,13 +293,13 @@ def timed_replay(*args, **kwargs):  # the audit's PLD + RDP replay, timed apart
         return replay(*args, **kwargs)
     finally:
         spent["replay"] += time.perf_counter() - started
-server.audit.replay_all = timed_replay
+ferry.server.audit.replay_all = timed_replay
 report = audit_ledger(sys.argv[1])
 seconds, cpu_seconds = time.perf_counter() - t0, cpu() - c0
 # The signature checks alone, as the audit runs them: keys from the run's client state root,
 # then every client_trained record's signed report (ECDSA P-384 verify, parse, comparison).
-from server import audit_signatures as sigs
-from server.ledger import LEDGER_FILE, read_ledger
+from ferry.server import audit_signatures as sigs
+from ferry.server.ledger import LEDGER_FILE, read_ledger
 records = [r for r in read_ledger(Path(sys.argv[1]) / LEDGER_FILE).records
            if r.get("event") == "client_trained"]
 t1 = time.perf_counter()
@@ -335,7 +334,7 @@ def time_cli(out: Path) -> tuple[float, int]:
     """``ferry audit OUT`` end to end: (seconds, exit code)."""
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "common.cli", "audit", str(out)],
+        [sys.executable, "-m", "ferry.cli", "audit", str(out)],
         cwd=REPO,
         capture_output=True,
         check=False,

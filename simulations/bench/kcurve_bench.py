@@ -47,10 +47,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from common.config import RunConfig
-from common.training_defaults import rule_batch_size, rule_schedule
-from server.tuning import (
+from ferry.common.config import RunConfig
+from ferry.common.training_defaults import rule_batch_size, rule_schedule
+from ferry.server.tuning import (
     GRID_BATCH,
     GRID_LR,
     GRID_SCHEDULE,
@@ -63,7 +62,7 @@ from server.tuning import (
     mean_metrics,
     repeated,
 )
-from simulations.bench.report import record_section
+from ferry.simulations.bench.report import record_section
 
 HEADING = (
     "## What federating buys: accuracy vs number of institutions at ε = 1, 3, 8 "
@@ -115,9 +114,9 @@ QUICK = KCurveSizes(
 
 
 def _digits(sizes: KCurveSizes, work: Path, log):
-    from common.serialization import load_artifact
-    from server.backbone_import import import_backbone
-    from simulations.bench.transfer_bench import write_digits_folder
+    from ferry.common.serialization import load_artifact
+    from ferry.server.backbone_import import import_backbone
+    from ferry.simulations.bench.transfer_bench import write_digits_folder
 
     data = work / "digits"
     if not data.exists():
@@ -144,10 +143,10 @@ def _digits(sizes: KCurveSizes, work: Path, log):
 
 
 def _breast_cancer(sizes: KCurveSizes, work: Path, log):
-    from common.data.datasets import DataSpec
-    from common.serialization import load_artifact
-    from server.pretrain import PretrainConfig, pretrain
-    from simulations.breast_cancer import LABEL, write_tables
+    from ferry.common.data.datasets import DataSpec
+    from ferry.common.serialization import load_artifact
+    from ferry.server.pretrain import PretrainConfig, pretrain
+    from ferry.simulations.breast_cancer import LABEL, write_tables
 
     public, hospitals = write_tables(work / "breast-cancer")
     encoder = work / f"backbone-breast-cancer-{sizes.tabular_pretrain_epochs}"
@@ -178,8 +177,8 @@ def _breast_cancer(sizes: KCurveSizes, work: Path, log):
 
 
 def _hospital_imaging(sizes: KCurveSizes, work: Path, log):
-    from common.serialization import load_artifact
-    from server.pretrain import PretrainConfig, pretrain
+    from ferry.common.serialization import load_artifact
+    from ferry.server.pretrain import PretrainConfig, pretrain
 
     encoder = work / f"backbone-hospital-imaging-{sizes.pretrain_examples}-{sizes.pretrain_epochs}"
     if not encoder.exists():
@@ -211,7 +210,7 @@ DATASETS = {
 def load_features(name: str, sizes: KCurveSizes, work: Path, log=print) -> tuple[FeatureSet, str]:
     """``name``'s FeatureSet and description; features cached in ``work`` under a key of the
     data settings and the backbone's hash (the data files stay there too: splits read them)."""
-    from common.scenarios import with_scenario_defaults
+    from ferry.common.scenarios import with_scenario_defaults
 
     cfg, artifact, text = DATASETS[name](sizes, work, log)
     settings = json.dumps(asdict(cfg), sort_keys=True, default=str) + artifact.sha256
@@ -355,7 +354,7 @@ def _run_dataset(name: str, features: FeatureSet, sizes: KCurveSizes, log) -> li
 
 def measure_dataset(name: str, sizes: KCurveSizes, work: Path, log=print) -> dict:
     """Build (or load from ``work``) ``name``'s features and run its rows."""
-    from simulations.bench.transfer_bench import ferry_env
+    from ferry.simulations.bench.transfer_bench import ferry_env
 
     started = time.perf_counter()
     with ferry_env(work / "ferry-home"):

@@ -13,17 +13,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from ferry.client.receipts import sign_and_keep
+from ferry.client.runtime import ACCOUNTANT
+from ferry.common.messages import RoundRequest
+from ferry.common.metrics import classification_statistics, regression_statistics
+from ferry.common.privacy import UNIT_OF_PRIVACY
+from ferry.common.privacy.report import NON_PRIVATE_EVENT
+from ferry.common.train_reply import ModelUpdate, PrivacyReply, TrainReply
+from ferry.common.training_defaults import batch_size_for
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-
-from client.receipts import sign_and_keep
-from client.runtime import ACCOUNTANT
-from common.messages import RoundRequest
-from common.metrics import classification_statistics, regression_statistics
-from common.privacy import UNIT_OF_PRIVACY
-from common.privacy.report import NON_PRIVATE_EVENT
-from common.train_reply import ModelUpdate, PrivacyReply, TrainReply
-from common.training_defaults import batch_size_for
 
 app = ClientApp()
 

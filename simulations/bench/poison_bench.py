@@ -47,25 +47,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from client import runtime
-from common.config import RunConfig
-from common.messages import RoundRequest
-from common.metrics import (
+from ferry.client import runtime
+from ferry.common.config import RunConfig
+from ferry.common.messages import RoundRequest
+from ferry.common.metrics import (
     EvaluationStatistics,
     metrics_from_statistics,
     pool_statistics,
     statistics_from_record,
 )
-from common.model import initial_trainable_arrays, out_dim
-from server.aggregation import (
+from ferry.common.model import initial_trainable_arrays, out_dim
+from ferry.server.aggregation import (
     AggregationPolicy,
     aggregate_updates,
     capped_statistics,
     change_norm,
 )
-from simulations.bench.report import record_section
-from simulations.runner import plan_simulation
+from ferry.simulations.bench.report import record_section
+from ferry.simulations.runner import plan_simulation
 
 HEADING = "## Poisoning: one hostile institution of 10, per aggregation rule"
 UNBOUNDED = AggregationPolicy(weight_cap=math.inf, max_update_norm=math.inf)

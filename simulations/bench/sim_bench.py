@@ -1,7 +1,7 @@
 """Simulation benchmarks at 100 and 1,000 virtual institutions, Ferry vs a no-op client.
 
 (c) steady-state round time (rounds 2+, i.e. after the backbone shipped and features were
-    cached) of Ferry's client vs :mod:`simulations.bench.noop_client`, same server loop,
+    cached) of Ferry's client vs :mod:`ferry.simulations.bench.noop_client`, same server loop,
     same number of virtual clients, same sampling;
 (e) peak resident memory of the whole simulation (driver, Ray's processes and workers: the
     sum of VmRSS over the process tree, sampled every 0.2 s).
@@ -53,7 +53,7 @@ def run_child(kind: str, clients: int, rounds: int, fraction: float, home: str) 
     cmd = [
         sys.executable,
         "-m",
-        "simulations.bench.sim_bench",
+        "ferry.simulations.bench.sim_bench",
         "--child",
         kind,
         "--clients",
@@ -97,8 +97,8 @@ def run_child(kind: str, clients: int, rounds: int, fraction: float, home: str) 
 
 
 def child_main(kind: str, clients: int, rounds: int, fraction: float, out: str) -> None:
-    from common.config import RunConfig
-    from simulations.runner import simulate
+    from ferry.common.config import RunConfig
+    from ferry.simulations.runner import simulate
 
     cfg = RunConfig(
         clients=clients,
@@ -113,7 +113,7 @@ def child_main(kind: str, clients: int, rounds: int, fraction: float, out: str) 
     )
     app = None
     if kind == "noop":
-        from simulations.bench.noop_client import app
+        from ferry.simulations.bench.noop_client import app
     simulate(cfg, log=lambda line: print(line, flush=True), client_app=app)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from simulations.bench import sim_bench, training_bench
-from simulations.bench.report import machine, replace_section, write_json
+from ferry.simulations.bench import sim_bench, training_bench
+from ferry.simulations.bench.report import machine, replace_section, write_json
 
 TRAINING = "## Training: cached features, DP overhead, bytes"
 SIMULATION = "## Simulation: Ferry vs a no-op Flower client"

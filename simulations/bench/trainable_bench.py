@@ -37,13 +37,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from ferry.common.backbones import build_backbone
+from ferry.common.backbones.registry import backbone_spec
+from ferry.common.trainable import TrainableSpec, set_train_mode, split_model, trainable_state
+from ferry.simulations.bench.report import record_section
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from common.backbones import build_backbone
-from common.backbones.registry import backbone_spec
-from common.trainable import TrainableSpec, set_train_mode, split_model, trainable_state
-from simulations.bench.report import record_section
 
 PARTS = (
     ("head", "ferry-cnn"),
@@ -165,7 +164,7 @@ def client_round(
     """One client round as Ferry's client runs it (:func:`client.dp_trainer.train_tail` on
     cached split-point activations, a fresh Opacus engine per DP round; a bare linear head
     takes :mod:`client.linear_dp`), DP (σ = 1) against non-private, alternating; medians."""
-    from client.dp_trainer import DPTrainConfig, train_tail
+    from ferry.client.dp_trainer import DPTrainConfig, train_tail
 
     spec = backbone_spec(backbone_name)
     shape = (spec.input_shape[0], image_size, image_size)
@@ -284,11 +283,11 @@ def _backbone_weights(name: str, sizes: FederatedSizes, work: Path, log) -> Path
     if out.exists():
         return out
     if name == "vit_b_16":
-        from server.backbone_import import import_backbone
+        from ferry.server.backbone_import import import_backbone
 
         import_backbone(name, "random", sizes.vit_size, out, lambda *_: None, seed=sizes.seed)
     else:
-        from server.pretrain import PretrainConfig, pretrain
+        from ferry.server.pretrain import PretrainConfig, pretrain
 
         cfg = PretrainConfig(
             arch=name,
@@ -310,9 +309,9 @@ def federated_rows(
     """Per (part, backbone): the step times of :func:`bench_part` on the tail, then a DP
     simulation at ``sizes.epsilon`` training that part; one dict per part. Every step time is
     taken before the first simulation, so no Ray process (or its shutdown) shares the CPU."""
-    from common.config import RunConfig
-    from simulations.bench.transfer_bench import ferry_env
-    from simulations.runner import simulate
+    from ferry.common.config import RunConfig
+    from ferry.simulations.bench.transfer_bench import ferry_env
+    from ferry.simulations.runner import simulate
 
     work = Path(work or tempfile.mkdtemp(prefix="ferry-trainable-bench-"))
     steps = {}

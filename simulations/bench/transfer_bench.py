@@ -36,8 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
-from simulations.bench.report import record_section
+from ferry.simulations.bench.report import record_section
 
 HEADING = "## Transfer: ImageNet-pretrained vs random EfficientNet-Lite0, real digits, ε = 3"
 ARCH = "efficientnet_lite0"
@@ -105,10 +104,9 @@ def feature_scale(weights: Path, data: Path, size: int, count: int) -> dict:
     """Mean |feature| and mean per-dimension spread over ``count`` images of ``data``: a
     trunk whose features have (almost) no spread gives a head nothing to learn from."""
     import torch
-
-    from common.data.image_folder import load_images
-    from common.data.preprocess import preprocess
-    from common.serialization import instantiate, load_artifact
+    from ferry.common.data.image_folder import load_images
+    from ferry.common.data.preprocess import preprocess
+    from ferry.common.serialization import instantiate, load_artifact
 
     artifact = load_artifact(weights)
     images = load_images(data, 3, size).x
@@ -155,9 +153,9 @@ def _run_row(name: str, summary: dict, seconds: float, scale: dict) -> dict:
 def run(sizes: TransferSizes = FULL, work: Path | None = None, log=print) -> dict:
     """Write the digits, import both backbones, simulate each (plus the pretrained backbone
     non-private); return one row per run and the settings."""
-    from common.config import RunConfig
-    from server.backbone_import import import_backbone
-    from simulations.runner import simulate
+    from ferry.common.config import RunConfig
+    from ferry.server.backbone_import import import_backbone
+    from ferry.simulations.runner import simulate
 
     started = time.perf_counter()
     work = Path(work or tempfile.mkdtemp(prefix="ferry-transfer-bench-"))

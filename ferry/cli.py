@@ -13,8 +13,8 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from common.config import RunConfig, read_toml
-from common.errors import FerryError
+from ferry.common.config import RunConfig, read_toml
+from ferry.common.errors import FerryError
 
 # The run options that say where data comes from and how it is read (`ferry pretrain`).
 DATA_OPTIONS = (
@@ -148,10 +148,10 @@ def _run_config(args: argparse.Namespace, only: tuple[str, ...] = ()) -> RunConf
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from common.backbones.registry import backbone_spec
-    from common.data.datasets import DataSpec
-    from server.backbone_source import default_weights_dir
-    from server.pretrain import PretrainConfig, pretrain
+    from ferry.common.backbones.registry import backbone_spec
+    from ferry.common.data.datasets import DataSpec
+    from ferry.server.backbone_source import default_weights_dir
+    from ferry.server.pretrain import PretrainConfig, pretrain
 
     data_cfg = _run_config(args, only=DATA_OPTIONS)
     cfg = PretrainConfig(
@@ -177,9 +177,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_import_backbone(args: argparse.Namespace) -> int:
-    from server.backbone_import import import_backbone
-    from server.backbone_source import default_weights_dir
-    from server.pretrain import check_backbone_out
+    from ferry.server.backbone_import import import_backbone
+    from ferry.server.backbone_source import default_weights_dir
+    from ferry.server.pretrain import check_backbone_out
 
     out = args.out or str(default_weights_dir(args.arch, "hospital-imaging"))
     check_backbone_out(out)
@@ -192,7 +192,7 @@ def cmd_import_backbone(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.runner import simulate
+    from ferry.simulations.runner import simulate
 
     simulate(_run_config(args))
     return 0
@@ -214,7 +214,7 @@ TUNE_OPTIONS = DATA_OPTIONS + (
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from server.tune import parse_epsilons, tune
+    from ferry.server.tune import parse_epsilons, tune
 
     epsilons = parse_epsilons(args.epsilon)
     cfg = replace(_run_config(args, only=(*TUNE_OPTIONS, "clients")), scenario=args.scenario or "")
@@ -223,7 +223,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from server.audit import run_audit
+    from ferry.server.audit import run_audit
 
     return run_audit(
         args.path,
@@ -235,7 +235,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from common.certs import make_certs
+    from ferry.common.certs import make_certs
 
     report = make_certs(
         args.out,
@@ -257,14 +257,14 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from server.superlink import load_server_config, run_server
+    from ferry.server.superlink import load_server_config, run_server
 
     settings = load_server_config(args.config, insecure=args.insecure, resume=args.resume)
     return run_server(settings)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    from client.supernode import InstitutionSettings, run_client
+    from ferry.client.supernode import InstitutionSettings, run_client
 
     def path(value: str | None) -> Path | None:
         return Path(value).expanduser().absolute() if value else None
@@ -359,7 +359,7 @@ def _add_deployment_commands(sub) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from simulations.bench.suite import run_bench
+    from ferry.simulations.bench.suite import run_bench
 
     out = Path(args.out)
     try:
