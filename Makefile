@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ferry-installed
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install nginx demo test lint clean
+.PHONY: install nginx demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ nginx:
 
 test: $(STAMP) nginx
 	$(PY) -m pytest -q -ra
+
+# The tests not marked `slow` (no Ray start-up, no real deployment); every module is imported.
+test-fast: $(STAMP) nginx
+	$(PY) -m pytest -q -ra -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,7 +4,7 @@ Message types:
   ``query.backbone_offer``  config{sha256} -> config{has}
   ``query.backbone_ship``   arrays{backbone}, config{sha256, manifest} -> config{stored}
   ``train``                 :class:`~common.messages.TrainRequest` ->
-                            :class:`~common.train_reply.TrainReply` (arrays{head},
+                            :class:`~common.train_reply.TrainReply` (arrays{trainable},
                             metrics{num-examples}, config{privacy}: the signed report)
   ``evaluate``              :class:`~common.messages.TrainRequest` ->
                             :class:`~common.messages.EvaluationReply` (metrics)
@@ -26,7 +26,7 @@ import traceback
 
 import numpy as np
 import torch
-from ferry.client import runtime
+from ferry.client import institution_settings, runtime
 from ferry.common.errors import FerryError
 from ferry.common.messages import EvaluationReply, Refusal, TrainRequest
 from ferry.common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
@@ -37,12 +37,12 @@ from flwr.clientapp import ClientApp
 app = ClientApp()
 
 
-def _settings(msg: Message, context: Context) -> runtime.ClientSettings:
+def _settings(msg: Message, context: Context) -> institution_settings.ClientSettings:
     run = msg.content["run"]
     if "partition-id" in context.node_config:  # a virtual institution in simulation
         torch.set_num_threads(1)
-        return runtime.settings_for_simulation(context.node_config, dict(run))
-    return runtime.settings_for_deployment(context.node_config)
+        return institution_settings.settings_for_simulation(context.node_config, dict(run))
+    return institution_settings.settings_for_deployment(context.node_config)
 
 
 def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -101,9 +101,9 @@ def train(msg: Message, context: Context) -> Message:
     try:
         request = TrainRequest.from_content(msg.content)
         settings = _settings(msg, context)
-        head, metrics, report = runtime.train_round(settings, request.request, request.arrays)
+        trained, metrics, report = runtime.train_round(settings, request.request, request.arrays)
         signed = {k: report[k] for k in (REPLY_BODY, REPLY_SIGNATURE)}
-        reply = TrainReply(ModelUpdate(head, metrics["num-examples"]), PrivacyReply.of(signed))
+        reply = TrainReply(ModelUpdate(trained, metrics["num-examples"]), PrivacyReply.of(signed))
     except FerryError as exc:
         return _refuse(msg, exc, context)
     except Exception as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from ferry.common.errors import FerryError
-from ferry.common.private_files import PRIVATE_FILE, private_dir
+from ferry.common.private_files import private_dir
 from ferry.common.serialization import (
     BackboneArtifact,
     instantiate,
@@ -57,10 +57,7 @@ class BackboneCache:
         """Verify a received backbone against ``sha256`` and store it; refuse it otherwise."""
         artifact = BackboneArtifact(manifest, tensors)
         verify(artifact, sha256)
-        directory = private_dir(self.path(sha256))
-        save_artifact(artifact, directory)
-        for path in directory.iterdir():  # inside a 0700 directory from the start
-            os.chmod(path, PRIVATE_FILE)
+        save_artifact(artifact, private_dir(self.path(sha256)), private=True)
 
     def load(self, sha256: str) -> tuple[BackboneArtifact, nn.Module]:
         """The verified artifact and its frozen, eval-mode trunk."""

@@ -16,8 +16,8 @@ Class weights (``DPTrainConfig.class_weights``, from the run's public ``--base-r
 :mod:`client.linear_dp`): each example's gradient is multiplied by its class's weight in
 [0, 1] *after* clipping, so it adds at most C and the mechanism, hence the accounting, is the
 unweighted one. Flat clipping scales Opacus' per-example clip factors; ghost clipping its
-clip coefficients; the linear fast path its clipped factors; a non-private round (no clip)
-weights the per-example losses.
+clip coefficients (both :mod:`client.weighted_clipping`); the linear fast path its clipped
+factors; a non-private round (no clip) weights the per-example losses.
 
 Randomness (:mod:`client.dp_randomness`): Poisson sampling and noise come from generators
 seeded from this institution's OS entropy afresh each round (sampling on the CPU, where
@@ -39,7 +39,8 @@ the batch every row whose input, output, loss or input to a module with trainabl
 is not finite, and a NaN clipping factor (``0 * inf`` in its norm) becomes 0. Residual (ghost
 only): the check pass and the training pass run on batches of different sizes, so a row whose
 values sit within rounding of float32's overflow could pass one and overflow in the other;
-no such row was found in tests. The returned loss sums finite rows in float64.
+no such row was found in tests. The returned loss sums finite rows in float64. The guards
+are :mod:`client.nonfinite_guards`.
 
 The tail (:mod:`common.trainable`) runs on activations the frozen trunk computed once (feature
 cache): the trunk never enters Opacus. Only parameters with ``requires_grad`` are optimised and
@@ -47,12 +48,13 @@ get per-example gradients; frozen layers and parameter-free modules (dropout) ru
 (:func:`common.trainable.set_train_mode`) and frozen norms hold pretraining statistics.
 
 Inputs may be an array or a memory map of any trailing shape ``(n, ...)``: each batch reads its
-own rows, so a memory-mapped file is never loaded whole.
+own rows, so a memory-mapped file is never loaded whole (:mod:`client.activation_batches`).
+The round's terms and result are :mod:`client.dp_round`; :func:`setup_round` is the one place
+that wraps a tail in Opacus (the benchmarks time their steps on it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -60,143 +62,77 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from ferry.client import dp_randomness
+from ferry.client.activation_batches import (
+    ActivationRows,
+    ExampleIndices,
+    collate_indices,
+    physical_batches,
+)
+from ferry.client.dp_round import DPTrainConfig, TrainOutcome
+from ferry.client.nonfinite_guards import (
+    finite_clipping_coef,
+    finite_losses,
+    finite_rows,
+    ghost_rows,
+    single_output,
+    zero_non_finite_grad_samples,
+)
+from ferry.client.weighted_clipping import (
+    BatchWeights,
+    class_weight_tensor,
+    weight_after_clipping,
+    weight_ghost_clipping,
+)
 from ferry.common.errors import FerryError
 from ferry.common.privacy.accounting import MechanismSegment
 from ferry.common.trainable import set_train_mode, trainable_state
-from ferry.common.training_defaults import round_plan  # noqa: F401 - its home before
+from ferry.common.training_defaults import round_plan
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 TASKS = ("classification", "regression")
-CLIPPING = ("flat", "ghost")
-
-
-@dataclass(frozen=True)
-class DPTrainConfig:
-    noise_multiplier: float
-    max_grad_norm: float = 1.0
-    batch_size: int = 32
-    local_epochs: int = 1
-    lr: float = 1.0
-    non_private: bool = False
-    device: str = "cpu"
-    # > 0: split each (logical) Poisson batch into physical batches of at most this many
-    # examples (Opacus BatchMemoryManager); accounting still counts logical steps.
-    max_physical_batch: int = 0
-    # flat: per-example gradients, then clipping; ghost: Opacus ghost clipping (same mechanism).
-    clipping: str = "flat"
-    # Per-class weights in [0, 1] applied to each example's gradient after clipping
-    # (common.config.class_weights, from the run's public base rates); None = all 1.
-    class_weights: tuple[float, ...] | None = None
-
-    @property
-    def private(self) -> bool:
-        """The one definition of a private round, used by the trainer, the budget's
-        reservation and the report alike: one not marked non-private. (A non-private round
-        with noise is refused by :meth:`validate`, so no noised round goes unaccounted.)"""
-        return not self.non_private
-
-    def validate(self) -> None:
-        if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
-            raise FerryError(
-                f"noise multiplier must be >= 0, got {self.noise_multiplier}: pass a positive "
-                "--noise-multiplier, or leave it out to derive it from --epsilon"
-            )
-        if self.noise_multiplier == 0 and not self.non_private:
-            raise FerryError(
-                "noise multiplier 0 gives no privacy: give a positive --noise-multiplier, or "
-                "mark the run non-private with --non-private"
-            )
-        if self.noise_multiplier > 0 and self.non_private:
-            raise FerryError(
-                f"a non-private round with noise multiplier {self.noise_multiplier:g} is a "
-                "contradiction: drop the noise multiplier or the non-private mark"
-            )
-        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
-            raise FerryError(
-                f"max grad norm must be a positive finite number, got {self.max_grad_norm}"
-            )
-        if self.batch_size < 1 or self.local_epochs < 1:
-            raise FerryError("batch size and local epochs must be >= 1")
-        if self.clipping not in CLIPPING:
-            raise FerryError(
-                f"unknown clipping {self.clipping!r}: use --clipping flat or --clipping ghost"
-            )
-        if self.class_weights is not None and not (
-            len(self.class_weights) >= 2
-            and all(0.0 <= w <= 1.0 for w in self.class_weights)  # False for NaN
-        ):
-            raise FerryError(
-                "class weights must be one number in [0, 1] per class (sensitivity stays C): "
-                "derive them from public rates with --base-rates"
-            )
 
 
 @dataclass
-class TrainOutcome:
-    """One round's result. ``trainable_state``: the arrays that travel (the tail's trainable
-    parameters after training). ``loss``: mean training loss over the examples the round's
-    batches held (cross-entropy, or MSE for regression). After training, on the whole local
-    training set: ``accuracy`` (classification; NaN for regression) and ``rmse`` (regression;
-    NaN for classification). None of these metrics is covered by the DP guarantee."""
+class RoundSetup:
+    """What one round trains with: ``model`` (the tail, or Opacus' wrapper of it), its
+    ``optimizer`` and ``criterion`` (Opacus' own when private), the ``loader`` of example
+    indices (Poisson sampling when private, a shuffle when not), Opacus' ``engine`` (None when
+    non-private; its accountant holds the segment that ran) and ``batch``, where the loop puts
+    each batch's class weights before its backward pass for the clipping hooks to read."""
 
-    trainable_state: dict[str, np.ndarray]
-    loss: float
-    accuracy: float
-    num_examples: int
-    segment: MechanismSegment | None  # None for a non-private round
-    rmse: float = math.nan
-
-    @property
-    def head_state(self) -> dict[str, np.ndarray]:
-        """The trainable arrays (the name from when only heads trained)."""
-        return self.trainable_state
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    loader: DataLoader
+    engine: object | None
+    batch: BatchWeights
 
 
-def train_tail(
-    tail: nn.Module,
-    inputs: np.ndarray,
-    targets: np.ndarray,
-    cfg: DPTrainConfig,
-    task: str = "classification",
-) -> TrainOutcome:
-    """Train ``tail`` (already holding the global weights) on split-point activations
-    ``inputs`` for one round, in place; only its parameters with ``requires_grad`` change.
-    ``targets``: class indices (classification) or values (regression; the tail outputs
-    ``(n, 1)``)."""
+def setup_round(
+    tail: nn.Module, cfg: DPTrainConfig, n: int, task: str = "classification"
+) -> RoundSetup:
+    """``tail`` set up to train one round of ``cfg`` on ``n`` examples, in training mode
+    (frozen parts in eval): Opacus' PrivacyEngine when private (Poisson sampling, flat or ghost
+    clipping, noise in secure mode from this institution's own generator, class weights after
+    clipping), plain SGD over a shuffle when not. :func:`train_tail` runs its loop on it; the
+    benchmarks time their steps on it (``simulations.bench.trainable_bench``)."""
     cfg.validate()
-    if task not in TASKS:
-        raise FerryError(f"unknown task {task!r}: use classification or regression")
-    if len(inputs) != len(targets):
-        raise FerryError(f"{len(inputs)} inputs but {len(targets)} targets: give one per example")
-    device = torch.device(cfg.device)
-    rows = _Rows(inputs, device)
-    y = torch.as_tensor(
-        np.asarray(targets), dtype=torch.int64 if task == "classification" else torch.float32
-    ).to(device)
-    n = len(y)
-    weights = _class_weight_tensor(cfg, y, task)
-    tail = tail.to(device)
     params = [p for p in tail.parameters() if p.requires_grad]
     if not params:
         raise FerryError("the model has no trainable parameters: choose a --trainable part")
-    if _fast_linear(tail, cfg):
-        return _train_linear(tail, inputs, targets, rows, y, cfg, task)
-    batch = _BatchWeights()  # each batch's w[y_i], set before its backward pass
+    batch = BatchWeights()
     optimizer = torch.optim.SGD(params, lr=cfg.lr)
     criterion = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
-    ghost = cfg.private and cfg.clipping == "ghost"
-    if ghost:
-        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
     # Opacus' Poisson sampler (and a non-private round's shuffle) draws on the CPU.
     sampling = dp_randomness.round_generator("cpu")
-    indices = _Indices(n)
+    indices = ExampleIndices(n)
     model, engine = tail, None
     if cfg.private:
         from opacus import PrivacyEngine
 
         loader = DataLoader(
-            indices, batch_size=cfg.batch_size, collate_fn=_collate, generator=sampling
+            indices, batch_size=cfg.batch_size, collate_fn=collate_indices, generator=sampling
         )
         with warnings.catch_warnings():
             # "Secure RNG turned off": its secure RNG needs torchcsprng (no wheel for current
@@ -216,13 +152,13 @@ def train_tail(
             )
         if cfg.clipping == "ghost":
             model, optimizer, criterion, loader = private
-            _finite_clipping_coef(model)
-            if weights is not None:
-                _weight_ghost_clipping(model, batch)
+            finite_clipping_coef(model)
+            if cfg.class_weights is not None:
+                weight_ghost_clipping(model, batch)
         else:
             model, optimizer, loader = private
-            if weights is not None:
-                _weight_after_clipping(optimizer, batch)
+            if cfg.class_weights is not None:
+                weight_after_clipping(optimizer, batch)
         # The noise as Opacus' secure mode draws it (one draw discarded, four summed, / 2),
         # from our generator: make_private refuses a generator together with secure_mode.
         optimizer.secure_mode = True
@@ -231,31 +167,69 @@ def train_tail(
             indices,
             batch_size=cfg.batch_size,
             shuffle=True,
-            collate_fn=_collate,
+            collate_fn=collate_indices,
             generator=sampling,
         )
     set_train_mode(tail)
+    return RoundSetup(model, optimizer, criterion, loader, engine, batch)
+
+
+def train_tail(
+    tail: nn.Module,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    cfg: DPTrainConfig,
+    task: str = "classification",
+) -> TrainOutcome:
+    """Train ``tail`` (already holding the global weights) on split-point activations
+    ``inputs`` for one round, in place; only its parameters with ``requires_grad`` change.
+    ``targets``: class indices (classification) or values (regression; the tail outputs
+    ``(n, 1)``)."""
+    cfg.validate()
+    if task not in TASKS:
+        raise FerryError(f"unknown task {task!r}: use classification or regression")
+    if len(inputs) != len(targets):
+        raise FerryError(f"{len(inputs)} inputs but {len(targets)} targets: give one per example")
+    device = torch.device(cfg.device)
+    rows = ActivationRows(inputs, device)
+    y = torch.as_tensor(
+        np.asarray(targets), dtype=torch.int64 if task == "classification" else torch.float32
+    ).to(device)
+    n = len(y)
+    weights = class_weight_tensor(cfg.class_weights, y, task)
+    tail = tail.to(device)
+    params = [p for p in tail.parameters() if p.requires_grad]
+    if not params:
+        raise FerryError("the model has no trainable parameters: choose a --trainable part")
+    if _fast_linear(tail, cfg):
+        return _train_linear(tail, inputs, targets, rows, y, cfg, task)
+    run = setup_round(tail, cfg, n, task)
+    model, optimizer, criterion, loader = run.model, run.optimizer, run.criterion, run.loader
+    engine, batch = run.engine, run.batch
+    ghost = cfg.private and cfg.clipping == "ghost"
+    if ghost:
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
     total_loss, seen = 0.0, 0
     try:
         for _ in range(cfg.local_epochs):
-            with _physical_batches(loader, optimizer, cfg.max_physical_batch, engine) as batches:
+            with physical_batches(loader, optimizer, cfg.max_physical_batch, engine) as batches:
                 for (idx,) in batches:
                     idx = idx.sort().values  # sorted reads from a memory map; order is moot
                     xb, yb = rows.take(idx), y[idx.to(device)]
-                    finite_in = _finite_rows(xb)
+                    finite_in = finite_rows(xb)
                     if not bool(finite_in.all()):  # such a row adds 0 (below); keep it finite
                         xb = torch.where(finite_in.view(-1, *[1] * (xb.dim() - 1)), xb, 0.0)
                     if ghost:  # drop rows that would carry an infinite activation
-                        keep = _ghost_rows(model, xb, yb, finite_in, task)
+                        keep = ghost_rows(model, xb, yb, finite_in, task)
                         xb, yb, finite_in = xb[keep], yb[keep], finite_in[keep]
                     if weights is not None:
                         batch.rows = weights[yb]
                     optimizer.zero_grad()
                     out = model(xb)
                     if task == "regression":
-                        out = _single_output(out)
+                        out = single_output(out)
                     if len(yb):
-                        per_example = _finite_losses(out, yb, finite_in, task)
+                        per_example = finite_losses(out, yb, finite_in, task)
                         if ghost:
                             loss = DPTensorFastGradientClipping(
                                 criterion.module, criterion.optimizer, per_example, "mean"
@@ -271,7 +245,7 @@ def train_tail(
                         # An empty Poisson batch still takes a (noise-only) step, as accounted.
                         (out.sum() * 0.0).backward()
                     if engine is not None and cfg.clipping == "flat":
-                        _zero_non_finite_grad_samples(params)
+                        zero_non_finite_grad_samples(params)
                     optimizer.step()
     finally:
         optimizer.zero_grad(set_to_none=True)
@@ -291,148 +265,6 @@ def train_tail(
     )
 
 
-def _finite_rows(t: torch.Tensor) -> torch.Tensor:
-    """Per row of ``t`` (any trailing shape): all its values finite."""
-    return torch.isfinite(t.reshape(len(t), -1)).all(dim=1)
-
-
-def _finite_losses(
-    out: torch.Tensor,
-    target: torch.Tensor,
-    finite_in: torch.Tensor,
-    task: str,
-    keep_only: bool = False,
-) -> torch.Tensor:
-    """Per-example losses (cross-entropy or squared error), exactly 0 and cut off from the
-    graph for a row whose input, output or loss is not finite: the loss is computed on the
-    kept rows by indexing and scattered into zeros, so a dropped row's output gets a gradient
-    of exactly 0 (no NaN * 0). ``keep_only``: the indices of the rows kept instead."""
-    keep = (finite_in & _finite_rows(out)).nonzero()[:, 0]
-    fn = nn.functional.cross_entropy if task == "classification" else nn.functional.mse_loss
-    losses = fn(out[keep], target[keep], reduction="none")
-    ok = torch.isfinite(losses)
-    if keep_only:  # the kept rows' indices
-        return keep[ok]
-    return out.new_zeros(len(target)).index_put((keep[ok],), losses[ok])
-
-
-def _ghost_rows(
-    model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, finite_in: torch.Tensor, task: str
-) -> torch.Tensor:
-    """Rows of a ghost-clipping batch to train on: those whose input, output, loss and every
-    input to a module with trainable parameters are finite in a gradient-free forward pass
-    (Opacus' hooks skip it). Ghost clipping's second
-    backward sums ``activation x gradient`` over the whole batch, where a dropped row's zero
-    gradient would meet its infinite activation (NaN); a row left out of the batch adds
-    exactly 0, and Opacus' mean over the kept rows scales as it does for any batch (the
-    optimizer divides by the expected batch size, not this one)."""
-    if not len(yb):
-        return finite_in
-    finite = finite_in.clone()
-
-    def check_input(_module, args):
-        if args and isinstance(args[0], torch.Tensor) and len(args[0]) == len(finite):
-            finite.logical_and_(_finite_rows(args[0]))
-
-    trainable = [
-        m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
-    ]
-    handles = [m.register_forward_pre_hook(check_input) for m in trainable]
-    try:
-        with torch.no_grad():
-            out = model(xb)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if task == "regression":
-        out = _single_output(out)
-    return _finite_losses(out, yb, finite, task, keep_only=True)
-
-
-def _class_weight_tensor(cfg: DPTrainConfig, y: torch.Tensor, task: str) -> torch.Tensor | None:
-    """The class weights as a tensor on ``y``'s device, or None; refused for a regression
-    task, or for labels they do not cover."""
-    if cfg.class_weights is None:
-        return None
-    if task != "classification":
-        raise FerryError("class weights (--base-rates) are for classification: drop them")
-    w = torch.tensor(cfg.class_weights, dtype=torch.float32, device=y.device)
-    if len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(w):
-        raise FerryError(
-            f"the labels go beyond the {len(w)} classes --base-rates gives rates for: give "
-            "one public rate per class"
-        )
-    return w
-
-
-class _BatchWeights:
-    """``rows``: the current batch's class weights ``w[y_i]``, for the clipping hooks."""
-
-    rows: torch.Tensor = torch.empty(0)
-
-
-def _weight_after_clipping(optimizer, batch: _BatchWeights) -> None:
-    """Flat clipping: Opacus' ``DPOptimizer.clip_and_accumulate`` (opacus 1.6) with each
-    example's clip factor ``min(1, C / (||g_i|| + 1e-6))`` multiplied by its class weight
-    ``w[y_i]`` in [0, 1], after the factor is computed: the example adds ``w c_i g_i``, of
-    norm at most C, to the clipped sum (sensitivity unchanged), which is what
-    :func:`client.linear_dp.exact_clipped_sum` computes (``tests/test_class_balance.py``
-    checks both, and that weights of 1 give Opacus' own sum)."""
-    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-
-    def clip_and_accumulate() -> None:
-        samples = optimizer.grad_samples
-        if len(samples[0]) == 0:
-            factor = torch.zeros((0,), device=samples[0].device)
-        else:
-            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1)
-            factor = (optimizer.max_grad_norm / (norms.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
-            factor = factor * batch.rows.to(factor.device)  # after clipping: w c_i <= 1
-        for p in optimizer.params:
-            _check_processed_flag(p.grad_sample)
-            g = optimizer._get_flat_grad_sample(p).to(p.dtype)
-            grad = torch.einsum("i,i...", factor.to(g.device, p.dtype), g)
-            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
-            _mark_as_processed(p.grad_sample)
-
-    optimizer.clip_and_accumulate = clip_and_accumulate
-
-
-def _weight_ghost_clipping(module, batch: _BatchWeights) -> None:
-    """Ghost clipping: its second backward pass sums ``coef_i * grad(loss_i)`` with Opacus'
-    clip coefficients; each is multiplied by its example's class weight, after clipping (the
-    same clipped, weighted sum as flat clipping)."""
-    coef = module.get_clipping_coef
-
-    def weighted() -> torch.Tensor:
-        c = coef()
-        return c * batch.rows.to(c.device)
-
-    module.get_clipping_coef = weighted
-
-
-def _finite_clipping_coef(module) -> None:
-    """Ghost clipping computes a row's norm as ``sqrt(||grad_out||^2 * ||activation||^2)``:
-    ``0 * inf`` (a saturated row whose activation's square overflows) is NaN and Opacus'
-    factor ``min(1, C / (norm + 1e-6))`` stays NaN. Such a row gets factor 0 (it adds
-    exactly 0); an infinite norm already does."""
-    coef = module.get_clipping_coef
-    module.get_clipping_coef = lambda: torch.nan_to_num(coef(), nan=0.0)
-
-
-def _zero_non_finite_grad_samples(params: list[nn.Parameter]) -> None:
-    """Second guard (flat clipping): an example whose per-sample gradient has a non-finite
-    value in any trainable parameter (an infinite activation inside the tail times its zero
-    gradient) gets an all-zero per-sample gradient, before Opacus clips and sums."""
-    samples = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
-    if not samples:
-        return
-    bad = ~torch.stack([_finite_rows(g) for g in samples]).all(dim=0)
-    if bool(bad.any()):
-        for g in samples:
-            g[bad] = 0.0
-
-
 def _fast_linear(tail: nn.Module, cfg: DPTrainConfig) -> bool:
     """A bare linear head under flat clipping runs :mod:`client.linear_dp` (same mechanism
     as Opacus, ~5x faster per step; a non-private run the same loop without clipping and
@@ -450,7 +282,7 @@ def _train_linear(tail, inputs, targets, rows, y, cfg: DPTrainConfig, task: str)
 
     n = len(y)
     if task == "regression":
-        _single_output(torch.zeros(1, tail.out_features))  # one output per example
+        single_output(torch.zeros(1, tail.out_features))  # one output per example
     q, steps = round_plan(n, cfg.batch_size, cfg.local_epochs)
     x = rows.take(torch.arange(n)) if n else torch.zeros((0, tail.in_features))
     total, seen, segment = train_linear(
@@ -483,7 +315,7 @@ def predict_tail(tail: nn.Module, inputs: np.ndarray, batch: int = 256) -> np.nd
     ``(n, outputs)``; reads ``inputs`` batch by batch (memory maps stay on disk)."""
     tail.eval()
     device = next(tail.parameters()).device
-    rows = _Rows(inputs, device)
+    rows = ActivationRows(inputs, device)
     out = []
     with torch.no_grad():
         for i in range(0, len(inputs), batch):
@@ -504,69 +336,6 @@ def _fit(tail: nn.Module, inputs, targets, task: str) -> tuple[float, float]:
     return math.nan, float(np.sqrt(np.mean(err**2)))
 
 
-def _single_output(out: torch.Tensor) -> torch.Tensor:
-    if out.dim() != 2 or out.shape[1] != 1:
-        raise FerryError(
-            f"a regression model must output one value per example, got shape "
-            f"{tuple(out.shape)}: build its head with 1 output"
-        )
-    return out[:, 0]
-
-
-class _Indices(Dataset):
-    """Example indices: Opacus samples indices; :class:`_Rows` reads the examples."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor]:
-        return (torch.tensor(i),)
-
-    def __getitems__(self, idx: list[int]) -> list[int]:
-        return idx  # one fetch per batch, not one per example
-
-
-def _collate(idx: list[int]) -> list[torch.Tensor]:
-    return [torch.as_tensor(idx, dtype=torch.int64)]
-
-
-class _Rows:
-    """Rows of an (n, ...) array as float32 tensors on ``device``. An in-memory array is
-    shared with torch (and moved to the device once); a memory map is read per batch."""
-
-    def __init__(self, inputs: np.ndarray, device: torch.device):
-        self.device = device
-        self.mapped = isinstance(inputs, np.memmap)
-        if self.mapped:
-            self.array = inputs
-        else:
-            self.tensor = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
-            self.tensor = self.tensor.to(device)
-
-    def take(self, idx: torch.Tensor) -> torch.Tensor:
-        if not self.mapped:
-            return self.tensor[idx.to(self.device)]
-        rows = np.asarray(self.array[idx.cpu().numpy()], dtype=np.float32)
-        return torch.from_numpy(rows).to(self.device)
-
-
-@contextlib.contextmanager
-def _physical_batches(loader, optimizer, max_physical: int, engine):
-    """The loader itself, or Opacus' BatchMemoryManager when logical batches may not fit."""
-    if engine is None or max_physical <= 0:
-        yield loader
-        return
-    from opacus.utils.batch_memory_manager import BatchMemoryManager
-
-    with BatchMemoryManager(
-        data_loader=loader, max_physical_batch_size=max_physical, optimizer=optimizer
-    ) as batches:
-        yield batches
-
-
 def resolve_device(device: str) -> str:
     """``auto``: CUDA when this process sees a GPU, else CPU."""
     if device == "auto":
@@ -576,17 +345,3 @@ def resolve_device(device: str) -> str:
             f"device {device!r} requested but no CUDA GPU is visible: use --device cpu"
         )
     return device
-
-
-def evaluate_head(head: nn.Module, features: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) of ``head`` on held-out features."""
-    if len(labels) == 0:
-        return 0.0, 0.0
-    x = torch.from_numpy(np.asarray(features, dtype=np.float32))
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    head.eval()
-    with torch.no_grad():
-        logits = head(x)
-        return float(nn.functional.cross_entropy(logits, y)), float(
-            (logits.argmax(1) == y).float().mean()
-        )

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ferry.common.atomic_files import atomic_path
 from ferry.common.data.preprocess import check_preprocessing, preprocess
-from ferry.common.private_files import private_dir, private_temp
+from ferry.common.private_files import PRIVATE_FILE, private_dir
 from torch import nn
 
 MMAP_BYTES = 64 * 2**20
@@ -111,16 +112,13 @@ class FeatureCache:
             private_dir(directory)
             feats = {}
             for name, examples in splits.items():
-                final = directory / f"{name}.npy"
                 # Created 0600 before a byte is written; np.save and the memory map keep it.
-                tmp = private_temp(directory, name).rename(
-                    directory / f"{name}.{os.getpid()}.tmp.npy"
-                )
-                arr = extract(trunk, examples, preprocessing, device=device, out_path=tmp)
-                if not isinstance(arr, np.memmap):
-                    np.save(tmp, arr)
-                del arr
-                os.replace(tmp, final)
+                final = directory / f"{name}.npy"
+                with atomic_path(final, mode=PRIVATE_FILE, suffix=".tmp.npy") as tmp:
+                    arr = extract(trunk, examples, preprocessing, device=device, out_path=tmp)
+                    if not isinstance(arr, np.memmap):
+                        np.save(tmp, arr)
+                    del arr
             feats = self._load(directory, splits)
             assert feats is not None, f"features just written to {directory} do not read back"
         _MEMORY[key] = feats

@@ -23,7 +23,8 @@ is the ground truth of the institution's spend, so:
   (:func:`client.budget_guard.reserve_round`), so concurrent rounds never lose a spend.
 
 Write order of :meth:`PrivacyState.record` (each copy: a uniquely named temp file, written,
-fsynced, renamed over the copy, then the directory fsynced), and why every crash is safe:
+fsynced, renamed over the copy, then the directory fsynced: :mod:`common.atomic_files`), and
+why every crash is safe:
 
 1. crash before the main copy's rename: both copies hold the old history; the round was not
    reserved, so it never trains (stray ``*.tmp`` files are ignored);

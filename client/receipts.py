@@ -23,11 +23,11 @@ import fcntl
 import json
 import math
 import os
-import secrets
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from ferry.common.atomic_files import write_atomic
 from ferry.common.errors import FerryError
 from ferry.common.privacy.report import (
     GENESIS,
@@ -110,13 +110,10 @@ def _make_local_key(state_dir: Path, institution: str) -> None:
     )
     private_dir(state_dir)
     final = state_dir / LOCAL_KEY
-    tmp = _unique_file(state_dir, LOCAL_KEY, private, PRIVATE_FILE)
-    try:
-        os.link(tmp, final)  # never overwrite: the first maker wins
+    try:  # never overwrite: the first maker wins
+        write_atomic(final, private, mode=PRIVATE_FILE, exclusive=True)
     except FileExistsError:
         pass
-    finally:
-        os.unlink(tmp)
     try:
         winner = load_private_key(final.read_bytes())
     except (OSError, ReportError):
@@ -124,18 +121,7 @@ def _make_local_key(state_dir: Path, institution: str) -> None:
     public = public_key_text(winner.public_key()) + f" ferry-{institution}\n".encode()
     pub = state_dir / LOCAL_PUB
     if not pub.is_file() or pub.read_bytes() != public:
-        os.replace(_unique_file(state_dir, LOCAL_PUB, public, 0o644), pub)
-
-
-def _unique_file(folder: Path, name: str, data: bytes, mode: int) -> Path:
-    """``data`` written and fsynced under a temporary name no other writer can share."""
-    tmp = folder / f"{name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
+        write_atomic(pub, public, mode=0o644)
 
 
 def report_fields(report: dict) -> dict:

@@ -21,27 +21,23 @@ import numpy as np
 import torch
 from ferry.client.backbone_cache import BackboneCache
 from ferry.client.budget_guard import (
-    Budget,
     BudgetExceeded,
     can_afford_another,
     check_steps,
     reserve_round,
 )
-from ferry.client.dp_trainer import (
-    DPTrainConfig,
-    predict_tail,
-    resolve_device,
-    round_plan,
-    train_tail,
-)
+from ferry.client.dp_trainer import DPTrainConfig, predict_tail, resolve_device, train_tail
 from ferry.client.feature_cache import FeatureCache, feature_key
-from ferry.client.held_out import HeldOutSplit, data_settings_of, pin_data_settings, pin_split
+from ferry.client.held_out import data_settings_of, pin_data_settings
+from ferry.client.institution_settings import (
+    ClientSettings,
+)
 from ferry.client.privacy_state import PrivacyState
 from ferry.client.receipts import sign_and_keep
 from ferry.common.data.datasets import DataSpec, Partition, load_partition, whole
 from ferry.common.errors import FerryError
+from ferry.common.evaluation_statistics import classification_statistics, regression_statistics
 from ferry.common.messages import RoundRequest
-from ferry.common.metrics import classification_statistics, regression_statistics
 from ferry.common.model import out_dim, split_for_run
 from ferry.common.privacy import UNIT_OF_PRIVACY
 from ferry.common.privacy.accounting import MechanismSegment, noise_multiplier_for_target
@@ -53,94 +49,11 @@ from ferry.common.training_defaults import (
     batch_size_for,
     plan_for,
     resolve_schedule,
+    round_plan,
     trainable_size,
 )
 
 ACCOUNTANT = "prv"
-
-
-@dataclass(frozen=True)
-class ClientSettings:
-    """Institution-side settings: who it is, where its state and caches live, its data."""
-
-    institution: str
-    state_dir: Path
-    cache_dir: Path
-    partition_id: int
-    num_partitions: int
-    budget: Budget | None = None  # None: no budget (only allowed for non-private runs)
-    data_path: str = ""  # a deployed institution's own data (all of it is this client's)
-    report_key: Path | None = None  # signs privacy reports; None: a key in state_dir
-    # A deployed institution's own held-out split (client.held_out); None: the run's settings
-    # decide it (simulation, where the researcher owns the data).
-    held_out: HeldOutSplit | None = None
-
-
-def settings_for_simulation(node_config: dict, run: dict) -> ClientSettings:
-    """A virtual institution's settings: partition from the node config, its state and cache
-    under the simulation's roots, its budget from the simulation's per-institution setting."""
-    pid = int(node_config["partition-id"])
-    institution = f"{str(run['scenario']).split('-')[0]}-{pid:03d}"
-    budget = None
-    if "budget-epsilon" in run or not run.get("non-private", False):
-        budget = Budget(
-            float(run.get("budget-epsilon", run["epsilon"])),
-            float(run.get("budget-delta", run["delta"])),
-        )
-    return ClientSettings(
-        institution,
-        Path(str(run["state-root"])) / institution,
-        Path(str(run["cache-root"])) / institution,
-        pid,
-        int(node_config["num-partitions"]),
-        budget,
-    )
-
-
-NODE_CONFIG_KEYS = (
-    "institution",
-    "data-path",
-    "state-dir",
-    "cache-dir",
-    "budget-epsilon",
-    "budget-delta",
-    "report-key",
-    "test-fraction",
-)
-
-
-def settings_for_deployment(node_config: dict) -> ClientSettings:
-    """A deployed institution's settings, from its SuperNode's ``--node-config`` (set by
-    ``ferry client``): nothing here comes from the server."""
-    missing = [
-        k
-        for k in ("institution", "data-path", "state-dir", "budget-epsilon", "budget-delta")
-        if k not in node_config
-    ]
-    if missing:
-        raise FerryError(
-            f"this SuperNode's node config lacks {', '.join(missing)}: start it with "
-            "`ferry client` (which sets them)"
-        )
-    state_dir = Path(str(node_config["state-dir"]))
-    return ClientSettings(
-        institution=str(node_config["institution"]),
-        state_dir=state_dir,
-        cache_dir=Path(str(node_config.get("cache-dir") or state_dir / "cache")),
-        partition_id=0,
-        num_partitions=1,
-        budget=Budget(float(node_config["budget-epsilon"]), float(node_config["budget-delta"])),
-        data_path=str(node_config["data-path"]),
-        report_key=(
-            Path(str(node_config["report-key"])) if node_config.get("report-key") else None
-        ),
-        # The institution's own held-out split, pinned in its state directory: the server's
-        # test-fraction and seed never decide which of its records are held out.
-        held_out=pin_split(
-            state_dir,
-            float(node_config["test-fraction"]) if "test-fraction" in node_config else None,
-        ),
-    )
 
 
 def request_from_record(record: dict) -> RoundRequest:

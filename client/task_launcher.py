@@ -22,7 +22,7 @@ installed Ferry run with ``python -P`` (no current folder on ``sys.path``). If t
 is not running, nothing runs: it fails closed. It exits when the SuperNode does.
 
 It also watches ``ferry client``, its parent. The SuperNode and this launcher run in sessions
-of their own (``common.child_processes``), so when ``ferry client`` is killed outright
+of their own (``common.deploy.child_processes``), so when ``ferry client`` is killed outright
 (``kill -9``, the OOM killer) nothing stops them: the institution would go on taking part in
 rounds, with its data, after its own process ended. So when its parent is gone this launcher
 stops the SuperNode's process group, and then itself.
@@ -114,6 +114,10 @@ def serve(runtime_api_address: str, supernode_pid: int | None) -> None:
     ferry_pid = os.getppid()
     running: list[subprocess.Popen] = []
     client = None
+    # Both watchers below end this loop by raising SIGINT here. A process started as a
+    # script's background job (`ferry client ... &`) inherits SIGINT *ignored*, and Python
+    # then installs no KeyboardInterrupt handler: restore it, or nothing would stop.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _watch_parent(ferry_pid)
         if supernode_pid is not None:

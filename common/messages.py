@@ -13,10 +13,18 @@ A message crosses a process boundary here, and only here, as a frozen dataclass:
 The sender builds the object and calls ``to_record``/``to_content``; the receiver calls
 ``from_record``/``from_content``, which checks types, ranges (finite numbers, non-negative
 and bounded counts, known enum values) and sizes (text lengths, key counts, array count,
-shapes, dtypes and bytes) and raises one :class:`MessageRejected` naming the first problem.
-Nothing reads a message's raw records anywhere else. On the server a rejected reply is a
-ledger record and the round goes on; on an institution a rejected request is a refusal that
-spends nothing.
+shapes, dtypes and bytes: :mod:`common.message_fields`) and raises one
+:class:`MessageRejected` naming the first problem. Nothing reads a message's raw records
+anywhere else. On the server a rejected reply is a ledger record and the round goes on; on
+an institution a rejected request is a refusal that spends nothing.
+
+One name per concept, on the wire and in the ledger: the trainable arrays (a head, LoRA
+adapters, conv adapters or a last block) travel in the record :data:`TRAINABLE` both ways;
+the run's target ε is :data:`TARGET_EPSILON` in the run record (:func:`run_record`; the
+ledger's ``run_started`` keeps the same record), an institution's spent ε is
+``epsilon_spent`` and its budget ε ``budget_epsilon`` in the ledger
+(:mod:`server.client_reports`). Records written before the rename (``epsilon`` for the
+target, ``epsilon_reported`` for the spend) are still read.
 """
 
 from __future__ import annotations
@@ -27,134 +35,64 @@ from dataclasses import dataclass, fields
 import numpy as np
 from ferry.common.config import RunConfig
 from ferry.common.errors import FerryError
-from ferry.common.metrics import (
+from ferry.common.evaluation_statistics import (
     AUC_BINS,
     ClassificationStatistics,
     EvaluationStatistics,
     RegressionStatistics,
     statistics_from_record,
 )
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from ferry.common.message_fields import (
+    MAX_EXAMPLES,
+    MAX_KEYS,
+    MAX_REASON,
+    MessageRejected,
+    array_record,
+    clipped,
+    count,
+    decoded,
+    one_line,
+    only_keys,
+    record,
+    text,
+)
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-MAX_TEXT = 256  # an institution's name, a run id, an accountant, a hash
-MAX_REASON = 2_000  # a refusal's reason
-MAX_KEYS = 200  # keys in one record
-MAX_EXAMPLES = 10**9  # examples one institution may claim, in training or evaluation
 MAX_ROUND = 1_000_000_000
 MAX_CLASSES = 100_000
 MAX_ARRAYS = 10_000  # arrays in one request (a trainable last block has a few dozen)
 MAX_REQUEST_BYTES = 4 * 2**30  # array bytes in one request
 REFUSAL_KINDS = ("error", "budget", "data", "mechanism")
-
-
-class MessageRejected(FerryError, ValueError):
-    """A message that does not parse as its type; the text names the first problem. A
-    :class:`~common.errors.FerryError` too, so that an institution answers a rejected
-    request with a refusal like any other bad input."""
-
-
-# ------------------------------------------------------------------------- field checks
-
-
-def clipped(text: object, limit: int = MAX_REASON) -> str:
-    """``text`` as one line of at most ``limit`` characters (for logs of untrusted text;
-    see :func:`one_line`)."""
-    text = one_line(str(text))
-    return text if len(text) <= limit else f"{text[: limit - 40]}... ({len(text):,} chars)"
-
-
-def one_line(text: str) -> str:
-    """``text`` with every unprintable character (newlines, terminal escapes, Unicode line
-    separators and direction overrides) written as its escape: an institution's text in
-    the server's log is one line, so it cannot forge log lines for another institution."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
-def _shown(value: object) -> str:
-    return clipped(repr(value), 40)
-
-
-def text(value: object, name: str, limit: int = MAX_TEXT, empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise MessageRejected(f"{name} is {_shown(value)}, not a string")
-    if len(value) > limit:
-        raise MessageRejected(f"{name} is {len(value):,} characters long, over {limit:,}")
-    if not value and not empty:
-        raise MessageRejected(f"{name} is empty")
-    return value
-
-
-def count(value: object, name: str, low: int = 0, high: int = MAX_EXAMPLES) -> int:
-    """An int (never a bool or a float) in ``[low, high]``."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise MessageRejected(f"{name} is {_shown(value)}, not an integer count")
-    if not low <= value <= high:
-        raise MessageRejected(f"{name} {int(value):,} is outside [{low:,}, {high:,}]")
-    return int(value)
-
-
-def number(value: object, name: str, low: float = -math.inf, high: float = math.inf) -> float:
-    """A finite number (int or float, never a bool) in ``[low, high]``."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-        raise MessageRejected(f"{name} is {_shown(value)}, not a number")
-    try:
-        value = float(value)
-    except OverflowError:
-        raise MessageRejected(f"{name} is beyond any float") from None
-    if not math.isfinite(value) or not low <= value <= high:
-        raise MessageRejected(f"{name} {value!r} is not a finite number in [{low:g}, {high:g}]")
-    return value
-
-
-def record(content: RecordDict, name: str, kind: type) -> ConfigRecord | MetricRecord | ArrayRecord:
-    """The record ``name`` of a message, of Flower type ``kind``."""
-    rec = content.get(name) if isinstance(content, RecordDict) else None
-    if not isinstance(rec, kind):
-        raise MessageRejected(f"the message lacks a {kind.__name__} {name!r}")
-    if len(rec) > MAX_KEYS:
-        raise MessageRejected(f"record {name!r} holds {len(rec):,} keys, over {MAX_KEYS}")
-    return rec
-
-
-def only_keys(rec: dict, allowed: set[str] | frozenset[str], name: str) -> None:
-    unknown = sorted(set(rec) - set(allowed))
-    if unknown:
-        raise MessageRejected(f"record {name!r} holds unknown keys {clipped(unknown, 120)}")
-
-
-def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-def decoded(arr: Array, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """One array, checked against the ``dtype`` and ``shape`` it must have: as declared and
-    in its size before its bytes are decoded (``.npy``: the data and a short header), as
-    decoded after, and for finite values."""
-    if str(arr.dtype) != str(dtype) or tuple(arr.shape) != tuple(shape):
-        raise MessageRejected(
-            f"array {name!r} is {clipped(arr.dtype, 20)}{clipped(list(arr.shape), 60)}, "
-            f"expected {dtype}{list(shape)}"
-        )
-    want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    if not want <= len(arr.data) <= want + _NPY_HEADER:
-        raise MessageRejected(f"array {name!r} carries {len(arr.data):,} bytes for {want:,}")
-    try:
-        value = arr.numpy()
-    except Exception as exc:  # Flower's decoder (numpy.load, no pickles) on hostile bytes
-        raise MessageRejected(f"array {name!r} does not decode ({clipped(exc, 80)})") from None
-    if value.dtype != dtype or value.shape != tuple(shape):
-        raise MessageRejected(f"array {name!r} decodes to {value.dtype}{list(value.shape)}")
-    if not np.isfinite(value).all():
-        raise MessageRejected(f"array {name!r} holds non-finite values")
-    return value
-
-
-_NPY_HEADER = 4_096  # numpy pads a .npy header to a multiple of 64 bytes; real ones are 128
+TRAINABLE = "trainable"  # the record holding the trainable arrays, in requests and replies
+TARGET_EPSILON = "target-epsilon"  # the run's target ε in the run record
+_OLD_TARGET_EPSILON = "epsilon"  # its name before the rename (RunConfig's own key)
 
 
 # ------------------------------------------------------------------ server -> institution
+
+
+def run_record(cfg: RunConfig) -> dict:
+    """The run's settings as they travel and as the ledger keeps them: ``cfg``'s dashed
+    record with the target ε under :data:`TARGET_EPSILON` (``epsilon`` would read as a
+    spend beside the privacy reports)."""
+    rec = cfg.to_record()
+    if _OLD_TARGET_EPSILON in rec:
+        rec[TARGET_EPSILON] = rec.pop(_OLD_TARGET_EPSILON)
+    return rec
+
+
+def run_config_of(rec: dict) -> RunConfig:
+    """The :class:`RunConfig` of a run record (:func:`run_record`, or one written before the
+    rename, whose target ε is ``epsilon``); keys that are no setting are left out."""
+    known = {f.name.replace("_", "-") for f in fields(RunConfig)}
+    settings = {k: v for k, v in rec.items() if k in known}
+    if TARGET_EPSILON in rec:
+        if _OLD_TARGET_EPSILON in settings:
+            raise MessageRejected(
+                f"the run record names its target ε twice ({TARGET_EPSILON} and epsilon)"
+            )
+        settings[_OLD_TARGET_EPSILON] = rec[TARGET_EPSILON]
+    return RunConfig.from_mapping(settings)
 
 
 @dataclass(frozen=True)
@@ -200,7 +138,7 @@ class RoundRequest:
         backbone message (``sha256``, ``manifest``)."""
         roots = {"state-root": self.state_root, "cache-root": self.cache_root}
         return {
-            **self.run.to_record(),
+            **run_record(self.run),
             "round": self.round,
             "backbone-sha256": self.backbone_sha256,
             "num-classes": self.num_classes,
@@ -215,9 +153,8 @@ class RoundRequest:
         here, before anything else runs), or :class:`MessageRejected`."""
         if len(rec) > MAX_KEYS:
             raise MessageRejected(f"the run record holds {len(rec):,} keys, over {MAX_KEYS}")
-        known = {f.name.replace("_", "-") for f in fields(RunConfig)}
         try:
-            run = RunConfig.from_mapping({k: v for k, v in rec.items() if k in known})
+            run = run_config_of(rec)
             req = cls(
                 run,
                 count(rec.get("round", 0), "round", 0, MAX_ROUND),
@@ -246,19 +183,19 @@ class TrainRequest:
 
     def to_content(self) -> RecordDict:
         return RecordDict(
-            {"head": array_record(self.arrays), "run": ConfigRecord(self.request.to_record())}
+            {TRAINABLE: array_record(self.arrays), "run": ConfigRecord(self.request.to_record())}
         )
 
     @classmethod
     def from_content(cls, content: RecordDict) -> TrainRequest:
         request = RoundRequest.from_record(dict(record(content, "run", ConfigRecord)))
-        head = content.get("head")
-        if not isinstance(head, ArrayRecord) or len(head) > MAX_ARRAYS:
+        trainable = content.get(TRAINABLE)
+        if not isinstance(trainable, ArrayRecord) or len(trainable) > MAX_ARRAYS:
             raise MessageRejected(
-                f"the server's message lacks a head of at most {MAX_ARRAYS} arrays"
+                f"the server's message lacks its {TRAINABLE} arrays (at most {MAX_ARRAYS})"
             )
         arrays, total = {}, 0
-        for key, arr in head.items():
+        for key, arr in trainable.items():
             text(key, "array name")
             dtype = np.dtype(str(arr.dtype)) if str(arr.dtype) in _FLOATS else None
             if dtype is None or len(arr.shape) > 8:

@@ -15,9 +15,10 @@ decide.
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 from pathlib import Path
+
+from ferry.common.atomic_files import write_atomic
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
@@ -60,41 +61,14 @@ def open_private(path: str | os.PathLike, flags: int = os.O_WRONLY | os.O_TRUNC)
     return os.open(path, flags | os.O_CREAT, PRIVATE_FILE)
 
 
-def private_temp(directory: Path, name: str) -> Path:
-    """A new, empty 0600 file in ``directory`` under a name no other writer can share."""
-    tmp = directory / f"{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
-    return tmp
-
-
 def write_private(path: str | os.PathLike, data: bytes, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` (0600, parent made 0700 if missing) through a fsynced
-    temporary file renamed over it; ``exclusive``: linked instead, so that an existing file
-    (a concurrent writer's) is kept. Raises OSError."""
+    """Write ``data`` to ``path`` (0600, parent made 0700 if missing) atomically and durably
+    (:func:`common.atomic_files.write_atomic`); ``exclusive``: an existing file (a concurrent
+    writer's) is kept. Raises OSError."""
     path = Path(path)
     private_dir(path.parent)
-    tmp = private_temp(path.parent, path.name)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass
-        else:
-            os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        write_atomic(path, data, mode=PRIVATE_FILE, exclusive=exclusive)
+    except FileExistsError:
+        if not exclusive:
+            raise

@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from ferry.common.atomic_files import atomic_path, write_atomic
 from ferry.common.backbones.registry import backbone_spec
 from ferry.common.errors import FerryError
 from torch import nn
@@ -79,18 +79,21 @@ def verify(artifact: BackboneArtifact, expected_sha256: str | None = None) -> No
         )
 
 
-def save_artifact(artifact: BackboneArtifact, directory: str | os.PathLike) -> Path:
-    """Write ``artifact`` into ``directory`` atomically (files replaced only when complete)."""
+def save_artifact(
+    artifact: BackboneArtifact, directory: str | os.PathLike, private: bool = False
+) -> Path:
+    """Write ``artifact`` into ``directory`` atomically (each file replaced only when complete,
+    :mod:`common.atomic_files`). The weights are 0600 (as they always were); ``private``: the
+    manifest too (a client's cache: which backbone it holds is its own business)."""
     from safetensors.numpy import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp_w = tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False)
-    tmp_w.close()
-    save_file({k: np.ascontiguousarray(v) for k, v in artifact.tensors.items()}, tmp_w.name)
-    _fsync(tmp_w.name)
-    _atomic_write_bytes(directory / MANIFEST_FILE, json.dumps(artifact.manifest, indent=2).encode())
-    os.replace(tmp_w.name, directory / WEIGHTS_FILE)
+    tensors = {k: np.ascontiguousarray(v) for k, v in artifact.tensors.items()}
+    manifest = json.dumps(artifact.manifest, indent=2)
+    with atomic_path(directory / WEIGHTS_FILE, mode=0o600) as tmp:
+        save_file(tensors, str(tmp))
+        write_atomic(directory / MANIFEST_FILE, manifest, mode=0o600 if private else None)
     return directory
 
 
@@ -146,17 +149,3 @@ def instantiate(artifact: BackboneArtifact) -> nn.Module:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
-
-
-def _fsync(path: str | os.PathLike) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -1,6 +1,6 @@
 """The ``train`` reply's codec (see :mod:`common.messages` for the contract all codecs keep).
 
-Wire form: ``head`` (ArrayRecord: the trained arrays), ``metrics`` (MetricRecord: exactly
+Wire form: ``trainable`` (ArrayRecord: the trained arrays), ``metrics`` (MetricRecord: exactly
 ``num-examples``, the training-set size n; nothing else computed on the training split is
 released) and ``privacy`` (ConfigRecord: ``signed-report`` and ``signature``, the
 institution's signed report, :mod:`common.privacy.report`). The signed report is the one
@@ -25,12 +25,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from ferry.common.messages import (
+from ferry.common.message_fields import (
     MAX_EXAMPLES,
     MAX_KEYS,
-    MAX_ROUND,
     MessageRejected,
-    RoundRequest,
     array_record,
     clipped,
     count,
@@ -40,6 +38,7 @@ from ferry.common.messages import (
     record,
     text,
 )
+from ferry.common.messages import MAX_ROUND, TRAINABLE, RoundRequest
 from ferry.common.privacy import UNIT_OF_PRIVACY
 from ferry.common.privacy.accounting import ACCOUNTANTS, MechanismSegment
 from ferry.common.privacy.dp_events import event_to_json, segment_event
@@ -168,7 +167,7 @@ def _check_report(r: PrivacyReport, expected: TrainExpectation) -> None:
     sigma = number(r.noise_multiplier, "the report's noise-multiplier", 0.0, MAX_NOISE)
     if sigma <= 0 or (not run.derive_noise and sigma != run.noise_multiplier):
         raise MessageRejected(f"the report's noise-multiplier {sigma!r} is not the round's")
-    batches = max(1, math.ceil(n / batch))  # client.dp_trainer.round_plan (Opacus)
+    batches = max(1, math.ceil(n / batch))  # common.training_defaults.round_plan (Opacus)
     if not math.isclose(r.sample_rate, 1.0 / batches, rel_tol=1e-12):
         raise MessageRejected(
             f"the report's sample-rate {r.sample_rate!r} is not 1/ceil(n/B) = 1/{batches} for "
@@ -197,7 +196,7 @@ class ModelUpdate:
 
     def to_content(self) -> dict:
         return {
-            "head": array_record(self.arrays),
+            TRAINABLE: array_record(self.arrays),
             "metrics": MetricRecord({"num-examples": self.num_examples}),
         }
 
@@ -211,12 +210,12 @@ class ModelUpdate:
         n = count(metrics.get("num-examples"), "num-examples", 1, MAX_EXAMPLES)
         if n != examples:
             raise MessageRejected(f"num-examples {n:,} is not the report's {examples:,}")
-        head = record(content, "head", ArrayRecord)
-        if set(head) != set(expected.arrays):
+        trained = record(content, TRAINABLE, ArrayRecord)
+        if set(trained) != set(expected.arrays):
             raise MessageRejected(
-                f"array keys {clipped(sorted(head), 120)} differ from {sorted(expected.arrays)}"
+                f"array keys {clipped(sorted(trained), 120)} differ from {sorted(expected.arrays)}"
             )
-        arrays = {k: decoded(head[k], k, g.dtype, g.shape) for k, g in expected.arrays.items()}
+        arrays = {k: decoded(trained[k], k, g.dtype, g.shape) for k, g in expected.arrays.items()}
         return cls(arrays, n)
 
 

@@ -35,6 +35,15 @@ examples)`` under an :class:`AggregationPolicy`, in two steps:
 institution's weight and every clipped update with its norm before clipping.
 Evaluation counts are bounded the same way (:func:`capped_statistics`).
 
+**The round's seam** (:class:`RoundAggregation`, on the plan the round loop works from):
+what turns a round's usable updates into the new global arrays, in three slots the loop
+calls in order and never needs editing for: ``decode`` (where a secure-aggregation
+transport turns masked updates into what the rule combines; none: updates arrive in the
+clear), ``combine`` (an :class:`Aggregator`; by default :class:`BoundedAggregator`, the
+bound and a rule registered with :func:`register_rule`) and ``after`` (server-side
+:class:`PostAggregationStep` s on the result, such as central DP noise, each adding its
+own ledger entry to ``post``).
+
 The old :func:`aggregate` (rule name, ``[(arrays, weight)]``) is plain, unbounded FedAvg;
 it stays for callers that average trusted arrays.
 """
@@ -43,11 +52,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 from ferry.common.config import ASSUMED_HOSTILE, RunConfig, updates_needed
-from ferry.common.metrics import EvaluationStatistics, scale_statistics
+from ferry.common.evaluation_statistics import EvaluationStatistics, scale_statistics
 from flwr.server.strategy.aggregate import (
     aggregate_krum,
     aggregate_median,
@@ -55,6 +65,7 @@ from flwr.server.strategy.aggregate import (
 )
 
 Arrays = dict[str, np.ndarray]
+Update = tuple[str, Arrays, float]  # (institution, arrays, claimed example count)
 Changes = list[np.ndarray]  # one update's change, one float64 array per key, in key order
 
 
@@ -120,16 +131,23 @@ class AggregationResult:
     norm_bound: float
     clipped: dict[str, float] = field(default_factory=dict)
     weight_cap: float = math.inf
+    post: tuple[dict, ...] = ()  # one ledger entry per post-aggregation step, in order
 
     def ledger_fields(self) -> dict:
-        """The ``round_aggregated`` fields (JSON: an absent bound or cap is None)."""
+        """The ``round_aggregated`` fields (JSON: an absent bound or cap is None; ``post``
+        only where a post-aggregation step ran)."""
         return {
             "rule": self.rule,
             "weight_cap": self.weight_cap if math.isfinite(self.weight_cap) else None,
             "norm_bound": self.norm_bound if math.isfinite(self.norm_bound) else None,
             "weights": {k: float(v) for k, v in self.weights.items()},
             "clipped": {k: {"norm": float(v)} for k, v in self.clipped.items()},
+            **({"post": list(self.post)} if self.post else {}),
         }
+
+    def after_step(self, arrays: Arrays, entry: dict) -> AggregationResult:
+        """This result with a post-aggregation step's ``arrays`` and its ledger ``entry``."""
+        return replace(self, arrays=arrays, post=(*self.post, entry))
 
 
 def capped_weights(counts: dict[str, float], cap: float) -> dict[str, float]:
@@ -183,7 +201,7 @@ def change_norm(change: Changes) -> float:
 
 
 def aggregate_updates(
-    current: Arrays, updates: Sequence[tuple[str, Arrays, float]], policy: AggregationPolicy
+    current: Arrays, updates: Sequence[Update], policy: AggregationPolicy
 ) -> AggregationResult:
     """Combine ``updates`` (institution, arrays with ``current``'s keys and shapes, finite;
     claimed example count, positive and finite: validated where they arrive) under
@@ -236,6 +254,9 @@ _RULES: dict[str, Rule] = {}
 
 
 def register_rule(name: str):
+    """Register ``fn`` as the rule ``name`` (:data:`Rule`), usable in an
+    :class:`AggregationPolicy` (and so a :class:`BoundedAggregator`)."""
+
     def decorator(fn: Rule) -> Rule:
         _RULES[name] = fn
         return fn
@@ -277,6 +298,64 @@ def _krum(changes, names, counts, policy):
     chosen = aggregate_krum([(c, 1) for c in changes], num_malicious=policy.hostile, to_keep=0)
     index = next(i for i, c in enumerate(changes) if c is chosen)
     return chosen, {n: float(i == index) for i, n in enumerate(names)}
+
+
+# ------------------------------------------------------------------ the round's seam
+
+
+class Aggregator(Protocol):
+    """Combines one round's usable updates into the new arrays. Raises
+    :class:`TooFewUpdates` when the round may not be aggregated (nothing is applied)."""
+
+    def __call__(self, current: Arrays, updates: Sequence[Update]) -> AggregationResult: ...
+
+
+class PostAggregationStep(Protocol):
+    """A server-side step on the aggregated arrays before they are applied (central DP
+    noise, for one): returns the result to apply, through
+    :meth:`AggregationResult.after_step` so that its ledger entry is kept."""
+
+    def __call__(self, result: AggregationResult, rnd: int) -> AggregationResult: ...
+
+
+UpdateDecoder = Callable[[Sequence[Update]], Sequence[Update]]
+
+
+@dataclass(frozen=True)
+class BoundedAggregator:
+    """A registered rule behind the influence bound: :func:`aggregate_updates` under
+    ``policy`` (the default :class:`Aggregator`)."""
+
+    policy: AggregationPolicy
+
+    def __call__(self, current: Arrays, updates: Sequence[Update]) -> AggregationResult:
+        return aggregate_updates(current, updates, self.policy)
+
+
+@dataclass(frozen=True)
+class RoundAggregation:
+    """What the round loop (:func:`server.rounds.train_round`) does with a round's usable
+    updates: ``decode`` them (a secure-aggregation transport's unmasking; None: they came in
+    the clear), ``combine`` them (:class:`Aggregator`), then run each ``after`` step on the
+    result (:class:`PostAggregationStep`). A new rule, central DP or secure aggregation is a
+    new value here, never an edit of the loop."""
+
+    combine: Aggregator
+    decode: UpdateDecoder | None = None
+    after: tuple[PostAggregationStep, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> RoundAggregation:
+        """The run's rule and bounds (``--aggregation``, ``--weight-cap``, ...), nothing after."""
+        return cls(BoundedAggregator(AggregationPolicy.from_config(cfg)))
+
+    def __call__(self, current: Arrays, updates: Sequence[Update], rnd: int) -> AggregationResult:
+        if self.decode is not None:
+            updates = self.decode(updates)
+        result = self.combine(current, updates)
+        for step in self.after:
+            result = step(result, rnd)
+        return result
 
 
 # ------------------------------------------------------------------ plain, unbounded FedAvg

@@ -36,6 +36,9 @@ A ledger whose first report for an institution is client round N > 1 lacks that
 institution's earlier history (it trained in earlier runs): its replay is a lower bound, so
 it is marked *partial* and only definite findings are flagged. Exit codes of
 :func:`run_audit`: 0 clean, 1 violation, tampering or no keys, 2 unreadable input.
+
+This module runs the steps; reading the ledger is :mod:`server.audit_input`'s, the result and
+its verdict :mod:`server.audit_report`'s, the table and plot :mod:`server.audit_render`'s.
 """
 
 from __future__ import annotations
@@ -44,168 +47,25 @@ import json
 import math
 import os
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ferry.common.errors import FerryError
 from ferry.server import audit_signatures as sigs
 from ferry.server.audit_checks import (
     MALFORMED,
-    TOLERANCE,
     UNREPLAYABLE,
     InstitutionAudit,
     TrainedRecord,
     check_institution,
     trained_record,
 )
+from ferry.server.audit_input import AuditInputError, ledger_file, read_verified
 from ferry.server.audit_presence import REPORT_MISSING, missing_reports
 from ferry.server.audit_render import render, write_plot
-from ferry.server.audit_replay import PLD_INTERVAL, ReplayFailure, replay_all, replay_description
-from ferry.server.ledger import HEAD_FILE, LEDGER_FILE, LedgerError, read_ledger
+from ferry.server.audit_replay import PLD_INTERVAL, ReplayFailure, replay_all
+from ferry.server.audit_report import NO_RECEIPTS, SELF_CONSISTENT, AuditReport
 
 PLOT_FILE = "audit_epsilon.png"
-# What a verdict says the audit could not see, so that a PASS never claims more than it checked.
-SELF_CONSISTENT = (
-    "signatures are self-consistent; the keys were found in the run directory written by the "
-    "operator, so they do not show who signed: give --keys from the institutions for an "
-    "independent check"
-)
-NO_RECEIPTS = (
-    "a report dropped from the end of an institution's chain, or an institution left out "
-    "entirely, is visible only with --receipts"
-)
-
-
-class AuditInputError(FerryError):
-    """The input is not a ledger the audit can read (exit code 2)."""
-
-
-@dataclass
-class AuditReport:
-    ledger: Path
-    records: int = 0
-    head_hash: str = ""
-    institutions: list[InstitutionAudit] = field(default_factory=list)
-    events: Counter = field(default_factory=Counter)
-    warnings: list[str] = field(default_factory=list)
-    tampered: str | None = None  # the one-line reason the chain is not trusted
-    signatures: str = ""  # which keys verified the reports
-    keyless: str | None = None  # why no signature could be verified at all
-    keys_in_run: bool = False  # the keys came from the run directory, not from --keys
-    not_checked: list[str] = field(default_factory=list)  # what only --receipts would show
-    receipts_checked: list[str] = field(default_factory=list)  # institutions cross-checked
-    tolerance: float = TOLERANCE
-
-    @property
-    def violations(self) -> Counter:
-        return Counter(f for inst in self.institutions for f in inst.flags)
-
-    @property
-    def ok(self) -> bool:
-        return self.tampered is None and self.keyless is None and not self.violations
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.ok else 1
-
-    def verdict(self) -> str:
-        if self.tampered:
-            return f"FAIL: ledger chain broken: {self.tampered}"
-        if self.keyless:
-            return f"FAIL: {self.keyless}"
-        n = len(self.institutions)
-        if self.violations:
-            bad = sum(1 for inst in self.institutions if inst.flags)
-            kinds = ", ".join(f"{k} ({c})" for k, c in self.violations.most_common())
-            return f"FAIL: {bad} of {n} institutions in violation: {kinds}"
-        partial = sum(1 for inst in self.institutions if inst.partial)
-        signed = "" if self.keys_in_run else "signatures verified with the given keys, "
-        receipts = (
-            f", receipts of {len(self.receipts_checked)} institution(s) match the ledger"
-            if self.receipts_checked
-            else ""
-        )
-        return (
-            f"PASS: chain intact ({self.records} records), {signed}"
-            f"{n} institutions replayed, no violation{receipts}"
-            + (f" ({partial} partial: earlier history not in this ledger)" if partial else "")
-            + "".join(f"; {c}" for c in self.caveats())
-        )
-
-    def caveats(self) -> list[str]:
-        """What a PASS does not show: who signed (keys from the run), and what only the
-        institutions' receipts would show."""
-        return ([SELF_CONSISTENT] if self.keys_in_run else []) + [
-            f"not checked: {n}" for n in self.not_checked
-        ]
-
-    def to_json(self) -> dict:
-        def num(x: float | None) -> float | None:
-            return x if x is None or math.isfinite(x) else None  # JSON has no inf/nan
-
-        return {
-            "ledger": str(self.ledger),
-            "records": self.records,
-            "chain": "broken" if self.tampered else "intact",
-            "tampered": self.tampered,
-            "signatures": self.signatures,
-            "keys": "found in the run directory" if self.keys_in_run else "given (--keys)",
-            "signature_check": SELF_CONSISTENT
-            if self.keys_in_run
-            else "independent: verified with the keys the auditor gave",
-            "receipts_checked": self.receipts_checked,
-            "not_checked": self.not_checked,
-            "keyless": self.keyless,
-            "events": dict(self.events),
-            "replay": replay_description(),
-            "tolerance": TOLERANCE,
-            "warnings": self.warnings,
-            "institutions": [
-                {
-                    "institution": i.institution,
-                    "rounds": i.rounds,
-                    "steps": i.steps,
-                    "epsilon_reported": num(i.epsilon_reported),
-                    "epsilon_replayed_pld": num(i.epsilon_replayed),
-                    "epsilon_rdp": num(i.epsilon_rdp),
-                    "budget_epsilon": i.budget_epsilon,
-                    "budget_delta": i.budget_delta,
-                    "delta": i.delta,
-                    "partial": i.partial,
-                    "status": i.status,
-                    "flags": i.flags,
-                    "details": i.details,
-                    "pld_interval": num(i.pld_interval),
-                }
-                for i in self.institutions
-            ],
-            "violations": dict(self.violations),
-            "verdict": self.verdict(),
-            "exit_code": self.exit_code,
-        }
-
-
-def _ledger_file(path: Path) -> Path:
-    if path.is_dir():
-        path = path / LEDGER_FILE
-    if not path.exists():
-        if path.with_name(HEAD_FILE).exists() and path.name == LEDGER_FILE:
-            return path  # the head says records existed: read_ledger's error is tampering
-        raise AuditInputError(
-            f"{path} does not exist: give a run directory holding {LEDGER_FILE}, or the file"
-        )
-    return path
-
-
-def _not_a_ledger(path: Path) -> bool:
-    """True when line 1 is a JSON object without the chain's fields (some other JSON Lines)."""
-    try:
-        with open(path, "rb") as f:
-            first = json.loads(f.readline())
-    except (OSError, ValueError):
-        return False
-    return isinstance(first, dict) and "seq" not in first and "prev" not in first
 
 
 @dataclass
@@ -224,39 +84,6 @@ class _Institution:
         self.findings.setdefault(kind, []).append(f"{where}: {detail}")
 
 
-def _read(report: AuditReport, ledger: Path):
-    """The verified chain's records, or None when the report says why there are none."""
-    head = ledger.with_name(HEAD_FILE)
-    try:
-        contents = read_ledger(ledger)
-    except LedgerError as exc:
-        if head.exists() and not ledger.exists():
-            report.tampered = f"{ledger.name} is missing but {HEAD_FILE} records a chain"
-        elif head.exists() and ledger.is_file() and not ledger.stat().st_size:
-            report.tampered = f"{ledger.name} is empty but {HEAD_FILE} records a chain"
-        elif exc.tampered and not (exc.line == 1 and _not_a_ledger(ledger)):
-            report.tampered = str(exc)
-        else:
-            raise AuditInputError(str(exc)) from None
-        return None
-    except (ValueError, AttributeError, OSError) as exc:  # read_ledger leaves a bad head raw
-        report.tampered = f"{HEAD_FILE} is unreadable ({exc}): the last record cannot be verified"
-        return None
-    report.records, report.head_hash = len(contents.records), contents.head_hash
-    if contents.head_behind:
-        report.warnings.append(
-            f"{HEAD_FILE} is one record behind line {report.records}: the server stopped "
-            "between writing that record and updating the head (or the line was appended "
-            "afterwards); the chain up to it verifies"
-        )
-    if contents.incomplete_tail is not None:
-        report.warnings.append(
-            f"line {report.records + 1} is incomplete (a crash mid-write?) and was ignored: "
-            f"{contents.incomplete_tail[:60]!r}"
-        )
-    return contents.records
-
-
 def audit_ledger(
     path: str | os.PathLike,
     keys: list[str | os.PathLike] | None = None,
@@ -268,9 +95,9 @@ def audit_ledger(
     ``receipts``: institutions' state directories (or their root) to cross-check. Raises
     :class:`AuditInputError` (exit 2) when the input is not a readable ledger; a broken
     chain is a report with ``tampered`` set (exit 1)."""
-    ledger = _ledger_file(Path(path))
+    ledger = ledger_file(Path(path))
     report = AuditReport(ledger)
-    records = _read(report, ledger)
+    records = read_verified(report, ledger)
     if records is None:
         return report
     ring = sigs.load_keys([Path(k) for k in keys]) if keys else sigs.discover_keys(ledger.parent)

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ferry.server.audit_replay import replay_description
-
-if TYPE_CHECKING:
-    from ferry.server.audit import AuditReport
+from ferry.server.audit_report import AuditReport
 
 
 def _eps(x: float | None) -> str:
@@ -65,7 +62,7 @@ def render(report: AuditReport) -> str:
 
 def write_plot(report: AuditReport, path: Path) -> str:
     """Cumulative replayed epsilon per round, one line per institution, budgets dashed."""
-    try:
+    try:  # matplotlib: heavy, and only for the plot (a missing one skips it)
         import matplotlib
 
         matplotlib.use("Agg")
@@ -96,7 +93,7 @@ def write_plot(report: AuditReport, path: Path) -> str:
             va="bottom",
             fontsize=8,
         )
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # with pyplot, above
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(bottom=0)

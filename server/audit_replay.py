@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 
 from ferry.common.privacy.accounting import MechanismSegment, compact_history
-from ferry.common.privacy.dp_events import event_from_json
+from ferry.common.privacy.dp_events import event_from_json, event_mechanism, history_event
 
 # PLD value discretization interval: 4e-3 (dp-accounting's default is 1e-4). On the audit
 # benchmark (q 0.0014-0.16, sigma 0.4-3, 400-600 steps, epsilon 0.3-8) it stays within 0.31 %
@@ -69,31 +69,11 @@ def mechanism(data: object) -> tuple[MechanismSegment | None, str, bool]:
 
 @functools.lru_cache(maxsize=4096)
 def _mechanism_of(text: str) -> tuple[MechanismSegment | None, str, bool]:
-    from dp_accounting import dp_event as dpe
-
     try:
         event = event_from_json(json.loads(text))
     except (ValueError, TypeError, AttributeError) as exc:
         return None, f"unreadable DpEvent ({exc})", False
-    count = 1
-    while isinstance(event, dpe.SelfComposedDpEvent):
-        count, event = count * int(event.count), event.event
-    inner = type(getattr(event, "event", None)).__name__.removesuffix("DpEvent")
-    shape = (
-        type(event).__name__.removesuffix("DpEvent")
-        + (f"({inner})" if inner != "NoneType" else "")
-        + f" x{count}"
-    )
-    if isinstance(event, dpe.PoissonSampledDpEvent) and isinstance(
-        event.event, dpe.GaussianDpEvent
-    ):
-        seg = MechanismSegment(
-            float(event.event.noise_multiplier), float(event.sampling_probability), count
-        )
-        return seg, shape, True
-    if isinstance(event, dpe.NonPrivateDpEvent):  # no parameters: nothing to contradict
-        return MechanismSegment(0.0, 1.0, 0), shape, False
-    return None, shape, False
+    return event_mechanism(event)
 
 
 _EPSILON: dict[tuple, float] = {}  # (compacted history, delta) -> PLD epsilon
@@ -141,7 +121,6 @@ def _pld_final(compact: tuple, delta: float, interval: float) -> float:
 
 
 def _rdp_epsilon(compact: tuple, delta: float) -> float:
-    import dp_accounting
     from absl import logging as absl_logging
     from dp_accounting.rdp import RdpAccountant
 
@@ -149,17 +128,7 @@ def _rdp_epsilon(compact: tuple, delta: float) -> float:
         return 0.0
     if any(s.noise_multiplier <= 0 for s in compact):
         return math.inf
-    event = dp_accounting.ComposedDpEvent(
-        [
-            dp_accounting.SelfComposedDpEvent(
-                dp_accounting.PoissonSampledDpEvent(
-                    s.sample_rate, dp_accounting.GaussianDpEvent(s.noise_multiplier)
-                ),
-                s.steps,
-            )
-            for s in compact
-        ]
-    )
+    event = history_event(compact)
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)  # "excluding this order": expected, noise
     try:

@@ -184,7 +184,8 @@ _COPIES = {
     "steps": "steps",
     "max_grad_norm": "max_grad_norm",
     "delta": "delta",
-    "epsilon_reported": "epsilon",
+    "epsilon_spent": "epsilon",
+    "epsilon_reported": "epsilon",  # its name in records written before epsilon_spent
     "client_rounds": "client_rounds",
     "budget_epsilon": "budget_epsilon",
     "budget_delta": "budget_delta",

@@ -39,7 +39,6 @@ from ferry.common.errors import FerryError
 from ferry.common.serialization import BackboneArtifact, make_artifact, save_artifact
 from torch import nn
 
-SOURCES = ("imagenet", "random", "PATH.pth|.pt|.safetensors")
 _HUB_HASH = re.compile(r"-([a-f0-9]{8,})\.")  # torch hub: <name>-<sha256 prefix>.<ext>
 
 

@@ -11,6 +11,8 @@ from ferry.common.errors import FerryError
 from ferry.common.paths import ferry_home
 from ferry.common.serialization import BackboneArtifact, load_artifact
 from ferry.common.training_defaults import describe, resolve_schedule
+from ferry.server.pretrain import random_artifact
+from ferry.server.tuning import load_tuned
 
 
 def default_weights_dir(backbone: str, scenario: str) -> Path:
@@ -35,8 +37,6 @@ def choose_training(cfg: RunConfig, artifact: BackboneArtifact, log=print):
     """``cfg`` with its training settings chosen (given > tuned with this backbone by `ferry
     tune` for this ε > the DP-aware rule: common.training_defaults), where each came from,
     and the one line printed about them."""
-    from ferry.server.tuning import load_tuned
-
     folder = weights_dir(cfg.backbone, cfg.weights, cfg.scenario)
     tuned = load_tuned(folder, artifact.sha256, cfg) if folder is not None else None
     cfg, source = resolve_schedule(cfg, tuned)
@@ -56,8 +56,6 @@ def resolve_backbone(
     ``scenario``. Raises FerryError on bad input."""
     backbone_spec(backbone)  # unknown names fail here, listing the known ones
     if weights == "random":
-        from ferry.server.pretrain import random_artifact
-
         return random_artifact(backbone, seed, input_shape)
     default = default_weights_dir(backbone, scenario)
     path = weights or str(default)

@@ -29,8 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from ferry.common.atomic_files import write_atomic
 from ferry.common.errors import FerryError
 from ferry.server.ledger import LEDGER_FILE, line_hash
+from ferry.server.outputs import json_safe
 
 CHECKPOINT_FILE = "checkpoint.json"
 FORMAT = 1
@@ -88,19 +90,7 @@ def save_checkpoint(out: str | os.PathLike, ckpt: Checkpoint) -> Path:
         exhausted={str(k): v for k, v in ckpt.exhausted.items()},
     )
     payload = json.dumps(data, sort_keys=True, default=_json_default, allow_nan=True)
-    path = out / CHECKPOINT_FILE
-    tmp = path.with_name(CHECKPOINT_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(out, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    return write_atomic(out / CHECKPOINT_FILE, payload)
 
 
 def load_checkpoint(out: str | os.PathLike) -> Checkpoint:
@@ -168,13 +158,5 @@ def check_ledger_prefix(out: str | os.PathLike, ckpt: Checkpoint) -> None:
 
 def restore_metrics(out: str | os.PathLike, rounds: list[dict]) -> None:
     """Rewrite ``metrics.jsonl`` (atomically) to exactly the checkpointed rounds."""
-    from ferry.server.outputs import _json_safe
-
-    path = Path(out) / "metrics.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for record in rounds:
-            f.write(json.dumps(_json_safe(record), sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    lines = "".join(json.dumps(json_safe(record), sort_keys=True) + "\n" for record in rounds)
+    write_atomic(Path(out) / "metrics.jsonl", lines)

@@ -20,7 +20,9 @@ def ledger_trained(
 
     ``signed_report`` holds the institution's signed report exactly as it arrived (body text
     and signature, :mod:`common.privacy.report`); it is what ``ferry audit`` checks and
-    replays. The other fields are the values of that body, as the server parsed them."""
+    replays. The other fields are the values of that body, as the server parsed them: the
+    spent ε is ``epsilon_spent`` (records before the rename: ``epsilon_reported``), the
+    budget ε ``budget_epsilon``; the run's target ε is in ``run_started``'s config."""
     r = privacy.report
     return ledger.append(
         "client_trained",
@@ -37,7 +39,7 @@ def ledger_trained(
         delta=r.delta,
         accountant=r.accountant,
         accountant_library=r.accountant_library,
-        epsilon_reported=None if r.non_private else r.epsilon,
+        epsilon_spent=None if r.non_private else r.epsilon,
         client_rounds=r.client_rounds,
         budget_epsilon=r.budget_epsilon,
         budget_delta=r.budget_delta,

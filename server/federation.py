@@ -26,6 +26,7 @@ from collections.abc import Collection
 
 import numpy as np
 from ferry.common.errors import FerryError
+from ferry.common.messages import run_record
 from ferry.common.model import initial_trainable_arrays, out_dim
 from ferry.common.privacy.statement import privacy_statement
 from ferry.common.training_defaults import training_record
@@ -113,7 +114,7 @@ def _fresh(plan: FederationPlan) -> tuple[FederationState, np.random.Generator, 
     plan.ledger.append(
         "run_started",
         run_id=plan.run_id,
-        config=cfg.to_record(),
+        config=run_record(cfg),
         training=training_record(cfg, plan.training_source),
         backbone_sha256=plan.artifact.sha256,
         privacy=privacy_statement(cfg.delta, accountant="prv", non_private=cfg.non_private),

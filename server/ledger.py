@@ -8,13 +8,16 @@ One record per event, one line per record, keys sorted, UTF-8. Every record hold
 * ``time`` (UTC, ISO 8601) and ``event``, plus the event's own fields.
 
 The chain head (``seq`` and sha256 of the last line) is also written to ``ledger.head`` after
-every append, so deleting or editing the *last* line is detected too. Each append is flushed
-and fsynced before it returns; a crash mid-write leaves at most one incomplete last line,
-which :func:`read_ledger` reports (``incomplete_tail``) instead of failing.
+every append (atomically, :mod:`common.atomic_files`), so deleting or editing the *last*
+line is detected too. Each append is flushed and fsynced before it returns; a crash
+mid-write leaves at most one incomplete last line, which :func:`read_ledger` reports
+(``incomplete_tail``) instead of failing.
 
 Events (fields besides seq/prev/time/event):
 
-``run_started``      run_id, config, backbone_sha256, privacy: the run's full privacy
+``run_started``      run_id, config (the run record, :func:`common.messages.run_record`:
+                     the run's target ε is ``target-epsilon``; ``epsilon`` in records
+                     before the rename), backbone_sha256, privacy: the run's full privacy
                      statement (:func:`common.privacy.statement.privacy_statement`: unit,
                      mechanism, accountant, delta, what is covered, against whom, and the
                      releases not covered with what each reveals)
@@ -22,7 +25,8 @@ Events (fields besides seq/prev/time/event):
 ``client_trained``   run_id, round, institution, node_id, dp_event (see
                      :mod:`common.privacy.dp_events`), sampling ("poisson"), noise_multiplier,
                      sample_rate, steps, max_grad_norm, delta, accountant,
-                     accountant_library, epsilon_reported, client_rounds (the client's
+                     accountant_library, epsilon_spent (its cumulative spent ε;
+                     ``epsilon_reported`` before the rename), client_rounds (the client's
                      cumulative count of rounds, this one included), budget_epsilon,
                      budget_delta, examples: the values parsed from the signed report below,
                      under the node's registered name (simulation: the report's name);
@@ -75,6 +79,8 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+from ferry.common.atomic_files import write_atomic
 
 GENESIS = "0" * 64
 LEDGER_FILE = "ledger.jsonl"
@@ -241,9 +247,4 @@ class Ledger:
         return record
 
     def _write_head(self) -> None:
-        tmp = self.head_path.with_name(HEAD_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"seq": self.seq - 1, "sha256": self.prev}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.head_path)
+        write_atomic(self.head_path, json.dumps({"seq": self.seq - 1, "sha256": self.prev}))

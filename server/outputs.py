@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+from ferry.common.atomic_files import write_atomic
 from ferry.common.errors import FerryError
 from ferry.common.privacy.statement import privacy_statement
 
@@ -41,30 +42,27 @@ def prepare_out_dir(out: str | os.PathLike) -> Path:
     return out
 
 
-def _json_safe(obj):
+def json_safe(obj):
+    """``obj`` with every non-finite float spelled as JSON can hold it: NaN as null, ±inf as
+    "inf" / "-inf" (also what :mod:`server.checkpoint` rewrites metrics.jsonl with)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
 def append_metrics(out: Path, record: dict) -> None:
     with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(_json_safe(record), sort_keys=True) + "\n")
+        f.write(json.dumps(json_safe(record), sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
 def write_summary(out: Path, summary: dict) -> None:
-    tmp = out / "summary.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(summary), f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / "summary.json")
+    write_atomic(out / "summary.json", json.dumps(json_safe(summary), indent=2, sort_keys=True))
 
 
 def build_summary(plan, state, end_reason: str, wall_time_s: float) -> dict:

@@ -12,6 +12,7 @@ import numpy as np
 from ferry.common.config import RunConfig
 from ferry.common.serialization import BackboneArtifact
 from ferry.common.training_defaults import resolve_schedule
+from ferry.server.aggregation import RoundAggregation
 from ferry.server.ledger import Ledger
 
 
@@ -34,6 +35,9 @@ class FederationPlan:
     # Where each training setting came from: {field: given | tuned | rule}
     # (common.training_defaults.resolve_schedule); recorded in ``run_started``.
     training_source: dict[str, str] = field(default_factory=dict)
+    # What a round does with its usable updates (server.aggregation.RoundAggregation: the
+    # rule, a secure-aggregation decoder, post-aggregation steps); None: the run config's.
+    aggregation: RoundAggregation | None = None
 
     def __post_init__(self) -> None:
         # Every round asks for settled values: what the planner left out takes the rule's
@@ -41,6 +45,8 @@ class FederationPlan:
         if any(getattr(self.cfg, k) is None for k in ("local_epochs", "rounds", "lr")):
             self.cfg, source = resolve_schedule(self.cfg)
             self.training_source = {**source, **self.training_source}
+        if self.aggregation is None:
+            self.aggregation = RoundAggregation.from_config(self.cfg)
 
     log: Callable[[str], None] = print
     ledger: Ledger | None = None  # opened by run_federation in ``out``

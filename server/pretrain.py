@@ -30,6 +30,7 @@ from ferry.common.data.dataset import Dataset
 from ferry.common.data.datasets import DataSpec, load_dataset
 from ferry.common.data.preprocess import fixed_preprocessing, preprocess, public_preprocessing
 from ferry.common.errors import FerryError
+from ferry.common.metrics import headline_metric
 from ferry.common.serialization import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
@@ -187,7 +188,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> BackboneArtifact:
             "task": dataset.task,
             "classes": dataset.num_classes,
             "epochs": cfg.epochs,
-            f"source_val_{'rmse' if regression else 'accuracy'}": round(score, 4),
+            f"source_val_{headline_metric(dataset.task)}": round(score, 4),
             **({"columns": list(dataset.columns)} if dataset.columns else {}),
         },
     }

@@ -20,9 +20,9 @@ use the loopback address.
 
 Everything nginx needs lives in ``<state-dir>/proxy`` (0700): its config (0600), pid file,
 logs and temporary directories. nginx runs in the foreground (``daemon off``) as a
-:class:`~common.child_processes.ChildProcess` (its own process group), stopped with the
+:class:`~common.deploy.child_processes.ChildProcess` (its own process group), stopped with the
 SuperLink. nginx overwrites its environment with its process title, so the process tag of
-:mod:`common.child_processes` cannot find it; instead, on Linux, it is started with a
+:mod:`common.deploy.child_processes` cannot find it; instead, on Linux, it is started with a
 parent-death signal: if ``ferry server`` is killed outright (SIGKILL), nginx gets SIGTERM,
 stops its workers and frees the public port (a ``--resume`` can then listen there again).
 """
@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from ferry.common.child_processes import ChildProcess
+from ferry.common.deploy.child_processes import ChildProcess
+from ferry.common.deploy.tls import load_certificate
 from ferry.common.errors import FerryError
-from ferry.common.tls import load_certificate
 
 FLEET_ROUTES = (
     "register-node",

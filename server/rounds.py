@@ -23,6 +23,7 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
+from ferry.common.evaluation_statistics import pool_statistics
 from ferry.common.messages import (
     EvaluationReply,
     MessageRejected,
@@ -31,12 +32,11 @@ from ferry.common.messages import (
     TrainRequest,
     clipped,
 )
-from ferry.common.metrics import metrics_from_statistics, pool_statistics
+from ferry.common.metrics import metrics_from_statistics
 from ferry.common.train_reply import ModelUpdate, PrivacyReply, TrainExpectation
 from ferry.server.aggregation import (
     AggregationPolicy,
     TooFewUpdates,
-    aggregate_updates,
     capped_statistics,
     capped_weights,
 )
@@ -214,11 +214,12 @@ def train_round(
     rnd: int,
     traffic: Traffic,
 ) -> dict:
-    """Send the head to ``nodes``, log every reply in the ledger, aggregate the usable ones
-    (:func:`server.aggregation.aggregate_updates`) if there are at least ``min_clients`` of
-    them and the rule has enough (``round_aggregated`` with the rule's weights, bound and
-    clipped updates; else nothing is aggregated, ``aggregated`` is False and ``failed`` says
-    why)."""
+    """Send the trainable arrays to ``nodes``, log every reply in the ledger, aggregate the
+    usable ones with the plan's :class:`~server.aggregation.RoundAggregation` (by default
+    :func:`server.aggregation.aggregate_updates` under the run's policy) if there are at
+    least ``min_clients`` of them and the rule has enough (``round_aggregated`` with the
+    rule's weights, bound, clipped updates and any post-aggregation steps; else nothing is
+    aggregated, ``aggregated`` is False and ``failed`` says why)."""
     request = round_request(plan, rnd)
     content = TrainRequest(request, state.arrays).to_content()
     messages = _messages([n for n in nodes if n in state.holders], content, "train", rnd)
@@ -247,9 +248,7 @@ def train_round(
     aggregated, failed = len(updates) >= plan.cfg.min_clients, None
     if aggregated:
         try:
-            result = aggregate_updates(
-                state.arrays, updates, AggregationPolicy.from_config(plan.cfg)
-            )
+            result = plan.aggregation(state.arrays, updates, rnd)
         except TooFewUpdates as exc:
             aggregated, failed = False, str(exc)
             plan.log(f"  round {rnd}: {exc}")

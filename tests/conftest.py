@@ -12,7 +12,8 @@ from pathlib import Path
 import ferry.client.backbone_cache as backbone_cache
 import ferry.client.feature_cache as feature_cache
 import pytest
-from ferry.client.runtime import ClientSettings, RoundRequest
+from ferry.client.institution_settings import ClientSettings
+from ferry.client.runtime import RoundRequest
 from ferry.common.config import RunConfig
 from ferry.common.heads import build_head
 from ferry.common.serialization import BackboneArtifact, save_artifact
@@ -99,7 +100,7 @@ def reissue_server_cert():
     made with other tools could be (``ferry certs`` always adds the loopback names)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
-    from ferry.common import certs
+    from ferry.server import certs
 
     def reissue(out: Path, hosts: list[str]) -> Path:
         ca_cert = x509.load_pem_x509_certificate((out / certs.CA_CERT).read_bytes())

@@ -16,16 +16,16 @@ import math
 import numpy as np
 import pytest
 from ferry.common import config as run_config
-from ferry.common import metrics
+from ferry.common import evaluation_statistics
 from ferry.common.config import RunConfig
 from ferry.common.errors import FerryError
-from ferry.common.metrics import (
+from ferry.common.evaluation_statistics import (
     classification_statistics,
-    metrics_from_statistics,
     pool_statistics,
     regression_statistics,
     statistics_from_record,
 )
+from ferry.common.metrics import metrics_from_statistics
 from ferry.server import aggregation
 from ferry.server.aggregation import aggregate
 
@@ -282,7 +282,7 @@ def test_a_billion_perfect_evaluation_examples_do_not_set_the_federated_accuracy
 @pytest.mark.parametrize("factor", [0.0, 0.013, 0.5, 0.77, 1.0, 2.5])
 def test_scaled_statistics_are_valid_releases_with_the_same_metrics(factor):
     stats = _eval_stats(7, 301, 0.6)
-    scaled = metrics.scale_statistics(stats, factor)
+    scaled = evaluation_statistics.scale_statistics(stats, factor)
     assert scaled.num_examples == round(301 * factor)
     # Still a record the server accepts (integer counts that add up).
     again = statistics_from_record(scaled.to_record(), "classification", 3)
@@ -294,7 +294,7 @@ def test_scaled_statistics_are_valid_releases_with_the_same_metrics(factor):
     rng = np.random.default_rng(3)
     y = rng.normal(size=200)
     reg = regression_statistics(y, y + rng.normal(size=200), directional=True)
-    scaled_reg = metrics.scale_statistics(reg, factor)
+    scaled_reg = evaluation_statistics.scale_statistics(reg, factor)
     again = statistics_from_record(scaled_reg.to_record(), "regression", 0)
     if again.num_examples:
         before, after = metrics_from_statistics(reg), metrics_from_statistics(again)

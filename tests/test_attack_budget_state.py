@@ -23,15 +23,15 @@ import traceback
 from pathlib import Path
 
 import pytest
-from ferry.client import runtime
+from ferry.client import institution_settings, runtime
 from ferry.client.backbone_cache import BackboneCache
 from ferry.client.budget_guard import Budget, BudgetExceeded, check_round
-from ferry.client.dp_trainer import round_plan
 from ferry.client.privacy_state import PrivacyState
 from ferry.common.config import RunConfig
 from ferry.common.errors import FerryError
 from ferry.common.heads import build_head
 from ferry.common.privacy.accounting import MechanismSegment, epsilon_for_history
+from ferry.common.training_defaults import round_plan
 
 DELTA = 1e-5
 STATE, BACKUP = "privacy_state.json", "privacy_state.json.bak"
@@ -40,7 +40,9 @@ SEGMENT = MechanismSegment(1.1, 0.1, 20)  # an earlier honest round, as on disk
 
 
 def _settings(root: Path, artifact, budget: Budget | None, name: str = "hospital-000"):
-    settings = runtime.ClientSettings(name, root / "state", root / "cache", 0, 2, budget)
+    settings = institution_settings.ClientSettings(
+        name, root / "state", root / "cache", 0, 2, budget
+    )
     BackboneCache(settings.cache_dir).store(artifact.manifest, artifact.tensors, artifact.sha256)
     return settings
 
@@ -94,6 +96,7 @@ def _assert_one_line_fix(exc: BaseException, *needles: str) -> None:
 # --- concurrent rounds of one institution --------------------------------------------------
 
 
+@pytest.mark.slow
 def test_concurrent_rounds_in_threads_never_exceed_the_budget_nor_lose_a_spend(tmp_path, artifact):
     settings = _settings(tmp_path, artifact, None)
     budget = _budget_for_two_rounds(_planned(settings, artifact))
@@ -211,6 +214,7 @@ def test_emptied_state_without_its_backup_is_still_refused(tmp_path, artifact):
     assert (settings.state_dir / STATE).read_text() == ""
 
 
+@pytest.mark.slow
 def test_both_copies_deleted_are_refused_while_the_receipts_record_private_rounds(
     tmp_path, artifact
 ):
@@ -463,6 +467,7 @@ def test_absurd_local_epochs_are_refused_quickly(tmp_path, artifact, derived):
     assert PrivacyState.open(settings.state_dir, settings.institution).rounds() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [0.5, 3.0, 10.0])
 @pytest.mark.parametrize(
     ("q", "steps_per_round", "rounds"),
@@ -487,6 +492,7 @@ def test_honest_derived_sigma_is_never_refused(target, q, steps_per_round, round
     assert check_round([seg] * (rounds - 1), seg, DELTA, Budget(target, DELTA)) <= target
 
 
+@pytest.mark.slow
 def test_epsilon_floor_is_below_the_prv_epsilon_and_tight_for_one_step():
     from ferry.common.privacy.accounting import epsilon_lower_bound
 

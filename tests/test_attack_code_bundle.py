@@ -6,8 +6,8 @@ OPERATOR, with the SuperLink's Control API on its own machine, submits with ``fl
 
 (a) a bundle with an extra module and ``clientapp = "evil:app"``, whose import writes a
     marker file and whose handler reads the institution's data path and sends it back;
-(b) Ferry's component names, but the bundle ships ``client/app.py`` (and ``server/app.py``)
-    shadowing the installed ones, with the same payload;
+(b) Ferry's component names, but the bundle ships ``ferry/client/app.py`` (and
+    ``ferry/server/app.py``) shadowing the installed ones, with the same payload;
 (c) a code-free bundle naming another installed ClientApp
     (``ferry.simulations.bench.noop_client:app``, which answers without DP or budget).
 
@@ -31,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ferry.common.child_processes import ChildProcess, flower_bin, tagged_pids
 from ferry.common.data.synthetic import class_names, make_images
+from ferry.common.deploy.child_processes import ChildProcess, flower_bin, tagged_pids
 from ferry.common.serialization import save_artifact
 from ferry.server.pretrain import random_artifact
-from ferry.server.superlink import load_server_config, write_app
+from ferry.server.server_settings import load_server_config
+from ferry.server.superlink import write_app
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -220,10 +221,11 @@ def attacked(tmp_path_factory) -> dict:
                 root / "b-shadow-client-app",
                 {"serverapp": "ferry.server.app:app", "clientapp": "ferry.client.app:app"},
                 {
-                    "server/__init__.py": "",
-                    "server/app.py": SENDER,
-                    "client/__init__.py": "",
-                    "client/app.py": EVIL.format(marker=f"{root}/MARKER-b"),
+                    "ferry/__init__.py": "",
+                    "ferry/server/__init__.py": "",
+                    "ferry/server/app.py": SENDER,
+                    "ferry/client/__init__.py": "",
+                    "ferry/client/app.py": EVIL.format(marker=f"{root}/MARKER-b"),
                 },
             ),
             "c-other-installed-app": operator_app(
@@ -308,8 +310,8 @@ def _read(path: Path) -> str:
         ("a-extra-module", "refused a bundle that carries code: evil.py, sender.py"),
         (
             "b-shadow-client-app",
-            "refused a bundle that carries code: client/__init__.py, client/app.py, "
-            "server/__init__.py, server/app.py",
+            "refused a bundle that carries code: ferry/__init__.py, ferry/client/__init__.py, "
+            "ferry/client/app.py, ferry/server/__init__.py, ferry/server/app.py",
         ),
         ("c-other-installed-app", f"'clientapp': '{_NOOP}'"),
     ],

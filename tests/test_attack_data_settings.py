@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 from ferry.client.budget_guard import Budget
 from ferry.client.held_out import pin_split
-from ferry.client.runtime import ClientSettings, RoundRequest, _local_data, evaluate_round
+from ferry.client.institution_settings import ClientSettings
+from ferry.client.runtime import RoundRequest, _local_data, evaluate_round
 from ferry.common.config import RunConfig
 from ferry.common.data import synthetic_records
 from ferry.common.data.datasets import DataSpec, load_partition, whole

@@ -622,10 +622,10 @@ def test_deployed_institution_signs_with_its_ferry_certs_key(tmp_path: Path, cap
     ``report-key``), which signs with it; the auditor verifies with ``ferry certs``' NAME.pub."""
     import tomllib
 
+    from ferry.client.institution_settings import settings_for_deployment
     from ferry.client.receipts import LOCAL_KEY, sign_and_keep
-    from ferry.client.runtime import settings_for_deployment
     from ferry.client.supernode import InstitutionSettings, write_node_config
-    from ferry.common.certs import make_auth_key_pair
+    from ferry.server.certs import make_auth_key_pair
 
     key, _ = make_auth_key_pair(tmp_path / "institutions", "clinic-b")
     state = tmp_path / "state"

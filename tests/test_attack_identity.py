@@ -80,7 +80,7 @@ def test_node_claiming_another_registered_institution_is_rejected_and_changes_no
     own = [r for r in trained if r["institution"] == "hospital-000"]
     entry = summary["clients"]["hospital-000"]
     assert entry["node_id"] == NODES[0] and entry["rounds"] == 2
-    assert entry["epsilon"] == pytest.approx(own[-1]["epsilon_reported"])
+    assert entry["epsilon"] == pytest.approx(own[-1]["epsilon_spent"])
     assert "hospital-002" not in summary["clients"]
     final = load_checkpoint(plan.out).arrays
     for key, value in _honest_fedavg(grid, 2).items():

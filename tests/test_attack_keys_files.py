@@ -21,7 +21,7 @@ import socket
 import stat
 from pathlib import Path
 
-import ferry.common.child_processes as child_processes
+import ferry.common.deploy.child_processes as child_processes
 import numpy as np
 import pytest
 from ferry.client.backbone_cache import BackboneCache
@@ -30,10 +30,10 @@ from ferry.client.held_out import pin_data_settings, pin_split
 from ferry.client.privacy_state import PrivacyState
 from ferry.client.receipts import sign_and_keep
 from ferry.client.supernode import check_data
-from ferry.common.certs import make_certs
 from ferry.common.privacy.accounting import MechanismSegment
 from ferry.common.serialization import instantiate, save_artifact
-from ferry.server.superlink import load_server_config
+from ferry.server.certs import make_certs
+from ferry.server.server_settings import load_server_config
 
 from ferry.cli import main
 

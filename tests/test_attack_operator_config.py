@@ -28,14 +28,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ferry.client import runtime
+from ferry.client import institution_settings, runtime
 from ferry.client.backbone_cache import BackboneCache
 from ferry.client.budget_guard import Budget
-from ferry.client.dp_trainer import DPTrainConfig, round_plan
+from ferry.client.dp_trainer import DPTrainConfig
 from ferry.client.privacy_state import PrivacyState
 from ferry.common.config import RunConfig
 from ferry.common.errors import FerryError
 from ferry.common.heads import build_head
+from ferry.common.training_defaults import round_plan
 
 DELTA = 1e-5
 RUN = RunConfig(examples=400, clients=2, rounds=3, noise_multiplier=1.0)
@@ -46,7 +47,9 @@ BUDGET = Budget(8.0, DELTA)
 
 
 def _settings(root: Path, artifact, budget: Budget | None = BUDGET):
-    settings = runtime.ClientSettings("hospital-000", root / "state", root / "cache", 0, 2, budget)
+    settings = institution_settings.ClientSettings(
+        "hospital-000", root / "state", root / "cache", 0, 2, budget
+    )
     BackboneCache(settings.cache_dir).store(artifact.manifest, artifact.tensors, artifact.sha256)
     return settings
 
@@ -163,6 +166,7 @@ def test_hostile_value_is_a_one_line_refusal_that_spends_nothing(
     _spent_nothing(settings)
 
 
+@pytest.mark.slow
 def test_derived_noise_for_an_unreachable_epsilon_is_a_refusal(tmp_path, artifact):
     """epsilon 1e-9: no noise multiplier reaches it; the accountant's ValueError became a
     traceback."""
@@ -281,7 +285,7 @@ def _deployed(root: Path, csv: Path):
         "budget-epsilon": 3.0,
         "budget-delta": DELTA,
     }
-    settings = runtime.settings_for_deployment(node_config)
+    settings = institution_settings.settings_for_deployment(node_config)
     BackboneCache(settings.cache_dir).store(art.manifest, art.tensors, art.sha256)
     return settings, art
 
@@ -359,7 +363,9 @@ def test_simulated_data_error_keeps_its_details_for_the_researcher(tmp_path, art
 
     csv = _table(tmp_path, label_of_first="HIV+")
     art = random_artifact("tabular-mlp", input_shape=(3,))
-    settings = runtime.ClientSettings("hospital-000", tmp_path / "s", tmp_path / "c", 0, 1)
+    settings = institution_settings.ClientSettings(
+        "hospital-000", tmp_path / "s", tmp_path / "c", 0, 1
+    )
     BackboneCache(settings.cache_dir).store(art.manifest, art.tensors, art.sha256)
     run = _tabular_run(csv, clients=1, examples=2)
     if "classes" not in {f.name for f in dataclasses.fields(RunConfig)}:

@@ -19,9 +19,10 @@ import opacus.optimizers.optimizer as opacus_optimizer
 import opacus.optimizers.optimizer_fast_gradient_clipping as opacus_ghost
 import pytest
 import torch
-from ferry.client import dp_randomness, runtime
-from ferry.client.dp_trainer import DPTrainConfig, round_plan, train_tail
+from ferry.client import dp_randomness, institution_settings, runtime
+from ferry.client.dp_trainer import DPTrainConfig, train_tail
 from ferry.common.config import RunConfig
+from ferry.common.training_defaults import round_plan
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -120,7 +121,9 @@ def test_operator_replaying_seed_round_and_partition_cannot_subtract_the_noise(c
 # --- two identical DP rounds release different arrays --------------------------------------
 
 
-def _settings_twin(settings: runtime.ClientSettings, name: str) -> runtime.ClientSettings:
+def _settings_twin(
+    settings: institution_settings.ClientSettings, name: str
+) -> institution_settings.ClientSettings:
     """The same institution's data and cache, a fresh privacy state: the same round twice."""
     return dataclasses.replace(settings, state_dir=settings.state_dir.parent / name)
 

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ferry.common.certs import make_auth_key_pair, make_certs
-from ferry.common.child_processes import flower_bin
 from ferry.common.data.synthetic import class_names, make_images
+from ferry.common.deploy.child_processes import flower_bin
 from ferry.common.serialization import save_artifact
+from ferry.server.certs import make_auth_key_pair, make_certs
 from ferry.server.ledger import read_ledger
 from ferry.server.pretrain import random_artifact
 from PIL import Image

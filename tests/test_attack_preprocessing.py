@@ -26,7 +26,8 @@ import pytest
 import torch
 from ferry.client import runtime
 from ferry.client.backbone_cache import BackboneCache
-from ferry.client.runtime import ClientSettings, RoundRequest
+from ferry.client.institution_settings import ClientSettings
+from ferry.client.runtime import RoundRequest
 from ferry.common.backbones.registry import backbone_spec
 from ferry.common.config import RunConfig
 from ferry.common.data.dataset import Dataset

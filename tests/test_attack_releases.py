@@ -18,7 +18,7 @@ import ferry.client.app as client_app
 import ferry.server.exchange as exchange
 import numpy as np
 import pytest
-from ferry.client import runtime
+from ferry.client import institution_settings, runtime
 from ferry.client.backbone_cache import BackboneCache
 from ferry.common.config import RunConfig
 from ferry.common.heads import build_head
@@ -83,7 +83,7 @@ def _train_reply(tmp_path, artifact, run: RunConfig, head: dict, name: str) -> M
     }
     content = RecordDict(
         {
-            "head": ArrayRecord({k: Array(v) for k, v in head.items()}),
+            "trainable": ArrayRecord({k: Array(v) for k, v in head.items()}),
             "run": ConfigRecord(record),
         }
     )
@@ -95,7 +95,7 @@ def _train_reply(tmp_path, artifact, run: RunConfig, head: dict, name: str) -> M
 
 
 def _is_dp_output_or_signed_report(name: str) -> bool:
-    return name == "head" or name == "privacy" or "sign" in name or "report" in name
+    return name == "trainable" or name == "privacy" or "sign" in name or "report" in name
 
 
 def test_train_reply_releases_nothing_from_the_training_split_but_dp_arrays_and_n(
@@ -209,7 +209,7 @@ def _held_out_predictions(plan) -> list[tuple[str, np.ndarray, np.ndarray]]:
     req = runtime.request_from_record(record)
     out = []
     for pid in range(PARTITIONS):
-        settings = runtime.settings_for_simulation(_context(pid).node_config, record)
+        settings = institution_settings.settings_for_simulation(_context(pid).node_config, record)
         data = runtime._local_data(settings, req)
         scores = predict_tail(runtime._tail(data, arrays), data.feats["test"])
         out.append((settings.institution, data.part.test_y, scores))
@@ -262,7 +262,8 @@ def test_federated_metrics_are_sklearn_metrics_of_the_pooled_held_out_prediction
 
 
 def test_regression_statistics_pool_to_sklearn_rmse_mae_r2_and_direction():
-    from ferry.common.metrics import metrics_from_statistics, pool_statistics, regression_statistics
+    from ferry.common.evaluation_statistics import pool_statistics, regression_statistics
+    from ferry.common.metrics import metrics_from_statistics
 
     rng = np.random.default_rng(3)
     parts = [(rng.normal(0.1, 1, n), rng.normal(0, 1, n)) for n in (7, 60, 233)]

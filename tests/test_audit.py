@@ -430,6 +430,7 @@ def test_replay_stays_within_half_a_percent_of_a_fine_pld(
     assert (interval < audit_replay.PLD_INTERVAL) == refined
 
 
+@pytest.mark.slow
 def test_replay_on_worker_processes_matches_the_replay_in_process(
     tmp_path: Path, honest: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:

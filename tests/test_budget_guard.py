@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from ferry.client import runtime
+from ferry.client import institution_settings, runtime
 from ferry.client.backbone_cache import BackboneCache
 from ferry.client.budget_guard import Budget, BudgetExceeded, check_round
 from ferry.client.privacy_state import PrivacyState
@@ -20,7 +20,7 @@ def artifact():
 
 
 def _client(tmp_path, artifact, budget: Budget | None):
-    settings = runtime.ClientSettings(
+    settings = institution_settings.ClientSettings(
         "hospital-000", tmp_path / "state", tmp_path / "cache", 0, 2, budget
     )
     BackboneCache(settings.cache_dir).store(artifact.manifest, artifact.tensors, artifact.sha256)
@@ -49,6 +49,7 @@ def test_check_round_refuses_run_delta_above_budget_delta():
         check_round([], seg, 1e-4, Budget(100.0, 1e-5))
 
 
+@pytest.mark.slow
 def test_client_refuses_round_that_would_cross_budget_and_records_nothing(tmp_path, artifact):
     run = RunConfig(examples=400, clients=2, rounds=4, epsilon=3.0)
     settings = _client(tmp_path, artifact, Budget(2.0, 1e-5))
@@ -68,6 +69,7 @@ def test_client_refuses_round_that_would_cross_budget_and_records_nothing(tmp_pa
     assert state.epsilon(1e-5) == pytest.approx(spent[-1])
 
 
+@pytest.mark.slow
 def test_client_tells_server_when_no_further_round_fits(tmp_path, artifact):
     run = RunConfig(examples=400, clients=2, rounds=4, epsilon=3.0)
     settings = _client(tmp_path, artifact, Budget(2.0, 1e-5))
@@ -82,6 +84,7 @@ def test_client_tells_server_when_no_further_round_fits(tmp_path, artifact):
     assert left[-1] is False and all(left[:-1])
 
 
+@pytest.mark.slow
 def test_restarted_client_keeps_cumulative_epsilon(tmp_path, artifact):
     run = RunConfig(examples=400, clients=2, rounds=3, epsilon=3.0)
     settings = _client(tmp_path, artifact, Budget(3.0, 1e-5))

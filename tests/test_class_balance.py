@@ -16,18 +16,17 @@ import numpy as np
 import pytest
 import torch
 from ferry.client import runtime
-from ferry.client.dp_trainer import (
-    DPTrainConfig,
-    _BatchWeights,
-    _finite_clipping_coef,
-    _weight_after_clipping,
-    _weight_ghost_clipping,
-    round_plan,
-    train_tail,
-)
+from ferry.client.dp_trainer import DPTrainConfig, train_tail
 from ferry.client.linear_dp import exact_clipped_sum
+from ferry.client.nonfinite_guards import finite_clipping_coef
+from ferry.client.weighted_clipping import (
+    BatchWeights,
+    weight_after_clipping,
+    weight_ghost_clipping,
+)
 from ferry.common.config import RunConfig, class_weights
 from ferry.common.scenarios import get_scenario, with_base_rates
+from ferry.common.training_defaults import round_plan
 from torch import nn
 
 from tests.test_attack_operator_config import _head, _request, _settings
@@ -94,7 +93,7 @@ def _copy(layer: nn.Linear) -> nn.Linear:
 
 def opacus_flat_sum(layer, x, y, clip: float, weights: torch.Tensor | None):
     """Opacus' DPOptimizer clipping of the mean cross-entropy's per-example gradients; with
-    ``weights``, through :func:`client.dp_trainer._weight_after_clipping`."""
+    ``weights``, through :func:`client.weighted_clipping.weight_after_clipping`."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
@@ -107,9 +106,9 @@ def opacus_flat_sum(layer, x, y, clip: float, weights: torch.Tensor | None):
         expected_batch_size=len(y),
     )
     if weights is not None:
-        batch = _BatchWeights()
+        batch = BatchWeights()
         batch.rows = weights[y]
-        _weight_after_clipping(optimizer, batch)
+        weight_after_clipping(optimizer, batch)
     nn.functional.cross_entropy(model(x), y).backward()
     optimizer.clip_and_accumulate()
     sums = layer.weight.summed_grad.detach(), layer.bias.summed_grad.detach()
@@ -119,7 +118,7 @@ def opacus_flat_sum(layer, x, y, clip: float, weights: torch.Tensor | None):
 
 def opacus_ghost_sum(layer, x, y, clip: float, weights: torch.Tensor):
     """Opacus' ghost clipping of the same sum, through
-    :func:`client.dp_trainer._weight_ghost_clipping`."""
+    :func:`client.weighted_clipping.weight_ghost_clipping`."""
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
@@ -134,10 +133,10 @@ def opacus_ghost_sum(layer, x, y, clip: float, weights: torch.Tensor):
         max_grad_norm=clip,
         expected_batch_size=len(y),
     )
-    batch = _BatchWeights()
+    batch = BatchWeights()
     batch.rows = weights[y]
-    _finite_clipping_coef(model)
-    _weight_ghost_clipping(model, batch)
+    finite_clipping_coef(model)
+    weight_ghost_clipping(model, batch)
     losses = nn.functional.cross_entropy(model(x), y, reduction="none")
     DPTensorFastGradientClipping(model, optimizer, losses, "mean").backward()
     return layer.weight.grad.detach(), layer.bias.grad.detach()
@@ -216,7 +215,7 @@ def bank_credit(tmp_path_factory):
     every record, and ``ferry simulate``'s split among 10 banks)."""
     from ferry.common.serialization import load_artifact
     from ferry.server.pretrain import PretrainConfig, pretrain
-    from ferry.server.tuning import extract_features
+    from ferry.simulations.linear_federation import extract_features
 
     out = tmp_path_factory.mktemp("bank-credit-encoder")
     with pytest.MonkeyPatch.context() as mp:
@@ -230,7 +229,7 @@ def bank_credit(tmp_path_factory):
 
 @pytest.mark.slow
 def test_class_weights_lift_balanced_accuracy_above_half_at_the_same_epsilon(bank_credit):
-    from ferry.server.tuning import Privacy, TrainingSettings, repeated
+    from ferry.simulations.linear_federation import Privacy, TrainingSettings, repeated
 
     features, _ = bank_credit
     splits = features.splits(10)

@@ -1,20 +1,17 @@
 """The round loop's fault tolerance, on an in-process grid that can lose clients and crash.
 
-:class:`FakeGrid` hands every message to Ferry's real ClientApp handlers (three virtual
-institutions training with DP-SGD on synthetic data) and returns their replies, except where a
-test makes a node stay silent (a straggler), answers with a SuperLink transport error, or makes
-the server "crash" in the middle of an exchange. Nothing here starts a process.
+:class:`inprocess_grid.FakeGrid` hands every message to Ferry's real ClientApp handlers (three
+virtual institutions training with DP-SGD on synthetic data) and returns their replies, except
+where a test makes a node stay silent (a straggler), answers with a SuperLink transport error,
+or makes the server "crash" in the middle of an exchange. Nothing here starts a process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import uuid
 from pathlib import Path
 
-import ferry.client.app as client_app
-import ferry.server.exchange as exchange
 import numpy as np
 import pytest
 from ferry.client.privacy_state import PrivacyState
@@ -25,78 +22,13 @@ from ferry.server.aggregation import aggregate
 from ferry.server.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ferry.server.federation import FederationPlan, run_federation
 from ferry.server.ledger import read_ledger
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
-from flwr.supercore.task_identity import TaskIdentity
-
-NODES = [2**63 + 11, 2**63 + 22, 2**63 + 33]  # 64-bit ids, as Flower's
-HANDLERS = {
-    "query.backbone_offer": client_app.backbone_offer,
-    "query.backbone_ship": client_app.backbone_ship,
-    "train": client_app.train,
-    "evaluate": client_app.evaluate,
-}
-
-
-class Crash(Exception):
-    """The server process dies here."""
-
-
-class FakeGrid:
-    """A Grid whose clients answer at push time, unless ``fate`` says otherwise.
-
-    ``fate(node, message) -> "answer" | "silent" | "unavailable" | "crash"``: "crash" runs the
-    client (it trains and records its spend) and then kills the server before any reply
-    reaches it."""
-
-    def __init__(self, fate=None, online=None):
-        self.fate = fate or (lambda node, msg: "answer")
-        self.online = list(NODES if online is None else online)
-        self.replies: dict[str, Message] = {}
-        self.exchanged: list[tuple[Message, Message]] = []  # (message, its reply), as answered
-
-    def get_node_ids(self):
-        return list(self.online)
-
-    def push_messages(self, messages):
-        ids, crash = [], False
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            ids.append(msg.metadata.message_id)
-            node = msg.metadata.dst_node_id
-            fate = self.fate(node, msg)
-            if fate == "silent":
-                continue
-            if fate == "unavailable":  # written by the SuperLink, not by the node
-                reply = Message(Error(ErrorCode.NODE_UNAVAILABLE, "node offline"), reply_to=msg)
-                reply.metadata.__dict__["_src_node_id"] = 1
-            else:
-                context = Context(
-                    run_id=1,
-                    node_id=node,
-                    node_config={"partition-id": NODES.index(node), "num-partitions": 3},
-                    state=RecordDict(),
-                    run_config={},
-                )
-                reply = HANDLERS[msg.metadata.message_type](msg, context)
-            self.replies[msg.metadata.message_id] = reply
-            self.exchanged.append((msg, reply))
-            crash = crash or fate == "crash"
-        if crash:
-            raise Crash
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+from flwr.app import Message
+from inprocess_grid import NODES, Crash, FakeGrid, act_as_server_app
 
 
 @pytest.fixture(autouse=True)
 def server_identity(monkeypatch):
-    """What a ServerApp process has set when it builds messages; and a fast poll."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(exchange, "POLL_SECONDS", 0.01)
+    act_as_server_app(monkeypatch)
 
 
 @pytest.fixture
@@ -259,9 +191,9 @@ def test_resume_after_crash_in_round_3_reruns_it_from_the_round_2_checkpoint(mak
     assert len(trained) == 3
     for msg, _ in trained:
         for key, value in after_round_2.arrays.items():
-            np.testing.assert_array_equal(_arrays(msg.content["head"])[key], value)
+            np.testing.assert_array_equal(_arrays(msg.content["trainable"])[key], value)
     updates = [
-        (_arrays(r.content["head"]), float(r.content["metrics"]["num-examples"]))
+        (_arrays(r.content["trainable"]), float(r.content["metrics"]["num-examples"]))
         for _, r in trained
     ]
     final = load_checkpoint(plan.out)
@@ -285,7 +217,7 @@ def test_resume_after_crash_in_round_3_reruns_it_from_the_round_2_checkpoint(mak
     for name, client in resumed["clients"].items():
         state = _client_state(plan, name)
         records = [r for r in _events(plan.out, "client_trained") if r["institution"] == name]
-        assert records[-1]["epsilon_reported"] == pytest.approx(state.epsilon(1e-5))
+        assert records[-1]["epsilon_spent"] == pytest.approx(state.epsilon(1e-5))
         assert records[-1]["client_rounds"] == state.rounds() == 4  # 3 rounds + the crashed one
         if stage == "evaluate":  # the crashed round's replies reached the ledger
             replay = [

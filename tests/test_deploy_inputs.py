@@ -14,15 +14,15 @@ import threading
 import time
 from pathlib import Path
 
-import ferry.common.child_processes as child_processes
+import ferry.common.deploy.child_processes as child_processes
 import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from ferry.common.certs import make_certs
 from ferry.common.serialization import save_artifact
+from ferry.server.certs import make_certs
 from ferry.server.pretrain import random_artifact
 from PIL import Image
 

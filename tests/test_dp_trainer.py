@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from ferry.client import runtime
-from ferry.client.dp_trainer import DPTrainConfig, round_plan, train_head
+from ferry.client.dp_trainer import DPTrainConfig, train_head
 from ferry.client.privacy_state import PrivacyState
 from ferry.common.config import RunConfig
 from ferry.common.errors import FerryError
@@ -19,6 +19,7 @@ from ferry.common.privacy.accounting import (
     epsilon_for_history,
     noise_multiplier_for_target,
 )
+from ferry.common.training_defaults import round_plan
 
 DELTA = 1e-5
 
@@ -72,6 +73,7 @@ def test_epsilon_is_zero_without_steps_and_infinite_without_noise():
     assert epsilon_for_history(noiseless, DELTA) == math.inf
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("n", "batch_size", "epochs", "rounds", "target"),
     [(86, 32, 1, 3, 3.0), (400, 16, 2, 5, 1.0)],
@@ -88,6 +90,7 @@ def test_derived_noise_keeps_planned_run_at_or_just_below_target_epsilon(
     assert eps >= 0.95 * target, "noise is far larger than the target requires"
 
 
+@pytest.mark.slow
 def test_client_derives_noise_for_all_planned_rounds_not_one():
     run = RunConfig(epsilon=3.0, delta=DELTA, rounds=4, batch_size=32, local_epochs=1)
     req = runtime.RoundRequest(run, 1, "0" * 64, 4)
@@ -185,6 +188,7 @@ def test_zero_noise_runs_only_when_marked_non_private_and_reports_no_segment():
 # --- the client's privacy state across rounds and restarts ------------------------------
 
 
+@pytest.mark.slow
 def test_client_cumulative_epsilon_strictly_increases_and_survives_restart(client, restart_process):
     settings, run = client.settings, client.run
     head = client.initial_head()

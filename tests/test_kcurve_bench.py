@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from ferry.simulations.bench import kcurve_bench
+from ferry.simulations.bench import kcurve_bench, kcurve_plan, kcurve_tables
 from ferry.simulations.bench.report import replace_section
 
 QUICK = kcurve_bench.QUICK
@@ -44,7 +44,7 @@ def test_default_settings_are_the_rules_schedule_for_the_datas_run_and_privacy()
     import torch
     from ferry.common.config import RunConfig
     from ferry.common.training_defaults import rule_schedule
-    from ferry.server.tuning import FeatureSet
+    from ferry.simulations.linear_federation import FeatureSet
 
     data = RunConfig(scenario="hospital-imaging", task="classification")
     features = FeatureSet(torch.zeros(4, 3), torch.zeros(4).long(), "classification", 2, data, (3,))
@@ -168,7 +168,7 @@ def test_feature_cache_is_reused_for_the_same_data_and_never_for_other_data(quic
     def no_extraction(*_a, **_k):
         raise AssertionError("features extracted again")
 
-    monkeypatch.setattr(kcurve_bench, "extract_features", no_extraction)
+    monkeypatch.setattr(kcurve_plan, "extract_features", no_extraction)
     work = Path(quick["work"])
     features, _ = kcurve_bench.load_features("hospital-imaging", QUICK, work, lambda *_: None)
     assert len(features.y) == quick["datasets"]["hospital-imaging"]["records"]
@@ -190,7 +190,7 @@ def test_report_states_the_grid_the_command_and_one_reading_per_dataset(quick, t
     assert "expected batch {512}" in table and "learning rate {0.5, 2}" in table
     for name, d in quick["datasets"].items():
         assert f"### {name}" in table
-        reading = kcurve_bench.interpret(name, d)
+        reading = kcurve_tables.interpret(name, d)
         assert reading in table
         central = next(r for r in d["rows"] if r["row"] == "central")
         assert f"{100 * central['defaults']['accuracy']:.1f}%" in reading

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ferry.client.dp_trainer import DPTrainConfig, round_plan, train_tail
+from ferry.client.dp_trainer import DPTrainConfig, train_tail
 from ferry.client.linear_dp import exact_clipped_sum, train_linear
+from ferry.common.training_defaults import round_plan
 from opacus import GradSampleModule
 from torch import nn
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from ferry.client import runtime
 from ferry.client.budget_guard import BudgetExceeded
-from ferry.client.dp_trainer import round_plan
 from ferry.common.config import RunConfig
 from ferry.common.errors import FerryError
+from ferry.common.evaluation_statistics import classification_statistics, regression_statistics
 from ferry.common.messages import (
     MAX_EXAMPLES,
     MAX_REASON,
@@ -22,7 +22,6 @@ from ferry.common.messages import (
     RoundRequest,
     TrainRequest,
 )
-from ferry.common.metrics import classification_statistics, regression_statistics
 from ferry.common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
 from ferry.common.train_reply import (
     ModelUpdate,
@@ -31,6 +30,7 @@ from ferry.common.train_reply import (
     TrainReply,
     _check_report,
 )
+from ferry.common.training_defaults import round_plan
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 REQUEST = RoundRequest(RunConfig(noise_multiplier=1.5), 3, "ab" * 32, 4, "run-a")
@@ -217,13 +217,13 @@ def test_lies_in_the_privacy_report_are_rejected(trained, fields, problem):
         (lambda c: c["metrics"].__setitem__("num-examples", 1e12), "integer count"),
         (lambda c: c["metrics"].__setitem__("train-loss", [0.1]), "unknown keys"),
         (lambda c: c["privacy"].__setitem__("epsilon", 0.0), "unknown keys"),
-        (lambda c: c.__setitem__("head", ArrayRecord({})), "array keys"),
+        (lambda c: c.__setitem__("trainable", ArrayRecord({})), "array keys"),
         (
-            lambda c: c["head"].__setitem__("weight", Array(np.zeros((4, 9), np.float32))),
+            lambda c: c["trainable"].__setitem__("weight", Array(np.zeros((4, 9), np.float32))),
             "expected",
         ),
         (
-            lambda c: c["head"].__setitem__("bias", Array(np.full(4, np.nan, np.float32))),
+            lambda c: c["trainable"].__setitem__("bias", Array(np.full(4, np.nan, np.float32))),
             "non-finite",
         ),
     ],

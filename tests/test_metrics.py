@@ -6,17 +6,20 @@ import math
 
 import numpy as np
 import pytest
+from ferry.common.evaluation_statistics import (
+    classification_statistics,
+    pool_statistics,
+    regression_statistics,
+    statistics_from_record,
+)
 from ferry.common.metrics import (
     HEADLINE,
     binary_auc,
     classification_metrics,
-    classification_statistics,
+    headline_metric,
     higher_is_better,
     metrics_from_statistics,
-    pool_statistics,
     regression_metrics,
-    regression_statistics,
-    statistics_from_record,
 )
 from sklearn import metrics as skm
 
@@ -267,3 +270,13 @@ def test_headline_metrics_and_their_direction():
     assert not higher_is_better("rmse") and not higher_is_better("loss")
     with pytest.raises(ValueError, match="unknown metric"):
         higher_is_better("train-loss")
+
+
+def test_each_task_has_one_headline_metric_that_every_run_summarises():
+    from ferry.server.outputs import FINAL_METRICS
+
+    assert headline_metric("classification") == "accuracy"
+    assert headline_metric("regression") == "rmse"
+    assert all(headline_metric(task) in FINAL_METRICS for task in HEADLINE)
+    with pytest.raises(ValueError, match="unknown task 'ranking'"):
+        headline_metric("ranking")

@@ -8,6 +8,7 @@ the real wheel from this checkout and install it, without its dependencies, into
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -58,10 +59,14 @@ def test_installed_ferry_imports_from_a_folder_holding_server_client_and_common(
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
+    # PYTHONPATH and friends from the test process (Ray sets some) reach neither pip (which
+    # would find this checkout's egg-info and install nothing) nor the probe.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     subprocess.run(
         [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
         check=True,
         capture_output=True,
+        env=env,
     )
     project = tmp_path / "quickstart"
     project.mkdir()
@@ -75,7 +80,7 @@ def test_installed_ferry_imports_from_a_folder_holding_server_client_and_common(
         "print(importlib.util.find_spec('simulations'))\n"
     )
     done = subprocess.run(
-        [python, "-c", probe], cwd=project, capture_output=True, text=True, check=True
+        [python, "-c", probe], cwd=project, capture_output=True, text=True, check=True, env=env
     )
     version, users, origin, simulations = done.stdout.splitlines()
     assert version == "0.1.0"

@@ -22,15 +22,16 @@ import threading
 import time
 from pathlib import Path
 
-import ferry.common.child_processes as child_processes
+import ferry.common.deploy.child_processes as child_processes
 import ferry.server.proxy as proxy
 import pytest
-from ferry.common.certs import make_certs
 from ferry.common.errors import FerryError
 from ferry.common.serialization import save_artifact
+from ferry.server.certs import make_certs
 from ferry.server.pretrain import random_artifact
 from ferry.server.proxy import FLEET_ROUTES, ProxySettings, render_config
-from ferry.server.superlink import load_server_config, superlink_argv, write_flower_home
+from ferry.server.server_settings import load_server_config
+from ferry.server.superlink import superlink_argv, write_flower_home
 
 from ferry.cli import main
 from tests.test_deploy import free_port

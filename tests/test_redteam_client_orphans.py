@@ -7,7 +7,10 @@ to the federation and the launcher running every ClientApp task it got, with the
 institution's data, although the institution's own process had ended.
 
 Real processes: ``ferry client`` against a loopback port where no server listens (the
-SuperNode keeps retrying, as it does while a server restarts).
+SuperNode keeps retrying, as it does while a server restarts). Also as a script's background
+job (``ferry client ... &`` in a non-interactive shell), which starts with SIGINT ignored:
+before the second fix the launcher inherited that, its watchers' SIGINT did nothing, and both
+children outlived ``ferry client`` again.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from ferry.common.child_processes import ChildProcess, flower_env
+import pytest
+from ferry.common.deploy.child_processes import ChildProcess, flower_env
 
 
 def free_port() -> int:
@@ -57,11 +61,23 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def test_killed_ferry_client_leaves_no_supernode_or_launcher(tmp_path):
+# `sh -c 'ferry client ... &'` starts it with SIGINT ignored; exec keeps that disposition.
+BACKGROUND_JOB = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("started", ["foreground", "background-job"])
+def test_killed_ferry_client_leaves_no_supernode_or_launcher(tmp_path, started):
     data = tmp_path / "records.csv"
     data.write_text("a,b,label\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(20)))
     env = flower_env() | {"FLWR_HOME": str(tmp_path / "flwr-home")}
     argv = [
+        *(BACKGROUND_JOB if started == "background-job" else []),
         sys.executable,
         "-m",
         "ferry.cli",

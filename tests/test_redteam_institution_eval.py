@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ferry.common.metrics import (
+from ferry.common.evaluation_statistics import (
     classification_statistics,
-    metrics_from_statistics,
     pool_statistics,
     statistics_from_record,
 )
+from ferry.common.metrics import metrics_from_statistics
 from ferry.server.aggregation import capped_statistics
 
 CAP = 2.0

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ferry.common.messages import EvaluationReply, MessageRejected
-from ferry.common.metrics import (
+from ferry.common.evaluation_statistics import (
     classification_statistics,
-    metrics_from_statistics,
     pool_statistics,
     regression_statistics,
 )
+from ferry.common.messages import EvaluationReply, MessageRejected
+from ferry.common.metrics import metrics_from_statistics
 from ferry.server.aggregation import capped_statistics
 
 HONEST = {

@@ -6,8 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from ferry.client.dp_trainer import DPTrainConfig, round_plan, train_head
+from ferry.client.dp_trainer import DPTrainConfig, train_head
 from ferry.common.config import RunConfig
+from ferry.common.training_defaults import round_plan
+from inprocess_grid import simulate_in_process
 from torch import nn
 
 from ferry.cli import main
@@ -46,8 +48,9 @@ def test_gpus_requested_without_a_gpu_is_a_one_line_error(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_two_hundred_client_simulation_completes(tmp_path, monkeypatch):
-    from ferry.simulations.runner import simulate
-
+    """200 institutions, a quarter sampled per round: the plan and the round loop at that
+    scale, the institutions in this process (Flower's Ray backend carries 100 virtual clients
+    in ``test_bench``)."""
     monkeypatch.setenv("FERRY_HOME", str(tmp_path / "home"))
     cfg = RunConfig(
         clients=200,
@@ -58,7 +61,7 @@ def test_two_hundred_client_simulation_completes(tmp_path, monkeypatch):
         weights="random",
         out=str(tmp_path / "run"),
     )
-    summary = simulate(cfg, log=lambda line: None)
+    summary = simulate_in_process(cfg)
     assert summary["rounds_completed"] == 2
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["participants"] for r in lines] == [50, 50]

@@ -3,6 +3,10 @@ synthetic data, with a backbone pretrained on the preset's synthetic source task
 preset runs on a user's file with a natural split by a column.
 
 Each run: 3 virtual institutions, 2 rounds, DP at ε = 3 (PRV, δ 1e-5, unit: one record).
+The presets run the simulation's plan and round loop with the institutions in this process
+(:func:`inprocess_grid.simulate_in_process`: what differs between presets is data, backbone
+and task, not Ray); the user's-file run goes through Flower's Ray backend, as ``ferry
+simulate`` does.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from ferry.common.scenarios import known_scenarios
 from ferry.server.audit import audit_ledger
 from ferry.server.pretrain import PretrainConfig, pretrain
 from ferry.simulations.runner import simulate
+from inprocess_grid import simulate_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +39,8 @@ def ray_env():
         yield
 
 
-def _simulate(tmp_path: Path, scenario: str, weights: str, **extra) -> dict:
-    cfg = RunConfig(
+def _config(tmp_path: Path, scenario: str, weights: str, **extra) -> RunConfig:
+    return RunConfig(
         scenario=scenario,
         clients=3,
         rounds=2,
@@ -45,17 +50,16 @@ def _simulate(tmp_path: Path, scenario: str, weights: str, **extra) -> dict:
         out=str(tmp_path / "run"),
         **extra,
     )
-    return simulate(cfg, log=_quiet)
 
 
 @pytest.mark.parametrize("scenario", known_scenarios())
-def test_preset_runs_end_to_end_on_its_synthetic_data(scenario, tmp_path, ray_env):
+def test_preset_runs_end_to_end_on_its_synthetic_data(scenario, tmp_path):
     weights = tmp_path / "pretrained"
     pretrain(
-        PretrainConfig(scenario=scenario, examples=1200, epochs=2, out=str(weights)),
+        PretrainConfig(scenario=scenario, examples=1200, epochs=1, out=str(weights)),
         log=_quiet,
     )
-    summary = _simulate(tmp_path, scenario, str(weights))
+    summary = simulate_in_process(_config(tmp_path, scenario, str(weights)))
 
     final = summary["final"]
     assert summary["rounds_completed"] == 2
@@ -78,7 +82,7 @@ def test_bank_credit_on_a_user_csv_split_naturally_by_branch(tmp_path, ray_env):
     path = tmp_path / "loans.csv"
     frame.to_csv(path, index=False)
 
-    summary = _simulate(
+    cfg = _config(
         tmp_path,
         "bank-credit",
         "random",
@@ -87,6 +91,7 @@ def test_bank_credit_on_a_user_csv_split_naturally_by_branch(tmp_path, ray_env):
         partition="natural",
         partition_column="branch",
     )
+    summary = simulate(cfg, log=_quiet)
 
     sizes = sorted(c["examples"] for c in summary["clients"].values())
     counts = frame["branch"].value_counts().to_numpy()

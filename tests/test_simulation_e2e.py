@@ -1,7 +1,10 @@
-"""End to end: a Flower simulation of 5 hospitals, twice, on one machine (~80 s in all).
+"""End to end: a Flower simulation of 5 hospitals on Flower's Ray backend, then a second run.
 
 Both runs share one ``$FERRY_HOME`` (where the virtual clients keep their backbone caches),
-so the second run finds every client already holding the backbone.
+so the second run finds every client already holding the backbone. The second run's point is
+those caches on disk, not Ray: it runs the same plan and round loop with the institutions in
+this process (:func:`inprocess_grid.simulate_in_process`), their in-memory caches empty, as in
+fresh workers.
 """
 
 from __future__ import annotations
@@ -9,11 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ferry.client.backbone_cache as backbone_cache
+import ferry.client.feature_cache as feature_cache
 import pytest
 from ferry.common.config import RunConfig
 from ferry.common.serialization import load_artifact
 from ferry.server.pretrain import PretrainConfig, pretrain
 from ferry.simulations.runner import simulate
+from inprocess_grid import simulate_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +45,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 weights=str(weights),
                 out=str(root / name),
             )
-            summaries[name] = simulate(cfg, log=lambda _: None)
+            if name == "first":
+                summaries[name] = simulate(cfg, log=lambda _: None)
+            else:
+                mp.setattr(backbone_cache, "_LOADED", {})
+                mp.setattr(feature_cache, "_MEMORY", {})
+                summaries[name] = simulate_in_process(cfg)
     return {
         "summaries": summaries,
         "out": {name: root / name for name in summaries},

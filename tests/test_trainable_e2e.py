@@ -6,8 +6,9 @@
   verified backbone in the client's cache is bit-identical afterwards.
 * LoRA on ``vit_b_16`` built for 32 px images: one round returns only LoRA factors and the
   head; arrays of another LoRA rank fail the round with one line naming the mismatch.
-* One ``simulate`` per non-head part: the summary's head bytes are the trainable arrays' and
-  the ledger audits clean.
+* One simulation per non-head part (its plan and round loop, the institutions in this process:
+  :func:`inprocess_grid.simulate_in_process`): the summary's head bytes are the trainable
+  arrays' and the ledger audits clean.
 * Bad trainable-part input to ``ferry simulate``: exit 2, one line, nothing in ``--out``.
 """
 
@@ -39,7 +40,7 @@ from ferry.common.serialization import (
 from ferry.server.audit import audit_ledger
 from ferry.server.backbone_import import import_backbone
 from ferry.server.pretrain import random_artifact
-from ferry.simulations.runner import simulate
+from inprocess_grid import simulate_in_process
 
 from ferry.cli import main
 
@@ -201,7 +202,7 @@ def test_lora_arrays_of_another_rank_fail_the_round_in_one_line_and_spend_nothin
     assert state.rounds() == 0  # refused before any DP step: nothing spent
 
 
-# --- one real simulation per non-head part -------------------------------------------------
+# --- one simulation per non-head part ------------------------------------------------------
 
 
 @pytest.fixture(scope="module", params=["last-block", "conv-adapter"])
@@ -218,9 +219,7 @@ def simulated(request, tmp_path_factory) -> dict:
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FERRY_HOME", str(root / "ferry-home"))
-        mp.setenv("FLWR_TELEMETRY_ENABLED", "0")
-        mp.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        summary = simulate(cfg, log=lambda _: None)
+        summary = simulate_in_process(cfg)
     expected = initial_trainable_arrays(random_artifact("ferry-cnn", seed=0), cfg, NUM_CLASSES)
     return {"cfg": cfg, "summary": summary, "out": Path(cfg.out), "expected": expected}
 

@@ -81,6 +81,7 @@ def test_the_rule_uses_no_private_data_only_epsilon_and_the_task():
     assert a == b
 
 
+@pytest.mark.slow
 def test_a_report_with_another_batch_size_than_the_rule_gives_for_its_n_is_rejected(
     client,
 ):
@@ -128,6 +129,7 @@ def test_simulate_refuses_a_batch_larger_than_an_institution_before_any_work(tmp
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_simulate_refuses_an_epsilon_beyond_the_accountants_range(tmp_path, capsys):
     out = tmp_path / "run"
     code = _simulate_refused(out, "--clients", "2", "--epsilon", "1e-7")
@@ -149,6 +151,7 @@ def test_feasibility_check_names_the_fix_for_each_problem():
         check_feasible(tiny, [120, 900], 130)
 
 
+@pytest.mark.slow
 def test_simulate_prints_and_records_the_settings_and_reports_carry_the_rule_batch(
     tmp_path, capsys
 ):

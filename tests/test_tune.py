@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 import ferry.common.data.datasets as datasets
-import ferry.server.tuning as tuning
+import ferry.simulations.linear_federation as linear_federation
 import pytest
 from ferry.common.config import RunConfig
 from ferry.common.data.synthetic_records import make_patients
@@ -202,8 +202,8 @@ def test_bad_input_exits_2_before_any_work(backbone, tmp_path, monkeypatch, caps
     def no_work(*_, **__):
         raise AssertionError("work started before the input was checked")
 
-    monkeypatch.setattr(tuning, "extract_features", no_work)
-    monkeypatch.setattr(tuning, "grid_search", no_work)
+    monkeypatch.setattr(linear_federation, "extract_features", no_work)
+    monkeypatch.setattr(linear_federation, "grid_search", no_work)
     before = digests(backbone)
     weights = str(backbone)
     if "--weights" in args:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from ferry.common.data.frames import canonical
 from ferry.common.errors import FerryError
 
 TASKS = ("classification", "regression")
@@ -90,9 +91,7 @@ class Dataset:
 
 def class_key(name: object) -> str:
     """How a class name is compared with a label: numbers written canonically (``1.0`` is
-    ``1``), text stripped (see :func:`common.data.tabular.canonical`)."""
-    from ferry.common.data.tabular import canonical
-
+    ``1``), text stripped (see :func:`common.data.frames.canonical`)."""
     return canonical(name)
 
 

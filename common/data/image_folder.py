@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from ferry.common.data.dataset import Dataset, class_key, public_class_ids, unknown_label
 from ferry.common.data.dicom import UnreadableImage, is_dicom, read_dicom
+from ferry.common.data.frames import warn
 from ferry.common.data.partition import raw_digest
-from ferry.common.data.tabular import warn
 from ferry.common.errors import FerryError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}

@@ -27,17 +27,17 @@ from pathlib import Path
 
 import numpy as np
 from ferry.common.data.dataset import Dataset
-from ferry.common.data.partition import row_digests
-from ferry.common.data.tabular import (
+from ferry.common.data.frames import (
     Origin,
     columns_named,
     enough_rows,
     frame_origin,
     non_blank_rows,
-    parse_target,
     read_frame,
     warn,
 )
+from ferry.common.data.labels import parse_target
+from ferry.common.data.partition import row_digests
 from ferry.common.errors import FerryError
 
 FEATURIZERS = ("auto", "morgan", "ngram")
@@ -149,7 +149,7 @@ def from_frame(
     """A table of molecules already in memory (a pandas DataFrame) as a :class:`Dataset`.
 
     ``classes``: the run's public class list; each row's activity is mapped by it alone
-    (:func:`common.data.tabular.parse_target`)."""
+    (:func:`common.data.labels.parse_target`)."""
     if bits < 8 or radius < 0:
         raise FerryError(f"bits {bits} / radius {radius}: use bits >= 8 and radius >= 0")
     featurizer = _featurizer(featurizer)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from ferry.common.data.dataset import Dataset
-from ferry.common.data.tabular import (
+from ferry.common.data.frames import (
     Origin,
     canonical,
     columns_named,

@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 from ferry.common.data.dataset import Dataset
-from ferry.common.data.tabular import Origin, require_pandas
+from ferry.common.data.frames import Origin, require_pandas
 from ferry.common.errors import FerryError
 
 GENERATOR_VERSION = 1  # bump when any generator's output changes (feature caches key on it)

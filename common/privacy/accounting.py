@@ -9,7 +9,8 @@ cumulative epsilon composes the whole history (never reset per round).
 
 Reported epsilon: Opacus' PRV accountant (``"prv"``); ``"rdp"`` is the looser cross-check.
 The same segments are described in ``dp-accounting``'s DpEvent vocabulary by
-:func:`as_dp_event`, so an auditor can replay them with a library Ferry did not write.
+:mod:`common.privacy.dp_events`, so an auditor can replay them with a library Ferry did not
+write.
 
 epsilon computations are costly (~0.1 s each), so they are memoised per distinct compacted
 history: 1,000 clients with the same (sigma, q, steps) cost one computation.
@@ -80,22 +81,6 @@ def compact_history(history: Iterable[MechanismSegment]) -> tuple[MechanismSegme
         key = (float(seg.noise_multiplier), float(seg.sample_rate))
         steps[key] = steps.get(key, 0) + int(seg.steps)
     return tuple(MechanismSegment(s, q, k) for (s, q), k in sorted(steps.items()))
-
-
-def as_dp_event(history: Sequence[MechanismSegment]):
-    """The history as a ``dp_accounting`` DpEvent (composed PoissonSampled Gaussians)."""
-    import dp_accounting
-
-    events = [
-        dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(
-                seg.sample_rate, dp_accounting.GaussianDpEvent(seg.noise_multiplier)
-            ),
-            seg.steps,
-        )
-        for seg in history
-    ]
-    return dp_accounting.ComposedDpEvent(events)
 
 
 def epsilon_for_history(

@@ -12,14 +12,23 @@ client mechanism reads, e.g.::
 
 Contract (as in ``dp_accounting/dp_event.py``): fields are never removed and their meaning
 never changes, so every ledger ever written stays replayable.
+
+This module is the one place a mechanism becomes a DpEvent (:func:`segment_event`, and
+:func:`history_event` for a whole history) and a DpEvent becomes a mechanism again
+(:func:`event_mechanism`): the client's signed report, the ledger, the server's check of a
+report (:mod:`common.train_reply`) and the audit's replay and RDP cross-check all go through
+it, so what the client spends and what the auditor replays cannot drift apart.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from ferry.common.privacy.accounting import MechanismSegment
 
 
 def segment_event(segment: MechanismSegment):
+    """One segment as a DpEvent: ``steps`` x PoissonSampled(``sample_rate``, Gaussian(sigma))."""
     import dp_accounting
 
     return dp_accounting.SelfComposedDpEvent(
@@ -28,6 +37,42 @@ def segment_event(segment: MechanismSegment):
         ),
         segment.steps,
     )
+
+
+def history_event(history: Iterable[MechanismSegment]):
+    """A whole history as one DpEvent: the composition of its segments' events."""
+    import dp_accounting
+
+    return dp_accounting.ComposedDpEvent([segment_event(s) for s in history])
+
+
+def event_mechanism(event) -> tuple[MechanismSegment | None, str, bool]:
+    """(segment, shape, poisson) of a DpEvent. ``segment``: the one :func:`segment_event`
+    builds it from (nested self-compositions multiplied out); for NonPrivateDpEvent a segment
+    of no noise and no steps; None for any other mechanism. ``shape`` names the event for
+    findings, e.g. ``"PoissonSampled(Gaussian) x10"``; ``poisson``: it is Ferry's
+    PoissonSampled(Gaussian) mechanism."""
+    from dp_accounting import dp_event as dpe
+
+    count = 1
+    while isinstance(event, dpe.SelfComposedDpEvent):
+        count, event = count * int(event.count), event.event
+    inner = type(getattr(event, "event", None)).__name__.removesuffix("DpEvent")
+    shape = (
+        type(event).__name__.removesuffix("DpEvent")
+        + (f"({inner})" if inner != "NoneType" else "")
+        + f" x{count}"
+    )
+    if isinstance(event, dpe.PoissonSampledDpEvent) and isinstance(
+        event.event, dpe.GaussianDpEvent
+    ):
+        seg = MechanismSegment(
+            float(event.event.noise_multiplier), float(event.sampling_probability), count
+        )
+        return seg, shape, True
+    if isinstance(event, dpe.NonPrivateDpEvent):  # no parameters: nothing to contradict
+        return MechanismSegment(0.0, 1.0, 0), shape, False
+    return None, shape, False
 
 
 def event_to_json(event) -> dict:

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ferry.common.data.dataset import Dataset
+from ferry.common.data.tabular import load_table
 from ferry.common.errors import FerryError
 
 
 def load_table_for(spec, scenario: str) -> Dataset:
-    from ferry.common.data.tabular import load_table
-
     if not spec.label_column:
         raise FerryError(
             f"--data {spec.data} needs --label-column: name the column the {scenario} preset "

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from ferry.common.data.dataset import Dataset
+from ferry.common.data.synthetic_records import synthetic_dataset
 from ferry.common.scenarios._tables import load_table_for
 from ferry.common.scenarios.registry import Scenario, register_scenario
 
 
 def synthetic(spec, split: str = "target") -> Dataset:
-    from ferry.common.data.synthetic_records import synthetic_dataset
-
     return synthetic_dataset("credit", spec.examples, spec.seed, split)
 
 

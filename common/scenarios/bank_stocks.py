@@ -5,21 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from ferry.common.data.dataset import Dataset
+from ferry.common.data.series import load_series
+from ferry.common.data.synthetic_records import synthetic_dataset
 from ferry.common.errors import FerryError
 from ferry.common.scenarios.registry import Scenario, register_scenario
 
 
 def synthetic(spec, split: str = "target") -> Dataset:
-    from ferry.common.data.synthetic_records import synthetic_dataset
-
     return synthetic_dataset(
         "prices", spec.examples, spec.seed, split, window=spec.window, horizon=spec.horizon
     )
 
 
 def load(spec) -> Dataset:
-    from ferry.common.data.series import load_series
-
     if not spec.date_column:
         raise FerryError(
             f"--data {spec.data} needs --date-column: name the column holding each row's date"

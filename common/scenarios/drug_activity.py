@@ -5,18 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ferry.common.data.dataset import Dataset
+from ferry.common.data.molecules import load_molecules
+from ferry.common.data.synthetic_records import synthetic_dataset
 from ferry.common.scenarios.registry import Scenario, register_scenario
 
 
 def synthetic(spec, split: str = "target") -> Dataset:
-    from ferry.common.data.synthetic_records import synthetic_dataset
-
     return synthetic_dataset("molecules", spec.examples, spec.seed, split)
 
 
 def load(spec) -> Dataset:
-    from ferry.common.data.molecules import load_molecules
-
     return load_molecules(
         Path(spec.data),
         smiles_column=spec.smiles_column or "smiles",

@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 
 from ferry.common.data.dataset import Dataset
-from ferry.common.data.synthetic import class_names
+from ferry.common.data.image_folder import load_images
+from ferry.common.data.synthetic import class_names, make_images
 from ferry.common.scenarios.registry import Scenario, register_scenario
 
 
 def synthetic(spec, split: str = "target") -> Dataset:
-    from ferry.common.data.synthetic import make_images
-
     task = "source" if split == "source" else "target"
     images, labels = make_images(task, spec.examples, spec.seed)
     source = json.dumps({"task": task, "n": spec.examples, "seed": spec.seed})
@@ -25,8 +24,6 @@ TARGET_CLASSES = class_names("target")
 
 
 def load(spec) -> Dataset:
-    from ferry.common.data.image_folder import load_images
-
     channels, size = spec.input_shape[0], spec.input_shape[-1]
     return load_images(
         Path(spec.data),

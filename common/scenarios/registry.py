@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from ferry.common.config import class_weights
 from ferry.common.data.dataset import Dataset
 from ferry.common.errors import FerryError
 
@@ -65,8 +66,6 @@ def with_scenario_defaults(cfg):
     unset, and its public class list when the run names none, is not a regression and reads
     no researcher's ``--data`` (a simulation on ``--data`` fixes the list from it). Training
     settings are chosen later, from the task (common.training_defaults)."""
-    from dataclasses import replace
-
     scenario = get_scenario(cfg.scenario)
     classes = cfg.classes
     if not classes and not cfg.data and cfg.task != "regression" and scenario.classes:
@@ -85,10 +84,6 @@ def with_base_rates(cfg, num_classes: int):
     built-in data with the preset's class list (otherwise it stays "": no weighting), and
     the rates must fit the task and its ``num_classes`` (:func:`common.config.class_weights`,
     a one-line refusal), checked here before any institution trains."""
-    from dataclasses import replace
-
-    from ferry.common.config import class_weights
-
     scenario = get_scenario(cfg.scenario)
     rates = cfg.base_rates
     built_in = not cfg.data and cfg.task != "regression" and scenario.base_rates

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from ferry.client.receipts import sign_and_keep
 from ferry.client.runtime import ACCOUNTANT
+from ferry.common.evaluation_statistics import classification_statistics, regression_statistics
 from ferry.common.messages import RoundRequest
-from ferry.common.metrics import classification_statistics, regression_statistics
 from ferry.common.privacy import UNIT_OF_PRIVACY
 from ferry.common.privacy.report import NON_PRIVATE_EVENT
 from ferry.common.train_reply import ModelUpdate, PrivacyReply, TrainReply
@@ -61,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     state = Path(tempfile.gettempdir()) / "ferry-noop-clients" / req.run_id / name
     signed = sign_and_keep(state, name, report)
-    head = {k: v.numpy() for k, v in msg.content["head"].items()}
+    head = {k: v.numpy() for k, v in msg.content["trainable"].items()}
     reply = TrainReply(ModelUpdate(head, 1), PrivacyReply.of(signed))
     return Message(reply.to_content(), reply_to=msg)
 

@@ -47,15 +47,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ferry.client import runtime
+from ferry.client import institution_settings, runtime
 from ferry.common.config import RunConfig
-from ferry.common.messages import RoundRequest
-from ferry.common.metrics import (
+from ferry.common.evaluation_statistics import (
     EvaluationStatistics,
-    metrics_from_statistics,
     pool_statistics,
     statistics_from_record,
 )
+from ferry.common.messages import RoundRequest
+from ferry.common.metrics import metrics_from_statistics
 from ferry.common.model import initial_trainable_arrays, out_dim
 from ferry.server.aggregation import (
     AggregationPolicy,
@@ -63,8 +63,8 @@ from ferry.server.aggregation import (
     capped_statistics,
     change_norm,
 )
+from ferry.server.simulation_plan import plan_simulation
 from ferry.simulations.bench.report import record_section
-from ferry.simulations.runner import plan_simulation
 
 HEADING = "## Poisoning: one hostile institution of 10, per aggregation rule"
 UNBOUNDED = AggregationPolicy(weight_cap=math.inf, max_update_norm=math.inf)
@@ -162,7 +162,9 @@ def run_arm(
         )
         record = req.to_record()
         if settings is None:
-            settings = [runtime.settings_for_simulation(node, record) for node in nodes]
+            settings = [
+                institution_settings.settings_for_simulation(node, record) for node in nodes
+            ]
             for s in settings:
                 if not runtime.has_backbone(s, plan.artifact.sha256):
                     runtime.store_backbone(

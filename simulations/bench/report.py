@@ -7,6 +7,8 @@ import os
 import platform
 from pathlib import Path
 
+from ferry.common.atomic_files import write_atomic
+
 
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
@@ -37,9 +39,7 @@ def replace_section(path: Path, heading: str, body: str) -> None:
         text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + section
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def record_section(
@@ -65,6 +65,4 @@ def record_section(
 def write_json(path: Path, key: str, results: dict) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     data[key] = results
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True))

@@ -7,12 +7,13 @@ Each part runs on a backbone it applies to: ``ferry-cnn`` (1x32x32) for ``head``
 are random: speed does not depend on them. The trunk runs once over the same images (the
 cached split-point activations, as Ferry's client caches them); then every step reads a batch
 of cached activations and runs the tail: forward, loss, backward, optimizer step. Non-private
-SGD, Opacus flat clipping (per-example gradients) and Opacus ghost clipping take turns step by
-step on identical copies of the tail, so machine load drifts equally over all three; each
+SGD, Opacus flat clipping (per-example gradients) and Opacus ghost clipping, each set up by the
+client's own :func:`client.dp_trainer.setup_round`, take turns step by step on identical copies
+of the tail, so machine load drifts equally over all three; each
 time is the median of the timed steps after warm-up, and ratios are within one run.
 
 Run: ``python -m simulations.bench.trainable_bench [--quick]``; :func:`rows` returns the
-measurements for BENCHMARKS.md (:func:`render` formats them).
+measurements for BENCHMARKS.md (:mod:`simulations.bench.trainable_tables` formats them).
 
 ``--federated`` adds what each part buys at the same privacy budget: a ``ferry simulate`` run
 per part (:func:`federated_rows`) at ε = 3 on the ``hospital-imaging`` synthetic scenario, the
@@ -37,12 +38,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from ferry.client.dp_trainer import DPTrainConfig, setup_round, train_tail
 from ferry.common.backbones import build_backbone
 from ferry.common.backbones.registry import backbone_spec
-from ferry.common.trainable import TrainableSpec, set_train_mode, split_model, trainable_state
+from ferry.common.trainable import TrainableSpec, split_model, trainable_state
 from ferry.simulations.bench.report import record_section
+from ferry.simulations.bench.trainable_tables import FEDERATED_HEADING, render, render_federated
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 PARTS = (
     ("head", "ferry-cnn"),
@@ -55,34 +57,19 @@ MODES = ("non-private", "flat", "ghost")
 
 
 def _setup(tail: nn.Module, mode: str, batch: int):
-    """(model, optimizer, criterion) for one mode, on its own copy of ``tail``."""
-    tail = copy.deepcopy(tail)
-    optimizer = torch.optim.SGD([p for p in tail.parameters() if p.requires_grad], lr=0.1)
-    criterion = nn.CrossEntropyLoss()
-    set_train_mode(tail)
-    if mode == "non-private":
-        return tail, optimizer, criterion
-    from opacus import PrivacyEngine
-
-    loader = DataLoader(TensorDataset(torch.zeros(batch * 4)), batch_size=batch)  # unused
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        private = PrivacyEngine(accountant="prv").make_private(
-            module=tail,
-            optimizer=optimizer,
-            data_loader=loader,
-            criterion=criterion,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            poisson_sampling=False,
-            grad_sample_mode="ghost" if mode == "ghost" else "hooks",
-        )
-    if mode == "ghost":
-        model, optimizer, criterion, _ = private
-    else:
-        model, optimizer, _ = private
-    set_train_mode(model._module)
-    return model, optimizer, criterion
+    """(model, optimizer, criterion) for one mode, on its own copy of ``tail``, as Ferry's
+    client sets up a round (:func:`client.dp_trainer.setup_round`: Opacus' engine with its
+    clipping and secure-mode noise, or plain SGD); the steps are timed on these."""
+    cfg = DPTrainConfig(
+        noise_multiplier=0.0 if mode == "non-private" else 1.0,
+        max_grad_norm=1.0,
+        batch_size=batch,
+        lr=0.1,
+        non_private=mode == "non-private",
+        clipping="ghost" if mode == "ghost" else "flat",
+    )
+    setup = setup_round(copy.deepcopy(tail), cfg, batch * 4)
+    return setup.model, setup.optimizer, setup.criterion
 
 
 def _step(setup, acts: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> float:
@@ -164,8 +151,6 @@ def client_round(
     """One client round as Ferry's client runs it (:func:`client.dp_trainer.train_tail` on
     cached split-point activations, a fresh Opacus engine per DP round; a bare linear head
     takes :mod:`client.linear_dp`), DP (σ = 1) against non-private, alternating; medians."""
-    from ferry.client.dp_trainer import DPTrainConfig, train_tail
-
     spec = backbone_spec(backbone_name)
     shape = (spec.input_shape[0], image_size, image_size)
     torch.manual_seed(0)
@@ -209,33 +194,6 @@ def rows(quick: bool = False) -> list[dict]:
         )
         for kind, name in PARTS
     ]
-
-
-def render(measured: list[dict], command: str) -> str:
-    lines = [
-        f"Command: `{command}`. Batch {measured[0]['batch']}, median of "
-        f"{measured[0]['steps_timed']} steps after warm-up; DP = Opacus per-example clipping "
-        "(flat), ghost = Opacus ghost clipping; σ = 1, C = 1, 10 classes.",
-        "",
-        "| part | backbone (input) | split-point activations | params trained | bytes per "
-        "round (share of full model) | non-private step | DP step (ratio) | ghost step (ratio) "
-        "| target |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in measured:
-        target = f"≤ {r['target_ratio']}×" if r["target_ratio"] else "—"
-        share = 100 * r["bytes_per_round"] / r["full_model_bytes"]
-        lines.append(
-            f"| {r['part']} | {r['backbone']} ({r['input']}) | {r['split']}: "
-            f"{r['activation_shape']} | {r['params_trained']:,} | {r['bytes_per_round']:,} B "
-            f"({share:.2f}%) | {r['nonprivate_step_ms']:.2f} ms | {r['dp_step_ms']:.2f} ms "
-            f"(**{r['dp_ratio']:.2f}×**) | {r['ghost_step_ms']:.2f} ms ({r['ghost_ratio']:.2f}×) "
-            f"| {target} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-FEDERATED_HEADING = "## Trainable parts at the same budget: accuracy, bytes, DP step cost"
 
 
 @dataclass(frozen=True)
@@ -377,103 +335,6 @@ def federated_rows(
                 }
             )
     return measured
-
-
-def render_federated(measured: list[dict], command: str, seconds: float) -> str:
-    """The per-part table and its one-line reading (from its own figures)."""
-    first = measured[0]
-    lines = [
-        f"Command: `{command}` ({seconds / 60:.1f} min in all). Scenario `hospital-imaging` "
-        f"(synthetic 4-class lesion shapes, Dirichlet α = 0.5, 20% held out), {first['rounds']} "
-        f"rounds, DP-SGD at ε = {first['sizes']['epsilon']:g}, δ = 1e-5 (σ derived per "
-        f"institution), batch 32, C = 1, lr {first['lr']:g} (the preset's) for every part. "
-        f"`ferry-cnn`: pretrained with `server.pretrain.pretrain` "
-        f"({first['sizes']['pretrain_examples']:,} source images, "
-        f"{first['sizes']['pretrain_epochs']} epochs); `vit_b_16`: random init at "
-        f"{first['sizes']['vit_size']}×{first['sizes']['vit_size']} (5 tokens). Step times: "
-        f"batch 32 on {first['sizes']['step_examples']:,} cached split-point activations, "
-        "median over timed steps after warm-up, non-private and Opacus per-example clipping "
-        "alternating step by step on copies of the same tail, 4 classes, 1 thread. Client round: "
-        "`client.dp_trainer.train_tail` as Ferry's client runs it (a fresh Opacus engine per "
-        "DP round; a bare linear head takes the vectorised `client.linear_dp` path instead "
-        "of Opacus), DP (σ = 1) vs non-private on the same activations, median of rounds "
-        f"({first['sizes']['step_examples']:,} examples; "
-        f"{first['sizes']['vit_round_examples']:,} for vit_b_16).",
-        "",
-        "| part | backbone (weights) | federation | federated accuracy (balanced) | max ε "
-        "| trained arrays per message | bytes per round after round 1 (all clients; per "
-        "client) | non-private step | Opacus DP step | DP − non-private | DP / non-private "
-        "step (target) | client round DP / non-private | run wall time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in measured:
-        eps = r["max_epsilon"]
-        target = f" (≤ {r['target_ratio']}×)" if r["target_ratio"] else ""
-        lines.append(
-            f"| {r['part']} | {r['backbone']} {r['input']} ({r['pretraining']}) | "
-            f"{r['clients']} clients, {r['examples']:,} examples | **{r['accuracy']:.3f}** "
-            f"({r['balanced_accuracy']:.3f}) | "
-            f"{eps:.3f} | {r['trained_bytes']:,} B ({r['params_trained']:,} params) | "
-            f"{r['bytes_per_round_after_1'] / 1e3:,.1f} kB; "
-            f"{r['bytes_per_round_per_client'] / 1e3:,.1f} kB | "
-            f"{r['nonprivate_step_ms']:.2f} ms | {r['dp_step_ms']:.2f} ms | "
-            f"{r['dp_step_ms'] - r['nonprivate_step_ms']:+.2f} ms | "
-            f"**{r['dp_ratio']:.2f}×**{target} | {r['client_ratio']:.2f}× "
-            f"({1e3 * r['client_dp_round_s']:,.1f} vs {1e3 * r['client_nonprivate_round_s']:,.1f}"
-            f" ms) | {r['run_wall_s']:.0f} s |"
-        )
-    return "\n".join(lines) + "\n\n" + interpret_federated(measured) + "\n"
-
-
-def interpret_federated(measured: list[dict]) -> str:
-    """Which step-cost target is met or missed, and why, in the table's own figures."""
-    parts = []
-    for r in measured:
-        if not r["target_ratio"]:
-            continue
-        met = r["dp_ratio"] <= r["target_ratio"]
-        extra = r["dp_step_ms"] - r["nonprivate_step_ms"]
-        if met:
-            parts.append(
-                f"{r['part']} meets ≤ {r['target_ratio']}× ({r['dp_ratio']:.2f}×): its "
-                f"{r['nonprivate_step_ms']:.0f} ms step dwarfs Opacus' {extra:+.2f} ms"
-            )
-        else:
-            why = (
-                "a roughly fixed cost (hooks, per-sample gradients, clipping, noise) that "
-                "a step this small cannot amortise"
-                if extra < 1.0
-                else "per-sample gradients of every trained array, clipping and noise"
-            )
-            parts.append(
-                f"{r['part']} misses ≤ {r['target_ratio']}× per Opacus step "
-                f"({r['dp_ratio']:.2f}×): Opacus adds {extra:.2f} ms to a "
-                f"{r['nonprivate_step_ms']:.2f} ms step, {why}"
-            )
-            if r["part"] == "head":
-                verdict = "meets" if r["client_ratio"] <= r["target_ratio"] else "misses"
-                parts[-1] += (
-                    f"; Ferry's client skips Opacus for a linear head (`client.linear_dp`) and "
-                    f"its round {verdict} it at {r['client_ratio']:.2f}×"
-                )
-    pretrained = [r for r in measured if r["pretraining"] != "random-init"]
-    best = max(pretrained or measured, key=lambda r: r["accuracy"] or 0.0)
-    text = "; ".join(parts) + ". " if parts else ""
-    text += (
-        f"Most accurate at this budget on a pretrained trunk: {best['part']} "
-        f"({best['accuracy']:.3f})"
-    )
-    randoms = [r["part"] for r in measured if r["pretraining"] == "random-init"]
-    if randoms:
-        text += (
-            f"; {', '.join(randoms)} ran on a random-init trunk, so its accuracy is near chance "
-            "(0.25) by construction: the row shows that it trains at this ε and what it costs"
-        )
-    sizes = sorted(measured, key=lambda r: r["trained_bytes"])
-    return text + (
-        f". Per message: {sizes[0]['trained_bytes']:,} B ({sizes[0]['part']}) to "
-        f"{sizes[-1]['trained_bytes']:,} B ({sizes[-1]['part']})."
-    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -5,13 +5,14 @@ pretraining source task (default), or a file or folder the operator names with `
 which must be public (tuning on it spends no privacy only because no one's privacy is in it).
 No institution's data is read, and nothing is sent anywhere.
 
-For each ε asked for, :func:`server.tuning.grid_search` trains federations of DP linear
-heads over K simulated institutions of that public data (the mechanism every Ferry client
-runs, at that ε and δ) and keeps the settings with the best mean held-out accuracy; the
-DP-aware rule (:mod:`common.training_defaults`) is scored on the same data for comparison.
+For each ε asked for, :func:`simulations.linear_federation.grid_search` trains federations
+of DP linear heads over K simulated institutions of that public data (the mechanism every
+Ferry client runs, at that ε and δ) and keeps the settings with the best mean held-out
+accuracy; the DP-aware rule (:mod:`common.training_defaults`) is scored on the same data for
+comparison.
 
-Output: ``DIR/tuning.json`` (:func:`server.tuning.read_tuning` describes it), merged into
-any existing record of the same backbone, one entry per ε. ``ferry simulate`` and ``ferry
+Output: ``DIR/tuning.json`` (:mod:`server.tuning` describes it), merged into any existing
+record of the same backbone, one entry per ε. ``ferry simulate`` and ``ferry
 server`` read it with :func:`server.tuning.load_tuned`; options given on their command line
 still win.
 """
@@ -24,21 +25,26 @@ import math
 import time
 from pathlib import Path
 
+from ferry.common.backbones.registry import backbone_spec
 from ferry.common.config import RunConfig
-from ferry.common.data.datasets import _split
+from ferry.common.data.datasets import DataSpec, _split, load_dataset
+from ferry.common.data.preprocess import preprocess
 from ferry.common.errors import FerryError
-from ferry.server import tuning
-from ferry.server.tuning import Privacy, TrainingSettings
+from ferry.common.metrics import headline_metric
+from ferry.common.scenarios import get_scenario, with_scenario_defaults
+from ferry.common.serialization import load_artifact
+from ferry.common.training_defaults import rule_batch_size, rule_schedule
+from ferry.server.tuning import epsilon_key, read_tuning, tuning_path, write_tuning
+from ferry.simulations import linear_federation as federation
+from ferry.simulations.linear_federation import Privacy, TrainingSettings
 
 # ``--quick``: four grid points, two seeds (a smoke test, or a first look).
 QUICK_GRID = {"batch_size": (64, 256), "schedules": ((5, 3),), "lr": (0.5, 2.0)}
 FULL_GRID = {
-    "batch_size": tuning.GRID_BATCH,
-    "schedules": tuning.GRID_SCHEDULE,
-    "lr": tuning.GRID_LR,
+    "batch_size": federation.GRID_BATCH,
+    "schedules": federation.GRID_SCHEDULE,
+    "lr": federation.GRID_LR,
 }
-DEFAULT_EPSILONS = "1,3,8"
-DEFAULT_CLIENTS = 5
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -96,12 +102,6 @@ def describe_data(cfg: RunConfig, split: str, records: int) -> dict:
 def _check_inputs(cfg: RunConfig, weights: str, epsilons: list[float], seed: int | None):
     """Everything that can be refused before any work: returns (artifact, cfg with the
     scenario's defaults and the public data's seed, split, splits, record)."""
-    from ferry.common.backbones.registry import backbone_spec
-    from ferry.common.data.datasets import DataSpec, load_dataset
-    from ferry.common.data.preprocess import preprocess
-    from ferry.common.scenarios import get_scenario, with_scenario_defaults
-    from ferry.common.serialization import load_artifact
-
     if not epsilons:
         raise FerryError("--epsilon names no ε: give a comma list, e.g. --epsilon 1,3,8")
     if weights in ("", "random"):
@@ -125,7 +125,7 @@ def _check_inputs(cfg: RunConfig, weights: str, epsilons: list[float], seed: int
     split = "target" if cfg.data else "source"
     cfg = with_scenario_defaults(cfg)
     if split == "source":
-        cfg = tuning.source_config(cfg)
+        cfg = federation.source_config(cfg)
     if seed is None:  # synthetic source records the backbone was not pretrained on
         pre = artifact.manifest.get("pretraining") or {}
         fresh = split == "source" and pretrained_on == cfg.scenario and "seed" in pre
@@ -160,7 +160,7 @@ def _check_inputs(cfg: RunConfig, weights: str, epsilons: list[float], seed: int
             "(each institution needs training records, and some must be held out): give "
             "fewer --clients or more public records (--examples)"
         )
-    record = tuning.read_tuning(weights, artifact.sha256)  # a foreign record fails here
+    record = read_tuning(weights, artifact.sha256)  # a foreign record fails here
     return artifact, cfg, split, splits, record
 
 
@@ -181,7 +181,7 @@ def tune(
     source records are not the ones it was fitted on."""
     artifact, cfg, split, splits, record = _check_inputs(cfg, weights, epsilons, seed)
     axes = QUICK_GRID if quick else FULL_GRID
-    points = tuning.grid(axes["batch_size"], axes["schedules"], axes["lr"])
+    points = federation.grid(axes["batch_size"], axes["schedules"], axes["lr"])
     repeats, top = (2, 2) if quick else (3, 4)
     where = cfg.data or f"the {cfg.scenario} synthetic source task (public)"
     log(
@@ -189,28 +189,30 @@ def tune(
         f"({', '.join(str(len(t)) for t, _ in splits)} training records), δ={cfg.delta:g}, "
         f"{len(points)} settings per ε; no institution's data is read, no privacy is spent"
     )
-    features = tuning.extract_features(cfg, artifact, log=log, split=split)
+    features = federation.extract_features(cfg, artifact, log=log, split=split)
     data = describe_data(cfg, split, len(features.y))
     weights_of = cfg.class_weights(features.num_classes, features.task)
+    metric = headline_metric(features.task)
     for eps in epsilons:
         started = time.perf_counter()
         privacy = Privacy(eps, cfg.delta, cfg.max_grad_norm)
-        found = tuning.grid_search(
+        found = federation.grid_search(
             features,
             splits,
             privacy,
             points,
+            metric=metric,
             repeats=repeats,
             top=top,
             log=log,
             class_weights=weights_of,
         )
         rule = _rule_metrics(features, splits, privacy, repeats, weights_of)
-        key = tuning.epsilon_key(eps)
+        key = epsilon_key(eps)
         replaced = key in record["entries"]
         record["entries"][key] = _entry(found, rule, cfg, data, splits, axes, repeats)
-        tuning.write_tuning(weights, record)  # after each ε: an interruption keeps the rest
-        best = found.best_metrics["accuracy"]
+        write_tuning(weights, record)  # after each ε: an interruption keeps the rest
+        best = found.best_metrics[metric]
         log(
             f"ε={eps:g}: best {found.best.label()} accuracy {best:.3f} ({repeats} seeds); "
             f"rule accuracy {rule['metrics']['accuracy']:.3f} "
@@ -218,7 +220,7 @@ def tune(
             + (f"; replaced the earlier ε={eps:g} entry" if replaced else "")
         )
     log(
-        f"wrote {tuning.tuning_path(weights)} (ε {', '.join(sorted(record['entries'], key=float))}"
+        f"wrote {tuning_path(weights)} (ε {', '.join(sorted(record['entries'], key=float))}"
         f"); `ferry simulate --weights {weights} --epsilon E` uses the entry for E"
     )
     return record
@@ -226,11 +228,9 @@ def tune(
 
 def _rule_metrics(features, splits, privacy: Privacy, repeats: int, class_weights) -> dict:
     """The DP-aware rule's settings at this ε and its mean metrics on the same data."""
-    from ferry.common.training_defaults import rule_batch_size, rule_schedule
-
     schedule = rule_schedule(RunConfig(epsilon=privacy.epsilon))
     settings = TrainingSettings(0, schedule.local_epochs, schedule.rounds, schedule.lr)
-    metrics = tuning.repeated(
+    metrics = federation.repeated(
         features,
         splits,
         settings,
@@ -242,7 +242,7 @@ def _rule_metrics(features, splits, privacy: Privacy, repeats: int, class_weight
     )
     return {
         "batch_size": [
-            tuning.batch_for(settings, len(t), rule_batch_size, features.head_size)
+            federation.batch_for(settings, len(t), rule_batch_size, features.head_size)
             for t, _ in splits
         ],
         "local_epochs": schedule.local_epochs,
@@ -255,7 +255,7 @@ def _rule_metrics(features, splits, privacy: Privacy, repeats: int, class_weight
 def _entry(found, rule: dict, cfg: RunConfig, data: dict, splits, axes, repeats: int) -> dict:
     return {
         **dataclasses.asdict(found.best),
-        "metric": "accuracy",
+        "metric": headline_metric("classification"),  # tuning covers classification only
         "metrics": found.best_metrics,
         "seeds": repeats,
         "rule": rule,

@@ -1,7 +1,9 @@
 """``ferry certs``: a federation's TLS CA, the server certificate, institutions' auth keys.
 
-Made with the ``cryptography`` package (no openssl binary). Layout of the output directory
-(made mode 0700; every private key mode 0600, written with those modes from the first byte):
+Issuing is the operator's (the server side's) job; the file names below are shared with the
+launchers that read them (:mod:`common.deploy.names`). Made with the ``cryptography`` package
+(no openssl binary). Layout of the output directory (made mode 0700; every private key mode
+0600, written with those modes from the first byte):
 
 ``ca.pem``                    the federation CA certificate. Public: every institution gets it
                               and verifies the server with it (``ferry client --root-cert``).
@@ -42,16 +44,22 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from ferry.common.atomic_files import write_atomic
+from ferry.common.deploy.names import (
+    CA_CERT,
+    CA_KEY,
+    INSTITUTIONS_DIR,
+    SERVER_CERT,
+    SERVER_KEY,
+    check_institution_name,
+)
+from ferry.common.deploy.tls import san_matches
 from ferry.common.errors import FerryError
 from ferry.common.private_files import private_dir, shared_dir_warning
 
-CA_CERT, CA_KEY = "ca.pem", "ca.key"
 MAX_DAYS = 36500  # 100 years; X.509 dates end in 9999 and no key should live that long
-SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
-INSTITUTIONS_DIR = "institutions"
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 AUTH_CURVE = ec.SECP384R1()  # Flower's SuperNode auth wants an EC key on a NIST curve
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass
@@ -63,15 +71,6 @@ class CertsReport:
     created: list[Path] = field(default_factory=list)
     kept: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-
-def check_institution_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise FerryError(
-            f"institution name {name!r} is invalid: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
 
 
 def _private_dir(path: Path, warnings: list[str] | None = None) -> Path:
@@ -117,8 +116,6 @@ def check_federation_name(name: str) -> str:
 
 def _missing_hosts(cert_path: Path, hosts: list[str]) -> list[str]:
     """The ``hosts`` that the existing certificate at ``cert_path`` is not valid for."""
-    from ferry.common.tls import _san_matches
-
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except (OSError, ValueError) as exc:
@@ -126,23 +123,14 @@ def _missing_hosts(cert_path: Path, hosts: list[str]) -> list[str]:
             f"cannot read the existing server certificate {cert_path} ({exc}): remove it and "
             "its server.key to issue a new one"
         ) from None
-    return [host for host in hosts if not _san_matches(cert, host)]
+    return [host for host in hosts if not san_matches(cert, host)]
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode`` from the first byte (O_EXCL: never overwrite)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Create ``path`` with ``mode`` from the first byte; an existing key is never replaced."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)  # fails if path exists: an existing key is never replaced
-        os.unlink(tmp)
+        write_atomic(path, data, mode=mode, exclusive=True)
     except FileExistsError:
-        os.unlink(tmp)
         raise FerryError(f"{path} already exists; not overwritten") from None
     except OSError as exc:
         raise FerryError(f"cannot write {path} ({exc.strerror})") from None

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from ferry.common.errors import FerryError
 from ferry.common.private_files import open_private, private_dir
 
 TAG_VAR = "FERRY_PROCESS_TAG"
@@ -166,8 +167,6 @@ class ChildProcess:
 
 def flower_bin(name: str) -> str:
     """A Flower executable from this Python's environment (else from PATH)."""
-    from ferry.common.errors import FerryError
-
     here = Path(sys.executable).parent / name
     found = str(here) if here.exists() else shutil.which(name)
     if not found:

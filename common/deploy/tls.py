@@ -6,7 +6,7 @@ is not a CA (or not signed by the given CA), a key that does not match, a privat
 others can read (the server's ``server.key`` as well as an institution's key), a server that
 does not prove its identity with the given CA.
 
-The CA's private key belongs offline, apart from the server's files (:mod:`common.certs`):
+The CA's private key belongs offline, apart from the server's files (:mod:`server.certs`):
 :func:`ca_key_warning` says when a ``ca.key`` sits beside ``server.key``.
 """
 
@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from ferry.common.deploy.names import CA_KEY
 from ferry.common.errors import FerryError
 
 NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
@@ -90,7 +91,8 @@ def check_ca_certificate(path: Path, what: str = "--root-cert") -> x509.Certific
     return cert
 
 
-def _san_matches(cert: x509.Certificate, host: str) -> bool:
+def san_matches(cert: x509.Certificate, host: str) -> bool:
+    """Whether ``cert``'s subject alternative names cover ``host`` (an IP or a DNS name)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -118,7 +120,7 @@ def _check_owner_only(path: Path, what: str, why: str) -> None:
 
 def ca_key_warning(server_key: Path) -> str | None:
     """A one-line warning when the CA's private key sits in the server key's directory."""
-    ca_key = Path(server_key).parent / "ca.key"
+    ca_key = Path(server_key).parent / CA_KEY
     if not ca_key.exists():
         return None
     return (
@@ -153,7 +155,7 @@ def check_server_certificate(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ):
         raise FerryError(f"server key {key_path} does not match server certificate {cert_path}")
-    if not _san_matches(cert, local_host):
+    if not san_matches(cert, local_host):
         raise FerryError(
             f"server certificate {cert_path} is not valid for {local_host}, the address the "
             "SuperLink's own processes connect to: make it with "
