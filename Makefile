@@ -26,7 +26,7 @@ nginx:
 		(echo "nginx is not installed: apt-get install nginx (as root)" >&2; exit 1)
 
 test: $(STAMP) nginx
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 # The tests not marked `slow` (no Ray start-up, no real deployment); every module is imported.
 test-fast: $(STAMP) nginx
