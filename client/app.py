@@ -26,13 +26,14 @@ import traceback
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
 from ferry.client import institution_settings, runtime
 from ferry.common.errors import FerryError
 from ferry.common.messages import EvaluationReply, Refusal, TrainRequest
 from ferry.common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
 from ferry.common.train_reply import ModelUpdate, PrivacyReply, TrainReply
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
 
 app = ClientApp()
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from torch import nn
+
 from ferry.common.errors import FerryError
 from ferry.common.private_files import private_dir
 from ferry.common.serialization import (
@@ -25,7 +27,6 @@ from ferry.common.serialization import (
     save_artifact,
     verify,
 )
-from torch import nn
 
 _LOADED: dict[tuple[str, str], tuple[BackboneArtifact, nn.Module]] = {}
 

@@ -29,7 +29,6 @@ import os
 import sys
 from logging import ERROR
 
-from ferry.client.bundle_check import BundleRefused, check_bundle
 from flwr.app import Message
 from flwr.app.error import Error
 from flwr.common.constant import ErrorCode, SubStatus
@@ -46,6 +45,8 @@ from flwr.supernode.runtime.run_clientapp import (
     push_message,
     push_task_output,
 )
+
+from ferry.client.bundle_check import BundleRefused, check_bundle
 
 TOKEN_VAR = "FERRY_TASK_TOKEN"
 

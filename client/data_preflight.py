@@ -75,8 +75,9 @@ def check_data(path: Path) -> tuple[list[str], int]:
     """(class names, image count) of an image folder (pictures or DICOM files, as
     :mod:`common.data.image_folder` reads them), opening one image per class; for a table
     file, ([], row count)."""
-    from ferry.common.data.dicom import is_dicom, read_dicom
     from PIL import Image, UnidentifiedImageError
+
+    from ferry.common.data.dicom import is_dicom, read_dicom
 
     if path.is_file():
         return [], check_table(path)

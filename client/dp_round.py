@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from ferry.common.errors import FerryError
 from ferry.common.privacy.accounting import MechanismSegment
 

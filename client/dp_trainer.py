@@ -61,6 +61,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
 from ferry.client import dp_randomness
 from ferry.client.activation_batches import (
     ActivationRows,
@@ -87,8 +90,6 @@ from ferry.common.errors import FerryError
 from ferry.common.privacy.accounting import MechanismSegment
 from ferry.common.trainable import set_train_mode, trainable_state
 from ferry.common.training_defaults import round_plan
-from torch import nn
-from torch.utils.data import DataLoader
 
 TASKS = ("classification", "regression")
 

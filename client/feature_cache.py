@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
 from ferry.common.atomic_files import atomic_path
 from ferry.common.data.preprocess import check_preprocessing, preprocess
 from ferry.common.private_files import PRIVATE_FILE, private_dir
-from torch import nn
 
 MMAP_BYTES = 64 * 2**20
 _MEMORY: dict[str, dict[str, np.ndarray]] = {}

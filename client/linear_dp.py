@@ -37,9 +37,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+
 from ferry.client import dp_randomness
 from ferry.common.privacy.accounting import MechanismSegment
-from torch import nn
 
 NOISE_BLOCK = 1 << 22  # noise values drawn per call (16 MiB of float32, twice: secure sum)
 MASK_BLOCK = 1 << 24  # Poisson draws per call (64 MiB of float32): memory bounded for any round

@@ -14,8 +14,9 @@ are stated in :mod:`client.dp_trainer`.
 from __future__ import annotations
 
 import torch
-from ferry.common.errors import FerryError
 from torch import nn
+
+from ferry.common.errors import FerryError
 
 
 def finite_rows(t: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from ferry.common.atomic_files import write_atomic
 from ferry.common.errors import FerryError
 from ferry.common.privacy.report import (

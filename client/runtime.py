@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ferry.client.backbone_cache import BackboneCache
 from ferry.client.budget_guard import (
     BudgetExceeded,

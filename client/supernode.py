@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from ferry.client.data_preflight import check_data
 from ferry.client.held_out import check_test_fraction, pin_data_settings, pin_split
 from ferry.common.deploy.child_processes import (

@@ -40,13 +40,14 @@ import sys
 import threading
 import time
 
-from ferry.client.checked_clientapp import TOKEN_VAR
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
 from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
+
+from ferry.client.checked_clientapp import TOKEN_VAR
 
 POLL_SECONDS = 0.5
 MAX_TASKS = 2  # checked ClientApps running at once (Flower's own executor has no limit)

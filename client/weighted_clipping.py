@@ -13,6 +13,7 @@ Opacus' own sum, so the copy cannot drift from the library unnoticed.
 from __future__ import annotations
 
 import torch
+
 from ferry.common.errors import FerryError
 
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 
 import torch
-from ferry.common.errors import FerryError
 from torch import nn
 from torch.nn import functional as F
+
+from ferry.common.errors import FerryError
 
 
 class LoRALinear(nn.Module):

@@ -189,7 +189,7 @@ class RunConfig:
             raise bad("cpus_per_client", self.cpus_per_client, "use a positive number of CPUs")
         if not 0 <= self.gpus_per_client <= _LIMITS["gpus_per_client"]:
             raise bad("gpus_per_client", self.gpus_per_client, "use 0 or a (fraction of a) GPU")
-        from ferry.common.trainable import TRAINABLE_PARTS
+        from ferry.common.trainable import TRAINABLE_PARTS  # torch: not for `ferry --help`
 
         if self.trainable not in TRAINABLE_PARTS:
             raise bad("trainable", self.trainable, f"choose one of {', '.join(TRAINABLE_PARTS)}")
@@ -336,7 +336,7 @@ def read_toml(path: str | os.PathLike) -> dict:
 
 
 def _is_date(text: str) -> bool:
-    import numpy as np
+    import numpy as np  # only for the config keys that hold dates; `ferry --help` skips it
 
     try:
         np.datetime64(text.strip(), "D")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ferry.common.errors import FerryError
 from torch import nn
+
+from ferry.common.errors import FerryError
 
 _HEADS: dict[str, Callable[[int, int], nn.Module]] = {
     "linear": lambda d, k: nn.Linear(d, k),

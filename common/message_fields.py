@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from ferry.common.errors import FerryError
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from ferry.common.errors import FerryError
 
 MAX_TEXT = 256  # an institution's name, a run id, an accountant, a hash
 MAX_REASON = 2_000  # a refusal's reason

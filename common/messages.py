@@ -33,6 +33,8 @@ import math
 from dataclasses import dataclass, fields
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
 from ferry.common.config import RunConfig
 from ferry.common.errors import FerryError
 from ferry.common.evaluation_statistics import (
@@ -56,7 +58,6 @@ from ferry.common.message_fields import (
     record,
     text,
 )
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 MAX_ROUND = 1_000_000_000
 MAX_CLASSES = 100_000

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from ferry.common.evaluation_statistics import (
     EvaluationStatistics,
     RegressionStatistics,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from ferry.common.backbones.registry import backbone_spec
 from ferry.common.config import RunConfig
 from ferry.common.serialization import BackboneArtifact, instantiate

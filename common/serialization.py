@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
 from ferry.common.atomic_files import atomic_path, write_atomic
 from ferry.common.backbones.registry import backbone_spec
 from ferry.common.errors import FerryError
-from torch import nn
 
 FORMAT = "ferry-backbone/1"
 WEIGHTS_FILE = "backbone.safetensors"

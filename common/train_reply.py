@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
 from ferry.common.message_fields import (
     MAX_EXAMPLES,
     MAX_KEYS,
@@ -51,7 +53,6 @@ from ferry.common.privacy.report import (
     SignedReport,
 )
 from ferry.common.training_defaults import batch_size_for, trainable_size
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 MAX_NOISE = 1e6  # as RunConfig.validate bounds a given sigma
 BUDGET_LEFT = "budget-left-for-another-round"  # the report's extra: may it be asked again

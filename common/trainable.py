@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
+
 from ferry.common.adapters import (
     ConvAdapter,
     DPAttention,
@@ -48,7 +50,6 @@ from ferry.common.adapters import (
 from ferry.common.backbones.registry import BackboneSpec
 from ferry.common.errors import FerryError
 from ferry.common.heads import build_head
-from torch import nn
 
 TRAINABLE_PARTS = ("head", "lora", "conv-adapter", "last-block")
 HEAD_NAME = "output"

@@ -37,6 +37,8 @@ import math
 
 from ferry.common.config import RunConfig
 from ferry.common.errors import FerryError
+from ferry.common.privacy.accounting import UnreachableTarget, noise_multiplier_for_target
+from ferry.common.scenarios import get_scenario
 
 # Fitted constants (see the module docstring).
 BATCH_PER_SQRT_PARAMS = 5.0
@@ -66,8 +68,6 @@ def rule_schedule(cfg: RunConfig) -> Schedule:
     """Local epochs, rounds and learning rate for ``cfg``'s privacy (and task)."""
     lr = NON_PRIVATE_LR if cfg.non_private else min(MAX_LR, LR_PER_EPSILON * cfg.epsilon)
     if cfg.task == "regression":  # squared errors: the preset's own step size
-        from ferry.common.scenarios import get_scenario
-
         lr = get_scenario(cfg.scenario).lr
     return Schedule(local_epochs=LOCAL_EPOCHS, rounds=ROUNDS, lr=lr)
 
@@ -163,8 +163,6 @@ def check_feasible(cfg: RunConfig, sizes: list[int], params: int) -> None:
     institution (no sampling left to amplify privacy), or an ε that needs more noise than the
     accountant's range at the smallest or the largest institution. Checked before any work;
     a deployed institution checks its own n the same way before it spends anything."""
-    from ferry.common.privacy.accounting import UnreachableTarget, noise_multiplier_for_target
-
     if cfg.batch_size is not None and cfg.batch_size > min(sizes):
         raise FerryError(
             f"--batch-size {cfg.batch_size} is larger than the smallest institution "

@@ -43,9 +43,6 @@ clear), ``combine`` (an :class:`Aggregator`; by default :class:`BoundedAggregato
 bound and a rule registered with :func:`register_rule`) and ``after`` (server-side
 :class:`PostAggregationStep` s on the result, such as central DP noise, each adding its
 own ledger entry to ``post``).
-
-The old :func:`aggregate` (rule name, ``[(arrays, weight)]``) is plain, unbounded FedAvg;
-it stays for callers that average trusted arrays.
 """
 
 from __future__ import annotations
@@ -56,13 +53,14 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
-from ferry.common.config import ASSUMED_HOSTILE, RunConfig, updates_needed
-from ferry.common.evaluation_statistics import EvaluationStatistics, scale_statistics
 from flwr.server.strategy.aggregate import (
     aggregate_krum,
     aggregate_median,
     aggregate_trimmed_avg,
 )
+
+from ferry.common.config import ASSUMED_HOSTILE, RunConfig, updates_needed
+from ferry.common.evaluation_statistics import EvaluationStatistics, scale_statistics
 
 Arrays = dict[str, np.ndarray]
 Update = tuple[str, Arrays, float]  # (institution, arrays, claimed example count)
@@ -356,22 +354,3 @@ class RoundAggregation:
         for step in self.after:
             result = step(result, rnd)
         return result
-
-
-# ------------------------------------------------------------------ plain, unbounded FedAvg
-
-
-def aggregate(name: str, updates: Sequence[tuple[Arrays, float]]) -> Arrays:
-    """Unbounded example-weighted mean of trusted ``[(arrays, weight)]`` (only ``fedavg``);
-    rounds use :func:`aggregate_updates`."""
-    if not updates:
-        raise ValueError("nothing to aggregate")
-    if name != "fedavg":
-        raise ValueError(f"aggregate() is plain FedAvg; use aggregate_updates for {name!r}")
-    total = float(sum(w for _, w in updates))
-    return {
-        k: (sum(a[k].astype(np.float64) * w for a, w in updates) / total).astype(
-            updates[0][0][k].dtype
-        )
-        for k in updates[0][0]
-    }

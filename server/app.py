@@ -9,11 +9,12 @@ simulation's plan is :mod:`server.simulation_plan`);
 
 from __future__ import annotations
 
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
 from ferry.server.deployment import is_deployment, plan_deployment
 from ferry.server.federation import FederationPlan, run_federation
 from ferry.server.simulation_plan import plan_simulation
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
 
 app = ServerApp()
 UNSET = ""  # a [tool.flwr.app.config] value left to the scenario's preset or the rule

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from ferry.common.privacy.report import (
     RECEIPTS_FILE,
     PrivacyReport,

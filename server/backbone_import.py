@@ -33,11 +33,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from ferry.common.backbones.origins import Origin, image_preprocessing, key_map, origin_of
 from ferry.common.backbones.registry import backbone_spec
 from ferry.common.errors import FerryError
 from ferry.common.serialization import BackboneArtifact, make_artifact, save_artifact
-from torch import nn
 
 _HUB_HASH = re.compile(r"-([a-f0-9]{8,})\.")  # torch hub: <name>-<sha256 prefix>.<ext>
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from ferry.common.atomic_files import write_atomic
 from ferry.common.errors import FerryError
 from ferry.server.ledger import LEDGER_FILE, line_hash

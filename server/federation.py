@@ -25,6 +25,8 @@ import time
 from collections.abc import Collection
 
 import numpy as np
+from flwr.serverapp import Grid
+
 from ferry.common.errors import FerryError
 from ferry.common.messages import run_record
 from ferry.common.model import initial_trainable_arrays, out_dim
@@ -50,7 +52,6 @@ from ferry.server.rounds import (
     sample_nodes,
     train_round,
 )
-from flwr.serverapp import Grid
 
 __all__ = ["FederationPlan", "FederationState", "run_federation", "wait_for_nodes"]
 

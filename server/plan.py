@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from ferry.common.config import RunConfig
 from ferry.common.serialization import BackboneArtifact
 from ferry.common.training_defaults import resolve_schedule

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
 from ferry.common.backbones.registry import backbone_spec, build_backbone
 from ferry.common.data.dataset import Dataset
 from ferry.common.data.datasets import DataSpec, load_dataset
@@ -38,7 +40,6 @@ from ferry.common.serialization import (
     make_artifact,
     save_artifact,
 )
-from torch import nn
 
 MAX_EPOCHS = 10_000
 MAX_EXAMPLES = 10_000_000

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+
 from ferry.common.deploy.child_processes import ChildProcess
 from ferry.common.deploy.tls import load_certificate
 from ferry.common.errors import FerryError

@@ -23,6 +23,9 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
 from ferry.common.evaluation_statistics import pool_statistics
 from ferry.common.messages import (
     EvaluationReply,
@@ -43,8 +46,6 @@ from ferry.server.aggregation import (
 from ferry.server.client_reports import ledger_trained, update_client_summary
 from ferry.server.exchange import Traffic, array_record, exchange
 from ferry.server.plan import FederationPlan, FederationState
-from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
 
 
 def _problem(reply: Message, *records: str) -> str | None:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from ferry.common.backbones.registry import backbone_spec
 from ferry.common.config import RunConfig
 from ferry.common.data.datasets import DataSpec, load_dataset, partition_sizes

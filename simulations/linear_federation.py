@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from ferry.client.linear_dp import train_linear
 from ferry.common.config import RunConfig
 from ferry.common.data.datasets import DataSpec, _split, load_dataset

@@ -17,6 +17,7 @@ from ferry.common.config import RunConfig
 from ferry.common.errors import FerryError
 from ferry.common.scenarios import get_scenario
 from ferry.server.app import build_server_app
+from ferry.server.federation import FederationPlan
 from ferry.server.outputs import FINAL_METRICS
 from ferry.server.simulation_plan import plan_simulation
 
@@ -40,6 +41,22 @@ def backend_config(cfg: RunConfig) -> dict:
     }
 
 
+def run_on_ray(plan: FederationPlan, client_app) -> None:
+    """Run ``plan``'s federation to its end under Flower's Simulation Engine (Ray): Ferry's
+    ServerApp, ``client_app`` on each of ``plan.cfg.clients`` virtual SuperNodes. The one
+    step of :func:`simulate` that needs Ray (tests whose point is not Ray replace it)."""
+    from flwr.simulation import run_simulation  # Ray: heavy, loaded only when one runs
+
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    run_simulation(
+        server_app=build_server_app(plan),
+        client_app=client_app,
+        num_supernodes=plan.cfg.clients,
+        backend_config=backend_config(plan.cfg),
+    )
+
+
 def simulate(cfg: RunConfig, log=print, client_app=None) -> dict:
     """Run a simulation to the end; return its summary (also in ``<out>/summary.json``).
 
@@ -61,18 +78,7 @@ def simulate(cfg: RunConfig, log=print, client_app=None) -> dict:
         f"backbone {plan.artifact.manifest['architecture']} {plan.artifact.sha256[:12]} "
         f"({pre.get('kind', '?')}), trains {_trained_part(cfg)}, outputs in {plan.out}/"
     )
-    from flwr.simulation import run_simulation  # Ray: heavy, loaded only when one runs
-
-    if client_app is None:
-        client_app = ferry_client_app
-    for name in ("flwr", "ray"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    run_simulation(
-        server_app=build_server_app(plan),
-        client_app=client_app,
-        num_supernodes=cfg.clients,
-        backend_config=backend_config(cfg),
-    )
+    run_on_ray(plan, ferry_client_app if client_app is None else client_app)
     summary_path = plan.out / "summary.json"
     if not summary_path.exists():
         raise FerryError(f"the simulation ended without a summary; see {plan.out}/metrics.jsonl")

@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
-import ferry.client.app as client_app
-import ferry.server.exchange as exchange
 import pytest
-from ferry.common.config import RunConfig
-from ferry.server.federation import run_federation
-from ferry.server.simulation_plan import plan_simulation
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
+
+import ferry.client.app as client_app
+import ferry.server.exchange as exchange
+from ferry.common.config import RunConfig
+from ferry.server.federation import FederationPlan, run_federation
+from ferry.server.simulation_plan import plan_simulation
 
 NODES = [2**63 + 11, 2**63 + 22, 2**63 + 33]  # 64-bit ids, as Flower's
 HANDLERS = {
@@ -101,12 +103,40 @@ def act_as_server_app(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(exchange, "POLL_SECONDS", 0.01)
 
 
-def simulate_in_process(cfg: RunConfig) -> dict:
-    """Run ``cfg`` as ``ferry simulate`` would, its ``cfg.clients`` institutions in this
-    process; return the run's ``summary.json``."""
-    plan = plan_simulation(cfg, log=lambda _: None)
+def grid_plan(
+    cfg: RunConfig, artifact, cache_root, run_id: str = "run", round_timeout: float = 5.0, **changes
+) -> FederationPlan:
+    """The plan of a federation over a grid of this module: outputs in ``cfg.out`` (created),
+    client state under it, client caches under ``cache_root``, no output on the console."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return FederationPlan(
+        cfg=cfg,
+        artifact=artifact,
+        num_classes=4,
+        out=out,
+        client_state_root=out / "clients",
+        client_cache_root=cache_root,
+        run_id=run_id,
+        round_timeout=round_timeout,
+        connect_timeout=1.0,
+        log=lambda _: None,
+        **changes,
+    )
+
+
+def run_in_process(plan: FederationPlan, client_app=None) -> None:
+    """A stand-in for :func:`ferry.simulations.runner.run_on_ray`: the same plan and round
+    loop, every institution answering in this process with Ferry's ClientApp handlers."""
     nodes = [2**63 + 1000 + i for i in range(plan.cfg.clients)]
     with pytest.MonkeyPatch.context() as mp:
         act_as_server_app(mp)
         run_federation(FakeGrid(nodes=nodes), plan)
+
+
+def simulate_in_process(cfg: RunConfig) -> dict:
+    """Run ``cfg`` as ``ferry simulate`` would, its ``cfg.clients`` institutions in this
+    process; return the run's ``summary.json``."""
+    plan = plan_simulation(cfg, log=lambda _: None)
+    run_in_process(plan)
     return json.loads((plan.out / "summary.json").read_text())

@@ -4,7 +4,7 @@ Nine honest institutions move the head the same way (plus a little noise); one h
 institution claims 1e12 examples, scales its update by 1e30, or flips it and scales it by
 1e3 while claiming 1e12. Under every rule the aggregate stays within a fraction of one
 honest step of the honest institutions' own FedAvg; on main before bounded influence the
-server's FedAvg (``aggregate("fedavg", ...)``, what rounds.py called) let the hostile
+server's plain FedAvg (what rounds.py called; ``reference_fedavg.fedavg`` here) let the hostile
 institution set the head.
 """
 
@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 import pytest
+
 from ferry.common import config as run_config
 from ferry.common import evaluation_statistics
 from ferry.common.config import RunConfig
@@ -27,7 +28,8 @@ from ferry.common.evaluation_statistics import (
 )
 from ferry.common.metrics import metrics_from_statistics
 from ferry.server import aggregation
-from ferry.server.aggregation import aggregate
+
+from reference_fedavg import fedavg
 
 HONEST = 9
 SHAPES = {"head.weight": (5, 10), "head.bias": (5,)}
@@ -84,7 +86,7 @@ def _server_aggregate(current, updates, rule: str) -> dict[str, np.ndarray]:
     if not hasattr(aggregation, "aggregate_updates"):
         if rule not in ("default", "fedavg"):
             pytest.fail(f"the server has no {rule} rule")
-        return aggregate("fedavg", [(arrays, count) for _, arrays, count in updates])
+        return fedavg([(arrays, count) for _, arrays, count in updates])
     policy = (
         aggregation.AggregationPolicy()
         if rule == "default"
@@ -104,7 +106,7 @@ ATTACKS = {
 @pytest.mark.parametrize("rule", RULES)
 def test_one_hostile_institution_cannot_move_the_aggregate_beyond_a_bounded_step(rule, attack):
     current, honest = _current(), _honest()
-    reference = aggregate("fedavg", [(arrays, count) for _, arrays, count in honest])
+    reference = fedavg([(arrays, count) for _, arrays, count in honest])
     scale, count = ATTACKS[attack]
 
     result = _server_aggregate(current, [*honest, _hostile(scale, count)], rule)
@@ -135,7 +137,7 @@ def test_bounded_fedavg_limits_the_hostile_share_to_the_cap_and_its_change_to_th
     # The bound is twice the median change norm of the round (an honest one, about 1).
     assert 1.9 < result.norm_bound < 2.1
     # Worst case of the bound: the hostile share times (bound + the honest step).
-    reference = aggregate("fedavg", [(a, c) for _, a, c in honest])
+    reference = fedavg([(a, c) for _, a, c in honest])
     worst = result.weights["mallory"] * (result.norm_bound + 1.1)
     assert _distance(result.arrays, reference) <= worst
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from ferry.common.config import RunConfig
 from ferry.server import aggregation
 from ferry.server.aggregation import (
@@ -25,7 +26,8 @@ from ferry.server.aggregation import (
 from ferry.server.checkpoint import load_checkpoint
 from ferry.server.federation import FederationPlan, run_federation
 from ferry.server.ledger import read_ledger
-from inprocess_grid import FakeGrid, act_as_server_app
+
+from inprocess_grid import FakeGrid, act_as_server_app, grid_plan
 
 
 @pytest.fixture(autouse=True)
@@ -43,20 +45,8 @@ def _plan(tmp_path: Path, artifact, **changes) -> FederationPlan:
     run = RunConfig(
         examples=600, clients=3, rounds=2, min_clients=2, noise_multiplier=1.5, epsilon=30.0
     )
-    out = tmp_path / "run"
-    out.mkdir()
-    return FederationPlan(
-        cfg=dataclasses.replace(run, out=str(out)),
-        artifact=artifact,
-        num_classes=4,
-        out=out,
-        client_state_root=out / "clients",
-        client_cache_root=tmp_path / "cache",
-        run_id="run",
-        round_timeout=5.0,
-        connect_timeout=1.0,
-        log=lambda _: None,
-        **changes,
+    return grid_plan(
+        dataclasses.replace(run, out=str(tmp_path / "run")), artifact, tmp_path / "cache", **changes
     )
 
 

@@ -14,6 +14,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from ferry.common import atomic_files
 from ferry.common.atomic_files import atomic_path, write_atomic
 

@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+
 from ferry.client import institution_settings, runtime
 from ferry.client.backbone_cache import BackboneCache
 from ferry.client.budget_guard import Budget, BudgetExceeded, check_round

@@ -20,14 +20,14 @@ import flwr.simulation
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+from ferry.cli import main
 from ferry.client import runtime
 from ferry.client.linear_dp import exact_clipped_sum
 from ferry.client.privacy_state import STATE_FILE
 from ferry.common.config import RunConfig
 from ferry.common.errors import FerryError
-from torch import nn
-
-from ferry.cli import main
 from tests.test_attack_operator_config import _head, _one_line, _request, _settings
 
 C = 0.5

@@ -31,13 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from ferry.common.data.synthetic import class_names, make_images
 from ferry.common.deploy.child_processes import ChildProcess, flower_bin, tagged_pids
 from ferry.common.serialization import save_artifact
 from ferry.server.pretrain import random_artifact
 from ferry.server.server_settings import load_server_config
 from ferry.server.superlink import write_app
-from PIL import Image
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import ferry.client.backbone_cache as bc
 import numpy as np
 import pandas as pd
 import pytest
+
+import ferry.client.backbone_cache as bc
 from ferry.client.budget_guard import Budget
 from ferry.client.held_out import pin_split
 from ferry.client.institution_settings import ClientSettings

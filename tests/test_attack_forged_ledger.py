@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from test_audit import BATCH, DELTA, ROUNDS, ferry_audit, signed_by_client, write_run
+
 from ferry.common.privacy.accounting import MechanismSegment, epsilon_for_history
 from ferry.common.privacy.dp_events import event_to_json, segment_event
 from ferry.common.privacy.report import (
@@ -31,7 +33,6 @@ from ferry.common.privacy.report import (
 )
 from ferry.server import audit
 from ferry.server.ledger import HEAD_FILE, LEDGER_FILE, Ledger, read_ledger
-from test_audit import BATCH, DELTA, ROUNDS, ferry_audit, signed_by_client, write_run
 
 # What a PASS must say it did not check (the README quotes these lines).
 NO_RECEIPTS = (
@@ -598,9 +599,12 @@ def test_replay_of_extreme_mechanisms_is_a_failure_value_not_an_exception() -> N
 
 
 @pytest.mark.slow
-def test_honest_small_simulation_audits_clean_with_its_own_keys(tmp_path: Path, capsys) -> None:
+def test_honest_small_simulation_audits_clean_with_its_own_keys(
+    tmp_path: Path, capsys, without_ray
+) -> None:
     """`ferry simulate` then `ferry audit RUN`: each virtual institution signed with the key
-    in its state directory, the audit finds those keys and the receipts match the ledger."""
+    in its state directory, the audit finds those keys and the receipts match the ledger
+    (the federation runs in this process: the point is the keys, not Ray)."""
     from ferry.cli import main
 
     run = tmp_path / "run"

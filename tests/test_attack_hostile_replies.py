@@ -21,11 +21,11 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
+
 from ferry.server.checkpoint import load_checkpoint
 from ferry.server.federation import run_federation
 from ferry.server.ledger import read_ledger
-from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
-
 from tests import test_deploy_federation as deployed
 from tests.test_deploy_federation import NODES, FakeGrid
 

@@ -19,13 +19,13 @@ import json
 
 import numpy as np
 import pytest
+
 from ferry.client.receipts import signing_key
 from ferry.common.privacy.report import PrivacyReport, sign
 from ferry.server.audit import audit_ledger
 from ferry.server.checkpoint import load_checkpoint
 from ferry.server.federation import run_federation
 from ferry.server.ledger import read_ledger
-
 from tests import test_deploy_federation as deployed
 from tests.test_attack_hostile_replies import HOSTILE, HostileGrid, _honest_fedavg
 from tests.test_deploy_federation import NODES, FakeGrid

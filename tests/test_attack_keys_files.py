@@ -21,9 +21,11 @@ import socket
 import stat
 from pathlib import Path
 
-import ferry.common.deploy.child_processes as child_processes
 import numpy as np
 import pytest
+
+import ferry.common.deploy.child_processes as child_processes
+from ferry.cli import main
 from ferry.client.backbone_cache import BackboneCache
 from ferry.client.feature_cache import FeatureCache, feature_key
 from ferry.client.held_out import pin_data_settings, pin_split
@@ -34,8 +36,6 @@ from ferry.common.privacy.accounting import MechanismSegment
 from ferry.common.serialization import instantiate, save_artifact
 from ferry.server.certs import make_certs
 from ferry.server.server_settings import load_server_config
-
-from ferry.cli import main
 
 
 @pytest.fixture(autouse=True)

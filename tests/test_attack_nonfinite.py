@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from ferry.client import dp_randomness
 from ferry.client.dp_trainer import DPTrainConfig, train_tail
 from ferry.common.heads import build_head

@@ -19,12 +19,13 @@ import opacus.optimizers.optimizer as opacus_optimizer
 import opacus.optimizers.optimizer_fast_gradient_clipping as opacus_ghost
 import pytest
 import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
 from ferry.client import dp_randomness, institution_settings, runtime
 from ferry.client.dp_trainer import DPTrainConfig, train_tail
 from ferry.common.config import RunConfig
 from ferry.common.training_defaults import round_plan
-from torch import nn
-from torch.func import functional_call, grad, vmap
 
 SIGMA, CLIP, LR = 1.0, 0.5, 0.1
 

@@ -13,8 +13,11 @@ institutions, all on 127.0.0.1), it points Flower's own tools at the public addr
   ``/openapi.json``, path tricks (``..``, ``%2e%2e``, double slashes) and other methods on
   Fleet routes.
 
-Every attempt fails, the Ferry run finishes both rounds with exactly the honest institutions,
-and the operator's own (loopback) view shows one run and the registered nodes only.
+Every attempt fails, the Ferry run finishes its round with exactly the honest institutions,
+and the operator's own (loopback) view shows one run and the registered nodes only. The run
+needs both honest institutions (``min-clients = 2``) and the second joins only after the
+outsider's last attempt, so every attempt is made while the run is live, however slow the
+machine.
 """
 
 from __future__ import annotations
@@ -31,21 +34,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from ferry.common.data.synthetic import class_names, make_images
 from ferry.common.deploy.child_processes import flower_bin
 from ferry.common.serialization import save_artifact
 from ferry.server.certs import make_auth_key_pair, make_certs
 from ferry.server.ledger import read_ledger
 from ferry.server.pretrain import random_artifact
-from PIL import Image
-
 from tests.test_deploy import Processes, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
 HONEST = ("hospital-a", "hospital-b")
 FERRY = [sys.executable, "-m", "ferry.cli"]
-ROUNDS = 2
+ROUNDS = 1
 
 # (method, raw path) sent as-is by the outsider; each must be answered 404 (nothing behind it).
 RAW_REQUESTS = [
@@ -188,7 +191,7 @@ rounds = {ROUNDS}
 min-clients = 2
 num-classes = 4
 round-timeout = 60
-connect-timeout = 120
+connect-timeout = 300
 weights = "{root / "backbone"}"
 noise-multiplier = 1.5
 epsilon = 30.0
@@ -235,8 +238,8 @@ def attack(world) -> dict:
         )
         assert server.poll() is None, server.log_tail(40)
         certs = world["certs"] / "institutions"
-        for inst in HONEST:
-            procs.start(inst, _client(world, inst, port, certs / f"{inst}.key", "clients"))
+        first, second = HONEST
+        procs.start(first, _client(world, first, port, certs / f"{first}.key", "clients"))
 
         def live_run() -> str | None:
             parsed, _ = _flwr(operator, env, "list", "ferry")
@@ -280,6 +283,7 @@ def attack(world) -> dict:
         operator_view = _flwr(operator, env, "list", "ferry")[0] or {}
         result["operator_runs"] = [str(r["run-id"]) for r in operator_view.get("runs", [])]
         result["attacked"] = time.monotonic() - t0
+        procs.start(second, _client(world, second, port, certs / f"{second}.key", "clients"))
         for name, child in (("own_supernode", own), ("named_client", named)):
             result[name] = {"code": procs.wait(child, 120), "log": child.log_path.read_text()}
         result["outsiders_done"] = time.monotonic() - t0

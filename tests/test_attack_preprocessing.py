@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from ferry.client import runtime
 from ferry.client.backbone_cache import BackboneCache
 from ferry.client.institution_settings import ClientSettings
@@ -195,6 +196,7 @@ def test_one_record_added_or_removed_leaves_other_records_features_and_gradients
 
 def _table_file(scenario: str, path: Path, change: str) -> Path:
     import pandas as pd
+
     from ferry.common.data import synthetic_records
 
     make, drop, label, _ = TABLE_FILES[scenario]
@@ -218,6 +220,7 @@ def _price_file(path: Path, change: str) -> Path:
     """A deployed bank's price file; ``add``: one more (hostile) day at the end of the first
     ticker (one more window); ``remove``: its first day gone (its oldest window gone)."""
     import pandas as pd
+
     from ferry.common.data import synthetic_records
 
     frame = synthetic_records.make_prices(PRICE_DAYS, 3, 0, "target")
@@ -313,6 +316,7 @@ def _only_the_data_settings_pin(state_dir: Path) -> bool:
 
 def _molecule_file(path: Path, extra_label: str = "", drop_extra: bool = False) -> Path:
     import pandas as pd
+
     from ferry.common.data import synthetic_records
 
     frame = synthetic_records.make_molecules(EXAMPLES, 0, "target")

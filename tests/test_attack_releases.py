@@ -14,17 +14,18 @@ import json
 import math
 import uuid
 
-import ferry.client.app as client_app
-import ferry.server.exchange as exchange
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from sklearn import metrics as skm
+
+import ferry.client.app as client_app
+import ferry.server.exchange as exchange
 from ferry.client import institution_settings, runtime
 from ferry.client.backbone_cache import BackboneCache
 from ferry.common.config import RunConfig
 from ferry.common.heads import build_head
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from sklearn import metrics as skm
 
 PARTITIONS = 3
 
@@ -160,10 +161,11 @@ class InProcessGrid:
 @pytest.fixture
 def federation(tmp_path, artifact):
     """One round over three institutions; the run's outputs and the plan."""
-    from ferry.server.federation import FederationPlan, run_federation
+    from ferry.server.federation import run_federation
+
+    from inprocess_grid import grid_plan
 
     out = tmp_path / "run"
-    out.mkdir()
     cfg = RunConfig(
         examples=600,
         clients=PARTITIONS,
@@ -181,18 +183,7 @@ def federation(tmp_path, artifact):
         weight_cap=100.0,
         out=str(out),
     )
-    plan = FederationPlan(
-        cfg=cfg,
-        artifact=artifact,
-        num_classes=4,
-        out=out,
-        client_state_root=out / "clients",
-        client_cache_root=tmp_path / "cache",
-        run_id="run-a",
-        round_timeout=5.0,
-        connect_timeout=1.0,
-        log=lambda _: None,
-    )
+    plan = grid_plan(cfg, artifact, tmp_path / "cache", run_id="run-a")
     summary = run_federation(InProcessGrid(), plan)
     return plan, summary
 

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from ferry.cli import main
 from ferry.client.receipts import sign_and_keep
 from ferry.common.privacy.accounting import (
     MechanismSegment,
@@ -20,8 +22,6 @@ from ferry.common.privacy.accounting import (
 from ferry.common.privacy.dp_events import event_to_json, segment_event
 from ferry.server import audit, audit_replay
 from ferry.server.ledger import LEDGER_FILE, Ledger
-
-from ferry.cli import main
 
 DELTA = 1e-5
 ROUNDS = 4

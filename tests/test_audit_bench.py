@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from ferry.common.privacy.accounting import MechanismSegment, epsilon_for_history
 from ferry.common.privacy.report import RECEIPTS_FILE, SignedReport, fingerprint, load_public_key
 from ferry.server.audit import audit_ledger

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
+
 from ferry.client.backbone_cache import BackboneCache
 from ferry.common.errors import FerryError
 from ferry.common.serialization import (
@@ -17,7 +19,6 @@ from ferry.common.serialization import (
     instantiate,
     load_artifact,
 )
-from safetensors.numpy import load_file, save_file
 
 
 def _nudge_one_weight(weights_file: Path, name: str = "0.weight") -> None:

@@ -28,10 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-import ferry.client.backbone_cache as backbone_cache
-import ferry.client.feature_cache as feature_cache
 import numpy as np
 import pytest
+from PIL import Image
+
+import ferry.client.backbone_cache as backbone_cache
+import ferry.client.feature_cache as feature_cache
 from ferry.common.config import RunConfig
 from ferry.common.data.synthetic import class_names, make_images
 from ferry.common.serialization import BackboneArtifact, load_artifact
@@ -40,8 +42,8 @@ from ferry.server.backbone_import import import_backbone
 from ferry.server.certs import make_certs
 from ferry.server.ledger import read_ledger
 from ferry.simulations.runner import simulate
+
 from inprocess_grid import simulate_in_process
-from PIL import Image
 from test_deploy import FERRY, Processes, client_argv, free_port, wait_for
 
 pytestmark = pytest.mark.slow

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from ferry.common.backbones import build_backbone
 from ferry.common.backbones.origins import origin_of
 from ferry.common.backbones.registry import backbone_spec
@@ -22,7 +24,6 @@ from ferry.common.data.preprocess import preprocess
 from ferry.common.errors import FerryError
 from ferry.common.serialization import instantiate, load_artifact, make_artifact
 from ferry.server.backbone_import import import_backbone
-from torch import nn
 
 torch.set_num_threads(1)
 
@@ -170,8 +171,9 @@ def test_vit_default_lora_targets_name_linear_layers_once_attention_is_dp_conver
 
 
 def test_dp_attention_gives_opacus_per_sample_gradients_of_each_example():
-    from ferry.common.adapters import DPAttention as to_dp_attention
     from opacus import GradSampleModule
+
+    from ferry.common.adapters import DPAttention as to_dp_attention
 
     torch.manual_seed(0)
     attention = to_dp_attention(nn.MultiheadAttention(16, 2, batch_first=True)).train()

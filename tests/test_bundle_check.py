@@ -12,9 +12,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from flwr.cli.build import build_fab_from_disk
+
 from ferry.client.bundle_check import MAX_BUNDLE_BYTES, BundleRefused, check_bundle
 from ferry.server.superlink import write_app
-from flwr.cli.build import build_fab_from_disk
 
 RUN = {"rounds": 2, "num-classes": 4, "epsilon": 8.0, "out": "/srv/run", "resume": False}
 

@@ -15,6 +15,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from ferry.client import runtime
 from ferry.client.dp_trainer import DPTrainConfig, train_tail
 from ferry.client.linear_dp import exact_clipped_sum
@@ -27,8 +29,6 @@ from ferry.client.weighted_clipping import (
 from ferry.common.config import RunConfig, class_weights
 from ferry.common.scenarios import get_scenario, with_base_rates
 from ferry.common.training_defaults import round_plan
-from torch import nn
-
 from tests.test_attack_operator_config import _head, _request, _settings
 
 IMBALANCED = {"bank-credit": "credit", "hospital-tabular": "patients", "drug-activity": "molecules"}
@@ -245,12 +245,11 @@ def test_class_weights_lift_balanced_accuracy_above_half_at_the_same_epsilon(ban
 
 
 @pytest.mark.slow
-def test_bank_credit_simulation_with_its_defaults_predicts_the_rare_class(
-    bank_credit, tmp_path, monkeypatch
-):
-    from ferry.simulations.runner import simulate
+def test_bank_credit_simulation_with_its_defaults_predicts_the_rare_class(bank_credit, tmp_path):
+    # The plan and round loop of `ferry simulate`, the institutions in this process: the point
+    # is the preset's defaults, not Ray (tests/inprocess_grid.py).
+    from inprocess_grid import simulate_in_process
 
-    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     _, encoder = bank_credit
     cfg = RunConfig(
         scenario="bank-credit",
@@ -259,6 +258,6 @@ def test_bank_credit_simulation_with_its_defaults_predicts_the_rare_class(
         weights=str(encoder),  # batch, epochs, rounds, lr: the DP-aware defaults
         out=str(tmp_path / "run"),
     )
-    summary = simulate(cfg, log=lambda _: None)
+    summary = simulate_in_process(cfg)
     assert summary["final"]["balanced_accuracy"] > 0.5
     assert 0 < summary["privacy"]["max_epsilon"] <= 3.0 + 1e-6

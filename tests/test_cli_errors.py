@@ -7,10 +7,10 @@ from pathlib import Path
 
 import flwr.simulation
 import pytest
-from ferry.common.errors import FerryError
-from ferry.common.serialization import MANIFEST_FILE, WEIGHTS_FILE
 
 from ferry.cli import main
+from ferry.common.errors import FerryError
+from ferry.common.serialization import MANIFEST_FILE, WEIGHTS_FILE
 
 # Small data so that checks which need the dataset (delta vs 1/n, output dir) stay fast.
 SMALL = ["--examples", "200", "--clients", "2"]

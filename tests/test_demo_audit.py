@@ -7,9 +7,11 @@ point here."""
 from __future__ import annotations
 
 import pytest
+
 from ferry.common.config import RunConfig
 from ferry.common.training_defaults import resolve_schedule
 from ferry.server.audit import audit_ledger
+
 from inprocess_grid import simulate_in_process
 
 

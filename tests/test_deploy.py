@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from ferry.client.privacy_state import PrivacyState
 from ferry.common.data.synthetic import class_names, make_images
 from ferry.common.deploy.child_processes import (
@@ -48,7 +50,6 @@ from ferry.common.serialization import save_artifact
 from ferry.server.certs import make_certs
 from ferry.server.ledger import read_ledger
 from ferry.server.pretrain import random_artifact
-from PIL import Image
 
 pytestmark = pytest.mark.slow
 

@@ -14,16 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Message
+
 from ferry.client.privacy_state import PrivacyState
 from ferry.common.config import RunConfig
 from ferry.common.errors import FerryError
 from ferry.common.privacy.accounting import MechanismSegment, epsilon_for_history
-from ferry.server.aggregation import aggregate
 from ferry.server.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ferry.server.federation import FederationPlan, run_federation
 from ferry.server.ledger import read_ledger
-from flwr.app import Message
-from inprocess_grid import NODES, Crash, FakeGrid, act_as_server_app
+
+from inprocess_grid import NODES, Crash, FakeGrid, act_as_server_app, grid_plan
+from reference_fedavg import fedavg
 
 
 @pytest.fixture(autouse=True)
@@ -44,19 +46,7 @@ def make_plan(tmp_path, artifact):
             seed=3,
         )
         run = dataclasses.replace(run, out=str(tmp_path / name), **changes)
-        (tmp_path / name).mkdir(exist_ok=True)
-        return FederationPlan(
-            cfg=run,
-            artifact=artifact,
-            num_classes=4,
-            out=tmp_path / name,
-            client_state_root=tmp_path / name / "clients",
-            client_cache_root=tmp_path / "cache",
-            run_id=name,
-            round_timeout=0.3,
-            connect_timeout=1.0,
-            log=lambda _: None,
-        )
+        return grid_plan(run, artifact, tmp_path / "cache", run_id=name, round_timeout=0.3)
 
     return make
 
@@ -198,7 +188,7 @@ def test_resume_after_crash_in_round_3_reruns_it_from_the_round_2_checkpoint(mak
     ]
     final = load_checkpoint(plan.out)
     assert final.round == 3
-    for key, value in aggregate("fedavg", updates).items():
+    for key, value in fedavg(updates).items():
         np.testing.assert_array_equal(final.arrays[key], value)
     lines = (plan.out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]

@@ -14,19 +14,19 @@ import threading
 import time
 from pathlib import Path
 
-import ferry.common.deploy.child_processes as child_processes
 import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from PIL import Image
+
+import ferry.common.deploy.child_processes as child_processes
+from ferry.cli import main
 from ferry.common.serialization import save_artifact
 from ferry.server.certs import make_certs
 from ferry.server.pretrain import random_artifact
-from PIL import Image
-
-from ferry.cli import main
 
 START = child_processes.ChildProcess.start
 

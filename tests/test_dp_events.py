@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from ferry.common.privacy.accounting import MechanismSegment, epsilon_for_history
 from ferry.common.privacy.dp_events import (
     event_from_json,
@@ -39,6 +40,7 @@ def test_the_event_a_report_carries_reads_back_as_its_mechanism(segment):
 
 def test_a_non_private_report_carries_the_librarys_own_non_private_event():
     import dp_accounting
+
     from ferry.common.privacy.report import NON_PRIVATE_EVENT
 
     assert NON_PRIVATE_EVENT == event_to_json(dp_accounting.NonPrivateDpEvent())

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from ferry.client import runtime
 from ferry.client.dp_trainer import DPTrainConfig, train_head
 from ferry.client.privacy_state import PrivacyState

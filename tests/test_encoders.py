@@ -6,15 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
 from ferry.common.backbones import build_backbone
 from ferry.common.backbones.registry import backbone_spec
 from ferry.common.errors import FerryError
 from ferry.common.serialization import instantiate, make_artifact
 from ferry.common.trainable import TrainableSpec, split_model
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from torch import nn
 
 ENCODERS = {
     # name: (modality, preprocessing, last_stage)

@@ -17,14 +17,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+from flwr.app import ArrayRecord
+
 from ferry.common.config import RunConfig
 from ferry.common.messages import TRAINABLE, RoundRequest, TrainRequest
 from ferry.server.audit import audit_ledger
 from ferry.server.audit_signatures import CONTRADICTS
 from ferry.server.federation import FederationPlan, run_federation
 from ferry.server.ledger import Ledger, read_ledger
-from flwr.app import ArrayRecord
-from inprocess_grid import FakeGrid, act_as_server_app
+
+from inprocess_grid import FakeGrid, act_as_server_app, grid_plan
 
 TARGET, BUDGET = 30.0, 40.0
 CHAIN_FIELDS = ("seq", "prev", "time", "event")
@@ -39,7 +41,6 @@ def server_identity(monkeypatch):
 def federation(tmp_path, artifact) -> tuple[FederationPlan, FakeGrid]:
     """One round of three institutions, target ε 30 and budget ε 40 each, already run."""
     out = tmp_path / "run"
-    out.mkdir()
     cfg = RunConfig(
         examples=600,
         clients=3,
@@ -50,18 +51,7 @@ def federation(tmp_path, artifact) -> tuple[FederationPlan, FakeGrid]:
         budget_epsilon=BUDGET,
         out=str(out),
     )
-    plan = FederationPlan(
-        cfg=cfg,
-        artifact=artifact,
-        num_classes=4,
-        out=out,
-        client_state_root=out / "clients",
-        client_cache_root=tmp_path / "cache",
-        run_id="run",
-        round_timeout=5.0,
-        connect_timeout=1.0,
-        log=lambda _: None,
-    )
+    plan = grid_plan(cfg, artifact, tmp_path / "cache")
     grid = FakeGrid()
     run_federation(grid, plan)
     return plan, grid

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import ferry.client.feature_cache as feature_cache
 import numpy as np
 import pytest
+from torch import nn
+
+import ferry.client.feature_cache as feature_cache
 from ferry.client import runtime
 from ferry.client.backbone_cache import BackboneCache
 from ferry.client.feature_cache import FeatureCache, feature_key
 from ferry.common.data.datasets import DataSpec, load_partition
 from ferry.server.pretrain import random_artifact
-from torch import nn
 
 
 class TrunkThatMustNotRun(nn.Module):

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from ferry.common.config import RunConfig
 from ferry.common.deploy.child_processes import ChildProcess, flower_bin, flower_env
 from ferry.common.scenarios import get_scenario

@@ -25,15 +25,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import ferry.common.deploy.child_processes as child_processes
 import numpy as np
 import pytest
+from PIL import Image
+
+import ferry.common.deploy.child_processes as child_processes
+from ferry.cli import main
 from ferry.common.serialization import save_artifact
 from ferry.server.certs import make_certs
 from ferry.server.pretrain import random_artifact
-from PIL import Image
-
-from ferry.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_PROCESS_LIMIT_S = 30  # most cases take well under a second
@@ -574,10 +574,9 @@ def test_the_table_is_large_and_covers_every_subcommand(tmp_path):
 
 def test_the_valid_baselines_are_accepted(world, capsys, nothing_starts):
     """The cases change one thing in a valid command: the unchanged one must pass the checks."""
-    from ferry.server.server_settings import load_server_config
-
     from ferry.cli import build_parser
     from ferry.commands.deployment import cmd_client
+    from ferry.server.server_settings import load_server_config
 
     argv = _server()(world)
     load_server_config(argv[2])

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+
 from ferry.simulations.bench import kcurve_bench, kcurve_plan, kcurve_tables
 from ferry.simulations.bench.report import replace_section
 
@@ -42,6 +43,7 @@ def test_an_institution_alone_trains_on_its_own_records_and_is_scored_on_everyon
 
 def test_default_settings_are_the_rules_schedule_for_the_datas_run_and_privacy():
     import torch
+
     from ferry.common.config import RunConfig
     from ferry.common.training_defaults import rule_schedule
     from ferry.simulations.linear_federation import FeatureSet

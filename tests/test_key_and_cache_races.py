@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from ferry.client import receipts, runtime
 from ferry.client.runtime import RoundRequest
 from ferry.common.config import RunConfig

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from ferry.server.ledger import HEAD_FILE, LEDGER_FILE, Ledger, LedgerError, encode, read_ledger
 
 RECORDS = 5

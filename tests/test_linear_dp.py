@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from opacus import GradSampleModule
+from torch import nn
+
 from ferry.client.dp_trainer import DPTrainConfig, train_tail
 from ferry.client.linear_dp import exact_clipped_sum, train_linear
 from ferry.common.training_defaults import round_plan
-from opacus import GradSampleModule
-from torch import nn
 
 
 def _opacus_clipped_sum(layer: nn.Linear, x, y, max_grad_norm: float, task: str):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from ferry.common.data.dataset import Dataset
 from ferry.common.data.image_folder import load_image_folder, load_images
 from ferry.common.data.molecules import load_molecules

@@ -8,6 +8,8 @@ import json
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
 from ferry.client import runtime
 from ferry.client.budget_guard import BudgetExceeded
 from ferry.common.config import RunConfig
@@ -31,7 +33,6 @@ from ferry.common.train_reply import (
     _check_report,
 )
 from ferry.common.training_defaults import round_plan
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 REQUEST = RoundRequest(RunConfig(noise_multiplier=1.5), 3, "ab" * 32, 4, "run-a")
 HEAD = {"weight": np.ones((4, 8), np.float32), "bias": np.zeros(4, np.float32)}

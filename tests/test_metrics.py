@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from sklearn import metrics as skm
+
 from ferry.common.evaluation_statistics import (
     classification_statistics,
     pool_statistics,
@@ -21,7 +23,6 @@ from ferry.common.metrics import (
     metrics_from_statistics,
     regression_metrics,
 )
-from sklearn import metrics as skm
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from ferry.common.data.partition import (
     dirichlet_label_skew,
     iid,

@@ -22,9 +22,11 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 import ferry.common.deploy.child_processes as child_processes
 import ferry.server.proxy as proxy
-import pytest
+from ferry.cli import main
 from ferry.common.errors import FerryError
 from ferry.common.serialization import save_artifact
 from ferry.server.certs import make_certs
@@ -32,8 +34,6 @@ from ferry.server.pretrain import random_artifact
 from ferry.server.proxy import FLEET_ROUTES, ProxySettings, render_config
 from ferry.server.server_settings import load_server_config
 from ferry.server.superlink import superlink_argv, write_flower_home
-
-from ferry.cli import main
 from tests.test_deploy import free_port
 
 START = child_processes.ChildProcess.start

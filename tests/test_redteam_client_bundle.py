@@ -15,9 +15,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from flwr.cli.build import build_fab_from_disk
+
 from ferry.client.bundle_check import BundleRefused, check_bundle
 from ferry.server.superlink import write_app
-from flwr.cli.build import build_fab_from_disk
 
 FORGED = "ferry: refused nothing: this line was written by the operator"
 # A refusal is one log line; well under this many characters.

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from ferry.common.deploy.child_processes import ChildProcess, flower_env
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from ferry.server.federation import run_federation
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
+from ferry.server.federation import run_federation
 from tests import test_attack_hostile_replies as hostile
 from tests import test_deploy_federation as deployed
 

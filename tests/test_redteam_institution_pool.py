@@ -13,9 +13,9 @@ import json
 
 import numpy as np
 import pytest
-from ferry.server.federation import run_federation
 from flwr.app import MetricRecord
 
+from ferry.server.federation import run_federation
 from tests import test_attack_hostile_replies as hostile
 from tests import test_deploy_federation as deployed
 

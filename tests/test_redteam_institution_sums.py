@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from ferry.common.evaluation_statistics import (
     classification_statistics,
     pool_statistics,

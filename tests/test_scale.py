@@ -6,13 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from ferry.client.dp_trainer import DPTrainConfig, train_head
-from ferry.common.config import RunConfig
-from ferry.common.training_defaults import round_plan
-from inprocess_grid import simulate_in_process
 from torch import nn
 
 from ferry.cli import main
+from ferry.client.dp_trainer import DPTrainConfig, train_head
+from ferry.common.config import RunConfig
+from ferry.common.training_defaults import round_plan
+
+from inprocess_grid import simulate_in_process
 
 
 def test_physical_batches_keep_the_logical_mechanism():

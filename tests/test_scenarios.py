@@ -15,11 +15,13 @@ import json
 from pathlib import Path
 
 import pytest
+
 from ferry.common.config import RunConfig
 from ferry.common.scenarios import known_scenarios
 from ferry.server.audit import audit_ledger
 from ferry.server.pretrain import PretrainConfig, pretrain
 from ferry.simulations.runner import simulate
+
 from inprocess_grid import simulate_in_process
 
 pytestmark = pytest.mark.slow

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 import ferry.client.backbone_cache as backbone_cache
 import ferry.client.feature_cache as feature_cache
-import pytest
 from ferry.common.config import RunConfig
 from ferry.common.serialization import load_artifact
 from ferry.server.pretrain import PretrainConfig, pretrain
 from ferry.simulations.runner import simulate
+
 from inprocess_grid import simulate_in_process
 
 pytestmark = pytest.mark.slow

@@ -18,12 +18,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-import ferry.client.feature_cache as feature_cache
 import flwr.simulation
 import numpy as np
 import pytest
 import torch
 from conftest import Client  # the one-institution driver of the feature-cache tests
+
+import ferry.client.feature_cache as feature_cache
+from ferry.cli import main
 from ferry.client import runtime
 from ferry.client.backbone_cache import BackboneCache
 from ferry.client.privacy_state import PrivacyState
@@ -40,9 +42,8 @@ from ferry.common.serialization import (
 from ferry.server.audit import audit_ledger
 from ferry.server.backbone_import import import_backbone
 from ferry.server.pretrain import random_artifact
-from inprocess_grid import simulate_in_process
 
-from ferry.cli import main
+from inprocess_grid import simulate_in_process
 
 NUM_CLASSES = 4  # the hospital-imaging target task (conftest's Client asks for 4 outputs)
 # ferry-cnn on 1x32x32 images: three 2x2 max-pools (32 -> 4 px) before the fourth conv block

@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from ferry.client import dp_randomness
 from ferry.client.dp_trainer import DPTrainConfig, predict_tail, train_tail
 from ferry.common.adapters import ConvAdapter, LoRALinear
@@ -23,8 +25,8 @@ from ferry.common.trainable import (
     split_model,
     trainable_state,
 )
-from ferry.server.aggregation import aggregate
-from torch import nn
+
+from reference_fedavg import fedavg
 
 DP = DPTrainConfig(noise_multiplier=1.0, batch_size=8, lr=0.5)
 
@@ -66,8 +68,9 @@ def _cnn():
 
 def _tiny_vit(dropout: float = 0.0):
     """A 2-block torchvision ViT (32 px, patch 16, width 64) staged like ``vit_b_16``."""
-    from ferry.common.backbones.vit_b_16 import vit_stages
     from torchvision.models.vision_transformer import VisionTransformer
+
+    from ferry.common.backbones.vit_b_16 import vit_stages
 
     torch.manual_seed(0)
     vit = VisionTransformer(
@@ -249,7 +252,7 @@ def test_fedavg_of_two_clients_loads_into_a_fresh_split(model):
         x, y = _data(spec.input_shape, n=16 + 8 * client, seed=client)
         outcome = train_tail(split.tail, _activations(split, x), y, DP)
         updates.append((outcome.trainable_state, outcome.num_examples))
-    averaged = aggregate("fedavg", updates)
+    averaged = fedavg(updates)
 
     fresh = split_model(backbone, spec, part, 3, seed=7)  # different initial arrays
     load_trainable_state(fresh.tail, averaged)

@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from ferry.common.config import RunConfig
 from ferry.common.errors import FerryError
 
@@ -153,13 +154,13 @@ def test_feasibility_check_names_the_fix_for_each_problem():
 
 @pytest.mark.slow
 def test_simulate_prints_and_records_the_settings_and_reports_carry_the_rule_batch(
-    tmp_path, capsys
+    tmp_path, capsys, without_ray
 ):
     """End to end: the settings line is printed, the ledger's run_started record says each
-    value and its source, and every signed report's batch size is the rule's for its n."""
-    from ferry.common.training_defaults import rule_batch_size, rule_schedule
-
+    value and its source, and every signed report's batch size is the rule's for its n (the
+    federation runs in this process: the point is the settings, not Ray)."""
     from ferry.cli import main
+    from ferry.common.training_defaults import rule_batch_size, rule_schedule
 
     out = tmp_path / "run"
     code = main(

@@ -5,9 +5,10 @@ BENCHMARKS.md; only facts that hold at any size are)."""
 from __future__ import annotations
 
 import pytest
+from PIL import Image
+
 from ferry.simulations.bench import trainable_bench, transfer_bench
 from ferry.simulations.bench.report import replace_section
-from PIL import Image
 
 
 def test_digits_folder_holds_each_digit_as_an_8x8_gray_png_per_class(tmp_path):
@@ -26,7 +27,9 @@ def test_digits_folder_without_limit_writes_all_1797_digits(tmp_path):
 
 
 @pytest.mark.slow
-def test_transfer_bench_runs_pretrained_and_random_lite0_on_the_same_split(tmp_path):
+def test_transfer_bench_runs_pretrained_and_random_lite0_on_the_same_split(tmp_path, without_ray):
+    # The bench runs on Ray (`python -m ferry.simulations.bench.transfer_bench`); here its
+    # federations run in this process: what is checked is its rows and table, not Ray.
     sizes = transfer_bench.TransferSizes(
         input_size=32, images=150, clients=2, rounds=2, probe_images=8, non_private_reference=False
     )
@@ -54,7 +57,7 @@ def test_transfer_bench_runs_pretrained_and_random_lite0_on_the_same_split(tmp_p
 
 
 @pytest.mark.slow
-def test_federated_part_row_pairs_a_dp_run_with_step_times_on_the_same_tail(tmp_path):
+def test_federated_part_row_pairs_a_dp_run_with_step_times_on_the_same_tail(tmp_path, without_ray):
     sizes = trainable_bench.FederatedSizes(
         rounds=2,
         cnn_clients=2,

@@ -17,9 +17,11 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 import ferry.common.data.datasets as datasets
 import ferry.simulations.linear_federation as linear_federation
-import pytest
+from ferry.cli import main
 from ferry.common.config import RunConfig
 from ferry.common.data.synthetic_records import make_patients
 from ferry.common.errors import FerryError
@@ -27,8 +29,6 @@ from ferry.common.scenarios.registry import SCENARIOS
 from ferry.common.serialization import MANIFEST_FILE, WEIGHTS_FILE, load_artifact
 from ferry.server.pretrain import PretrainConfig, pretrain
 from ferry.server.tuning import TUNING_FILE, load_tuned
-
-from ferry.cli import main
 
 SMALL = ["--quick", "--examples", "100", "--clients", "2", "--partition", "iid"]
 

@@ -8,6 +8,8 @@ torchvision's final LayerNorm ``classifier.0``, flatten): 768 features. ``last_s
 with its strided block. Stochastic depth only acts in training mode, as in torchvision.
 """
 
+from torch import nn
+
 from ferry.common.backbones.origins import (
     Origin,
     image_preprocessing,
@@ -18,7 +20,6 @@ from ferry.common.backbones.origins import (
     torchvision_original,
 )
 from ferry.common.backbones.registry import register_backbone
-from torch import nn
 
 
 def convnext_stages(net: nn.Module) -> nn.Sequential:

@@ -7,6 +7,8 @@ Stages: ``stem`` (``features.0``), ``stage1`` .. ``stage7`` (torchvision's MBCon
 in training mode, as in torchvision.
 """
 
+from torch import nn
+
 from ferry.common.backbones.origins import (
     Origin,
     image_preprocessing,
@@ -17,7 +19,6 @@ from ferry.common.backbones.origins import (
     torchvision_original,
 )
 from ferry.common.backbones.registry import register_backbone
-from torch import nn
 
 
 def efficientnet_stages(net: nn.Module) -> nn.Sequential:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
+from torch import nn
+
 from ferry.common.backbones.origins import (
     ImagenetWeights,
     Origin,
@@ -36,7 +38,6 @@ from ferry.common.backbones.origins import (
 )
 from ferry.common.backbones.registry import register_backbone
 from ferry.common.errors import FerryError
-from torch import nn
 
 MEAN = (127 / 255,) * 3
 STD = (128 / 255,) * 3

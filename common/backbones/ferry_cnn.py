@@ -6,8 +6,9 @@ BatchNorm layers are part of the frozen trunk and always run in eval mode on cli
 statistics come from pretraining, never from an institution's data.
 """
 
-from ferry.common.backbones.registry import register_backbone
 from torch import nn
+
+from ferry.common.backbones.registry import register_backbone
 
 PREPROCESSING = {"grayscale": True, "size": 32, "mean": 0.5, "std": 0.25}
 

@@ -8,6 +8,8 @@ out). ``last_stage`` is ``stage6``: the three 160-channel blocks at 1/32 resolut
 ``head``.
 """
 
+from torch import nn
+
 from ferry.common.backbones.origins import (
     Origin,
     image_preprocessing,
@@ -18,7 +20,6 @@ from ferry.common.backbones.origins import (
     torchvision_original,
 )
 from ferry.common.backbones.registry import register_backbone
-from torch import nn
 
 
 def mobilenet_v3_stages(net: nn.Module) -> nn.Sequential:

@@ -23,8 +23,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from ferry.common.errors import FerryError
 from torch import nn
+
+from ferry.common.errors import FerryError
 
 # torchvision's ImageNet statistics (every torchvision classification weight uses them).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

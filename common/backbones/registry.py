@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ferry.common.errors import FerryError
 from torch import nn
+
+from ferry.common.errors import FerryError
 
 MODALITIES = ("image", "tabular", "series", "molecule")
 

@@ -6,6 +6,8 @@ downsampling block included). Weights map 1:1 from torchvision's layout (``conv1
 ``stem.conv1.weight``, ``layer1.*`` unchanged; ``fc`` is the classifier and is left out).
 """
 
+from torch import nn
+
 from ferry.common.backbones.origins import (
     Origin,
     image_preprocessing,
@@ -16,7 +18,6 @@ from ferry.common.backbones.origins import (
     torchvision_original,
 )
 from ferry.common.backbones.registry import register_backbone
-from torch import nn
 
 
 def resnet_stages(net: nn.Module) -> nn.Sequential:

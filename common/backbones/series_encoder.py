@@ -19,9 +19,10 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+from torch import nn
+
 from ferry.common.backbones.registry import register_backbone
 from ferry.common.errors import FerryError
-from torch import nn
 
 FEATURES = 64
 PREPROCESSING = {"kind": "series", "standardize": "public"}

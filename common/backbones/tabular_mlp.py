@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from torch import nn
+
 from ferry.common.backbones.registry import register_backbone
 from ferry.common.errors import FerryError
-from torch import nn
 
 FEATURES = 64
 HIDDEN = 128

@@ -16,6 +16,8 @@ Checkpoints for another size are fitted by interpolating their position embeddin
 """
 
 import torch
+from torch import nn
+
 from ferry.common.backbones.origins import (
     Origin,
     check_image_shape,
@@ -25,7 +27,6 @@ from ferry.common.backbones.origins import (
     torchvision_imagenet,
 )
 from ferry.common.backbones.registry import register_backbone
-from torch import nn
 
 LORA_TARGETS = (
     "block10.self_attention.qlinear",

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+
 from ferry.common.data.frames import canonical
 from ferry.common.errors import FerryError
 

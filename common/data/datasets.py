@@ -23,6 +23,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+
 from ferry.common.data.dataset import Dataset, by_public_classes
 from ferry.common.data.partition import (
     cutoff_split,
@@ -32,6 +33,7 @@ from ferry.common.data.partition import (
     train_test_split,
 )
 from ferry.common.errors import FerryError
+from ferry.common.scenarios import get_scenario
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,6 @@ class Partition:
 def load_dataset(spec: DataSpec, split: str = "target") -> Dataset:
     """The whole dataset ``spec`` names (``split`` "source": the scenario's pretraining
     data, synthetic only)."""
-    from ferry.common.scenarios import get_scenario
-
     scenario = get_scenario(spec.scenario)
     if spec.data and split == "target":
         dataset = scenario.load(spec)

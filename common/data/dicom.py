@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from ferry.common.errors import FerryError
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}

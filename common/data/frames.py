@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from ferry.common.errors import FerryError
 
 CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
@@ -195,15 +196,24 @@ def non_blank_rows(frame):
     return frame.iloc[rows].reset_index(drop=True), rows
 
 
-def group_keys(column, name: str, origin: Origin, rows: np.ndarray) -> np.ndarray:
-    """Each row's natural-split key as text; a missing key is an error."""
+def refuse_empty(column, what: str, origin: Origin, rows: np.ndarray, fix: str) -> None:
+    """Raise a one-line error naming the first empty cell of ``column`` (``what``, e.g. "the
+    label column 'y'") and ``fix``; ``rows`` maps the column's rows to the file's."""
     _, missing, _ = numbers(column)
     if missing.any():
         i = int(np.flatnonzero(missing)[0])
-        raise FerryError(
-            f"{origin.name}, {origin.row(int(rows[i]))}: the partition column '{name}' is "
-            "empty: fill in which institution the row belongs to, or remove the row"
-        )
+        raise FerryError(f"{origin.name}, {origin.row(int(rows[i]))}: {what} is empty: {fix}")
+
+
+def group_keys(column, name: str, origin: Origin, rows: np.ndarray) -> np.ndarray:
+    """Each row's natural-split key as text; a missing key is an error."""
+    refuse_empty(
+        column,
+        f"the partition column '{name}'",
+        origin,
+        rows,
+        "fill in which institution the row belongs to, or remove the row",
+    )
     return np.asarray([canonical(v) for v in column.to_numpy()], dtype=object).astype(str)
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
 from ferry.common.data.dataset import Dataset, class_key, public_class_ids, unknown_label
 from ferry.common.data.dicom import UnreadableImage, is_dicom, read_dicom
 from ferry.common.data.frames import warn

@@ -17,11 +17,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from ferry.common.data.dataset import public_class_ids, unknown_label
-from ferry.common.data.frames import Origin, canonical, not_a_number, numbers
+from ferry.common.data.frames import Origin, canonical, not_a_number, numbers, refuse_empty
 from ferry.common.errors import FerryError
 
 MAX_AUTO_CLASSES = 20
+EMPTY_LABEL_FIX = "fill it in or remove the row"
 NEGATIVE_NAMES = {"inactive", "no", "false", "negative", "normal", "benign", "0"}
 
 
@@ -49,13 +51,8 @@ def parse_target(
         raise FerryError(f"--task {task!r} is unknown: use auto, classification or regression")
     if classes:
         return _public_target(column, name, task, origin, rows, list(classes))
-    values, missing, bad = numbers(column)
-    if missing.any():
-        i = int(np.flatnonzero(missing)[0])
-        raise FerryError(
-            f"{origin.name}, {origin.row(int(rows[i]))}: the label column '{name}' is empty: "
-            "fill it in or remove the row"
-        )
+    refuse_empty(column, f"the label column '{name}'", origin, rows, EMPTY_LABEL_FIX)
+    values, _, bad = numbers(column)
     present = len(values)
     if bad.any() and (task == "regression" or bad.sum() < present / 2):
         fix = (
@@ -90,13 +87,7 @@ def _public_target(column, name: str, task: str, origin: Origin, rows, classes: 
             f"--task regression does not fit the run's classes ({', '.join(classes)}): "
             "drop the classes setting or use --task classification"
         )
-    _, missing, _ = numbers(column)
-    if missing.any():
-        i = int(np.flatnonzero(missing)[0])
-        raise FerryError(
-            f"{origin.name}, {origin.row(int(rows[i]))}: the label column '{name}' is empty: "
-            "fill it in or remove the row"
-        )
+    refuse_empty(column, f"the label column '{name}'", origin, rows, EMPTY_LABEL_FIX)
     index = public_class_ids(classes)
     names = [canonical(v) for v in column.to_numpy()]
     y = np.asarray([index.get(n, -1) for n in names], dtype=np.int64)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+
 from ferry.common.errors import FerryError
 
 

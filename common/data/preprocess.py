@@ -23,6 +23,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+
 from ferry.common.data.dataset import Dataset
 from ferry.common.errors import FerryError
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
 from ferry.common.data.dataset import Dataset
 from ferry.common.data.frames import (
     Origin,

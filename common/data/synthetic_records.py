@@ -22,6 +22,8 @@ import json
 from dataclasses import replace
 
 import numpy as np
+
+from ferry.common.data import molecules, series, tabular
 from ferry.common.data.dataset import Dataset
 from ferry.common.data.frames import Origin, require_pandas
 from ferry.common.errors import FerryError
@@ -341,8 +343,6 @@ def synthetic_dataset(kind: str, n: int, seed: int, split: str = "target", **opt
     """``n`` examples of ``kind`` (one of :data:`KINDS`) read through the same code as a
     user's file. ``options`` go to the loader (prices: ``window``, ``horizon``; molecules:
     ``bits``, ``radius``, ``featurizer``). The fingerprint is the generator's parameters."""
-    from ferry.common.data import molecules, series, tabular
-
     if kind not in KINDS:
         raise FerryError(f"unknown synthetic data {kind!r}: use one of {', '.join(KINDS)}")
     if n < 1:

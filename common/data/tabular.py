@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
 from ferry.common.data.dataset import Dataset
 from ferry.common.data.frames import (
     Origin,

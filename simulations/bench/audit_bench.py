@@ -129,6 +129,7 @@ def fine_pld_check(
     """Largest relative gap between the audit's replay and PLDAccountant at the library's
     default (fine) discretization 1e-4, over ``sample`` institutions spanning the q range."""
     from dp_accounting.pld import PLDAccountant
+
     from ferry.common.privacy.accounting import MechanismSegment
     from ferry.common.privacy.dp_events import segment_event
 

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ferry.common.training_defaults import rule_batch_size, rule_schedule
 from ferry.simulations.bench.kcurve_plan import (
     DATASETS,

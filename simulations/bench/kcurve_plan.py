@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
 from ferry.common.atomic_files import atomic_path
 from ferry.common.config import RunConfig
 from ferry.simulations.linear_federation import (

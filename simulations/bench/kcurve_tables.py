@@ -7,6 +7,7 @@ written from the table's own figures (:func:`interpret`; :func:`headline` for th
 from __future__ import annotations
 
 import numpy as np
+
 from ferry.simulations.bench.kcurve_plan import WITHIN_POINTS
 
 

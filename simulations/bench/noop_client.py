@@ -13,6 +13,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
 from ferry.client.receipts import sign_and_keep
 from ferry.client.runtime import ACCOUNTANT
 from ferry.common.evaluation_statistics import classification_statistics, regression_statistics
@@ -21,8 +24,6 @@ from ferry.common.privacy import UNIT_OF_PRIVACY
 from ferry.common.privacy.report import NON_PRIVATE_EVENT
 from ferry.common.train_reply import ModelUpdate, PrivacyReply, TrainReply
 from ferry.common.training_defaults import batch_size_for
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 app = ClientApp()
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from ferry.client import institution_settings, runtime
 from ferry.common.config import RunConfig
 from ferry.common.evaluation_statistics import (

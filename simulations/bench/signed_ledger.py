@@ -23,6 +23,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+
 from ferry.common.atomic_files import write_atomic
 
 BATCH = 64

@@ -38,13 +38,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from ferry.client.dp_trainer import DPTrainConfig, setup_round, train_tail
 from ferry.common.backbones import build_backbone
 from ferry.common.backbones.registry import backbone_spec
 from ferry.common.trainable import TrainableSpec, split_model, trainable_state
 from ferry.simulations.bench.report import record_section
 from ferry.simulations.bench.trainable_tables import FEDERATED_HEADING, render, render_federated
-from torch import nn
 
 PARTS = (
     ("head", "ferry-cnn"),

@@ -19,10 +19,11 @@ import warnings
 
 import numpy as np
 import torch
-from ferry.client.dp_trainer import DPTrainConfig, train_head
-from ferry.client.feature_cache import extract
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from ferry.client.dp_trainer import DPTrainConfig, train_head
+from ferry.client.feature_cache import extract
 
 
 def _resnet18_trunk() -> nn.Module:

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
 from ferry.simulations.bench.report import record_section
 
 HEADING = "## Transfer: ImageNet-pretrained vs random EfficientNet-Lite0, real digits, ε = 3"
@@ -104,6 +105,7 @@ def feature_scale(weights: Path, data: Path, size: int, count: int) -> dict:
     """Mean |feature| and mean per-dimension spread over ``count`` images of ``data``: a
     trunk whose features have (almost) no spread gives a head nothing to learn from."""
     import torch
+
     from ferry.common.data.image_folder import load_images
     from ferry.common.data.preprocess import preprocess
     from ferry.common.serialization import instantiate, load_artifact
