@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 import ferry.client.backbone_cache as backbone_cache
-import ferry.client.feature_cache as feature_cache
 import ferry.simulations.runner as runner
 from ferry.client.institution_settings import ClientSettings
 from ferry.client.runtime import RoundRequest
@@ -27,6 +26,8 @@ from ferry.common.config import RunConfig
 from ferry.common.heads import build_head
 from ferry.common.serialization import BackboneArtifact, save_artifact
 from ferry.server.pretrain import random_artifact
+
+from inprocess_grid import empty_process_caches, run_in_process
 
 # The files that take longest, longest first (``make test`` prints the 25 slowest tests); the
 # others follow in their usual order. Only the order of hand-out depends on this list.
@@ -64,8 +65,7 @@ def isolated_ferry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "ferry-home"
     monkeypatch.setenv("FERRY_HOME", str(home))
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setattr(backbone_cache, "_LOADED", {})
-    monkeypatch.setattr(feature_cache, "_MEMORY", {})
+    empty_process_caches(monkeypatch)
     return home
 
 
@@ -75,8 +75,6 @@ def without_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     runs, except that its federation runs in this process instead of on Ray
     (:func:`inprocess_grid.run_in_process`): for tests whose point is the run's checks,
     outputs or model, not Ray. Ray's start-up and its workers' imports cost ~15 s a run."""
-    from inprocess_grid import run_in_process
-
     monkeypatch.setattr(runner, "run_on_ray", run_in_process)
 
 
@@ -85,8 +83,7 @@ def restart_process(monkeypatch: pytest.MonkeyPatch):
     """Call it to forget what a client process keeps in memory (as a new worker would)."""
 
     def restart() -> None:
-        monkeypatch.setattr(backbone_cache, "_LOADED", {})
-        monkeypatch.setattr(feature_cache, "_MEMORY", {})
+        empty_process_caches(monkeypatch)
 
     return restart
 

@@ -25,6 +25,8 @@ from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 import ferry.client.app as client_app
+import ferry.client.backbone_cache as backbone_cache
+import ferry.client.feature_cache as feature_cache
 import ferry.server.exchange as exchange
 from ferry.common.config import RunConfig
 from ferry.server.federation import FederationPlan, run_federation
@@ -123,6 +125,13 @@ def grid_plan(
         log=lambda _: None,
         **changes,
     )
+
+
+def empty_process_caches(mp: pytest.MonkeyPatch) -> None:
+    """Forget what a client process keeps in memory (verified trunks, features), as a fresh
+    Ray worker or ClientApp process would; ``mp`` restores them when its test ends."""
+    mp.setattr(backbone_cache, "_LOADED", {})
+    mp.setattr(feature_cache, "_MEMORY", {})
 
 
 def run_in_process(plan: FederationPlan, client_app=None) -> None:

@@ -32,8 +32,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import ferry.client.backbone_cache as backbone_cache
-import ferry.client.feature_cache as feature_cache
 from ferry.common.config import RunConfig
 from ferry.common.data.synthetic import class_names, make_images
 from ferry.common.serialization import BackboneArtifact, load_artifact
@@ -43,7 +41,7 @@ from ferry.server.certs import make_certs
 from ferry.server.ledger import read_ledger
 from ferry.simulations.runner import simulate
 
-from inprocess_grid import simulate_in_process
+from inprocess_grid import empty_process_caches, simulate_in_process
 from test_deploy import FERRY, Processes, client_argv, free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -108,8 +106,7 @@ def simulated(resnet50, tmp_path_factory) -> dict:
             if name == "first":
                 summaries[name] = simulate(cfg, log=lambda _: None)
             else:
-                mp.setattr(backbone_cache, "_LOADED", {})
-                mp.setattr(feature_cache, "_MEMORY", {})
+                empty_process_caches(mp)
                 summaries[name] = simulate_in_process(cfg)
             seconds[name] = time.monotonic() - started
     return {

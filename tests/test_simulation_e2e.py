@@ -14,14 +14,12 @@ from pathlib import Path
 
 import pytest
 
-import ferry.client.backbone_cache as backbone_cache
-import ferry.client.feature_cache as feature_cache
 from ferry.common.config import RunConfig
 from ferry.common.serialization import load_artifact
 from ferry.server.pretrain import PretrainConfig, pretrain
 from ferry.simulations.runner import simulate
 
-from inprocess_grid import simulate_in_process
+from inprocess_grid import empty_process_caches, simulate_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +48,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
             if name == "first":
                 summaries[name] = simulate(cfg, log=lambda _: None)
             else:
-                mp.setattr(backbone_cache, "_LOADED", {})
-                mp.setattr(feature_cache, "_MEMORY", {})
+                empty_process_caches(mp)
                 summaries[name] = simulate_in_process(cfg)
     return {
         "summaries": summaries,
