@@ -1,11 +1,11 @@
 """One ClientApp task at the institution, run only after its bundle is checked.
 
-Started by :mod:`client.task_launcher` (never by Flower) for one task the SuperNode holds,
-this process does what Flower's ``flwr-clientapp`` does (``flwr.supernode.runtime.
-run_clientapp`` in 1.41), with one difference that is the point: it never installs the bundle.
-Flower's process unpacks the bundle into ``$FLWR_HOME/apps``, puts that folder on
-``sys.path`` and imports the component the bundle names, so whatever the bundle carries runs
-here with the institution's data path in hand. This process
+Forked by :mod:`client.task_launcher` (never started by Flower) for one task the SuperNode
+holds (:func:`run_forked_task`), this process does what Flower's ``flwr-clientapp`` does
+(``flwr.supernode.runtime.run_clientapp`` in 1.41), with one difference that is the point:
+it never installs the bundle. Flower's process unpacks the bundle into ``$FLWR_HOME/apps``,
+puts that folder on ``sys.path`` and imports the component the bundle names, so whatever the
+bundle carries runs here with the institution's data path in hand. This process
 
 1. pulls the task input (message, context, run, bundle bytes) from the SuperNode's runtime
    API on loopback, with the task's token;
@@ -18,17 +18,16 @@ here with the institution's data path in hand. This process
    own package, never from the bundle, and pushes its reply and context back.
 
 The run config the ClientApp reads was parsed from the same checked ``pyproject.toml`` by the
-SuperNode (data only). The task token comes in the environment (``FERRY_TASK_TOKEN``), not on
-the command line, so other local users cannot read it from ``ps``.
+SuperNode (data only). The task token never appears on a command line, where other local
+users could read it from ``ps``.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from logging import ERROR
 
+import numpy as np
 from flwr.app import Message
 from flwr.app.error import Error
 from flwr.common.constant import ErrorCode, SubStatus
@@ -47,8 +46,6 @@ from flwr.supernode.runtime.run_clientapp import (
 )
 
 from ferry.client.bundle_check import BundleRefused, check_bundle
-
-TOKEN_VAR = "FERRY_TASK_TOKEN"
 
 
 def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> None:
@@ -95,9 +92,12 @@ def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> No
             reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=details), reply_to=message)
             exit_code = ExitCode.TASK_PROC_EXCEPTION
         else:
-            from ferry.client.app import app  # the installed ClientApp; heavy (torch), so only now
+            # The installed ClientApp: the fork server has it imported already; this module
+            # does not import it at the top because the task launcher, which must stay light
+            # (no torch), imports this module.
+            from ferry.client.app import app as installed_app
 
-            reply = app(message=message, context=context)
+            reply = installed_app(message=message, context=context)
             sub_status, details = SubStatus.COMPLETED, ""
     except Exception as exc:  # what Flower's flwr-clientapp does: an error reply, not a crash
         log(ERROR, "ClientApp raised an exception", exc_info=exc)
@@ -116,16 +116,13 @@ def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> No
     flwr_exit(code=exit_code, event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Run one checked Ferry ClientApp task")
-    parser.add_argument("--runtime-api-address", required=True)
-    parser.add_argument("--parent-pid", type=int, default=None)
-    args = parser.parse_args()
-    token = os.environ.pop(TOKEN_VAR, "")
-    if not token:
-        sys.exit(f"ferry: error: {TOKEN_VAR} is not set: this process is started by ferry client")
-    run_task(args.runtime_api_address, token, args.parent_pid)
+def run_forked_task(runtime_api_address: str, token: str, parent_pid: int) -> None:
+    """:func:`run_task` in a process the task launcher forked from its fork server.
 
-
-if __name__ == "__main__":
-    main()
+    A fork shares the server's imported modules, and also its random generators' states:
+    Python's ``random`` reseeds itself in a forked child, NumPy's legacy global generator
+    does not. Ferry's DP noise never uses either (it seeds a fresh generator per round from the
+    OS); the global one is reseeded from the OS here all the same, so that no two tasks share a
+    stream."""
+    np.random.seed()
+    run_task(runtime_api_address, token, parent_pid)

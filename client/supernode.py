@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import sys
 import time
@@ -265,6 +266,8 @@ def run_client(s: InstitutionSettings, log=None) -> int:
             "ferry.client.task_launcher",
             "--supernode-pid",
             str(supernode.pid),
+            "--ferry-pid",
+            str(os.getpid()),
             "--runtime-api-address",
             f"127.0.0.1:{s.runtime_port}",
         ]

@@ -1,6 +1,6 @@
 """The operator against an institution's machine, beyond the bundle check:
 
-- a flood of messages must not start a torch-loading process per message: Ferry's task
+- a flood of messages must not start a training process per message: Ferry's task
   launcher runs at most ``MAX_TASKS`` checked ClientApps at once and leaves the other tasks
   waiting at the SuperNode (it does not acquire them);
 - a refused bundle's file names, quoted in the institution's log, must not fake the
@@ -34,20 +34,20 @@ class _SuperNode:
 
 
 class _Task:
-    """A checked ClientApp that keeps running (loading torch, training)."""
+    """A checked ClientApp that keeps running (training)."""
 
     started: list[_Task] = []
 
-    def __init__(self, argv, env) -> None:
-        self.argv, self.env = argv, env
+    def __init__(self, address: str, token: str) -> None:
+        self.address, self.token, self.alive = address, token, True
         _Task.started.append(self)
 
-    def poll(self):
-        return None
+    def is_alive(self) -> bool:
+        return self.alive
 
 
 def test_a_flood_of_tasks_starts_at_most_max_tasks_processes(monkeypatch):
-    monkeypatch.setattr(task_launcher.subprocess, "Popen", _Task)
+    monkeypatch.setattr(task_launcher, "start_task", _Task)
     _Task.started = []
     supernode, running = _SuperNode(), []
     for _ in range(50):
@@ -55,16 +55,16 @@ def test_a_flood_of_tasks_starts_at_most_max_tasks_processes(monkeypatch):
 
     assert len(_Task.started) == task_launcher.MAX_TASKS
     assert supernode.acquired == task_launcher.MAX_TASKS  # the rest wait at the SuperNode
-    assert all(t.env[task_launcher.TOKEN_VAR] == "t" for t in _Task.started)
+    assert all(t.token == "t" for t in _Task.started)
 
 
 def test_a_finished_task_frees_its_place(monkeypatch):
-    monkeypatch.setattr(task_launcher.subprocess, "Popen", _Task)
+    monkeypatch.setattr(task_launcher, "start_task", _Task)
     _Task.started = []
     supernode = _SuperNode()
     running = task_launcher.launch_next(supernode, [], "a")
     running = task_launcher.launch_next(supernode, running, "a")
-    running[0].poll = lambda: 0  # the first one ended
+    running[0].alive = False  # the first one ended
     running = task_launcher.launch_next(supernode, running, "a")
 
     assert len(_Task.started) == 3 and len(running) == 2

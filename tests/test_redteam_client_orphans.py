@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,21 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state[state.rfind(")") + 2] != "Z"
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes in session ``sid`` (the launcher's fork server and its tasks stay in it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2 :].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
 
 
 def cmdline(pid: int) -> str:
@@ -123,3 +139,42 @@ def test_killed_ferry_client_leaves_no_supernode_or_launcher(tmp_path, started):
         assert "ferry client is gone; stopping the SuperNode" in log
     finally:
         client.stop(grace=5)  # every tagged descendant, whatever the outcome
+
+
+@pytest.mark.slow
+def test_a_launcher_whose_ferry_client_died_while_it_started_stops_the_supernode(tmp_path):
+    """``ferry client`` killed while its launcher is still importing: the launcher, once
+    running, finds its parent already replaced. It must know ``ferry client``'s pid from
+    the start (``--ferry-pid``) rather than read its parent then, or it never notices."""
+    supernode = subprocess.Popen(  # stands for the SuperNode: a session of its own
+        [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True
+    )
+    log = tmp_path / "launcher.log"
+    short_lived = (  # starts the launcher the way ferry client does, then dies at once
+        "import os, subprocess, sys\n"
+        f"out = open({str(log)!r}, 'w')\n"
+        "p = subprocess.Popen([sys.executable, '-P', '-m', 'ferry.client.task_launcher',"
+        f" '--supernode-pid', '{supernode.pid}', '--ferry-pid', str(os.getpid()),"
+        f" '--runtime-api-address', '127.0.0.1:{free_port()}'], stdout=out, stderr=out,"
+        " start_new_session=True)\n"
+        "print(p.pid)\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", short_lived], capture_output=True, text=True, timeout=30
+        )
+        launcher = int(done.stdout)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (alive(launcher) or supernode.poll() is None):
+            time.sleep(0.5)
+        assert supernode.poll() is not None, "the SuperNode outlived ferry client"
+        assert not alive(launcher), cmdline(launcher)
+        assert "ferry client is gone; stopping the SuperNode" in log.read_text()
+        deadline = time.monotonic() + 20  # its fork server goes with it
+        while time.monotonic() < deadline and session_members(launcher):
+            time.sleep(0.5)
+        assert {p: cmdline(p) for p in session_members(launcher)} == {}
+    finally:
+        if supernode.poll() is None:
+            os.killpg(supernode.pid, signal.SIGKILL)
+        supernode.wait()

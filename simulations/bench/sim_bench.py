@@ -22,6 +22,9 @@ import threading
 from pathlib import Path
 
 EXAMPLES_PER_CLIENT = 40
+# (virtual clients, rounds, fraction sampled per round) of each Ferry-vs-no-op pair.
+QUICK_SIZES = [(100, 3, 0.5)]
+FULL_SIZES = [(100, 4, 0.5), (1000, 4, 0.1)]
 
 
 def _tree_rss(root: int) -> int:
@@ -89,6 +92,7 @@ def run_child(kind: str, clients: int, rounds: int, fraction: float, home: str) 
     return {
         "kind": kind,
         "clients": clients,
+        "fraction": fraction,
         "rounds": len(rounds_done),
         "first_round_s": rounds_done[0]["seconds"],
         "steady_round_s": sum(steady) / len(steady),
@@ -118,7 +122,7 @@ def child_main(kind: str, clients: int, rounds: int, fraction: float, out: str) 
 
 
 def run(quick: bool) -> dict:
-    sizes = [(100, 3, 0.5)] if quick else [(100, 4, 0.5), (1000, 4, 0.1)]
+    sizes = QUICK_SIZES if quick else FULL_SIZES
     home = tempfile.mkdtemp(prefix="bench-home-")
     results = []
     for clients, rounds, fraction in sizes:
@@ -143,7 +147,7 @@ def render(results: dict, command: str) -> str:
     ]
     for clients in sorted({c for _, c in by}):
         f, n = by[("ferry", clients)], by[("noop", clients)]
-        frac = 0.5 if clients <= 100 else 0.1
+        frac = f["fraction"]
         lines.append(
             f"| {clients:,} | {int(clients * frac)} | {f['steady_round_s']:.2f} s | "
             f"{n['steady_round_s']:.2f} s | **{f['steady_round_s'] / n['steady_round_s']:.2f}×** | "
