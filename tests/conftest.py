@@ -35,7 +35,6 @@ LONGEST_FIRST = (
     "test_deploy.py",
     "test_backbone_transport.py",
     "test_bench.py",
-    "test_attack_outsider.py",
     "test_attack_budget_state.py",
     "test_attack_code_bundle.py",
     "test_scenarios.py",

@@ -8,11 +8,17 @@ round loop's behaviours, drops, rejections and resume included, are pinned in-pr
 
 * ``dropout_run``: 2 rounds; before the institutions join, a SuperNode with an unregistered
   key, one without the CA certificate and a ``ferry client`` holding another federation's CA
-  are all turned away; in round 2 one institution is killed (SIGKILL, its whole process
-  tree) while it trains, and the run completes with the other two.
-* ``resumed_run``: 2 rounds; the whole server side is killed (SIGKILL) right after round 1's
-  checkpoint, ``ferry server --resume`` finishes round 2, and the ledger verifies and agrees
-  with every institution's own privacy accounting.
+  are all turned away, and an outsider on the network (:mod:`outsider`: the public CA
+  certificate, keys of its own, a copied public key) tries Flower's Control API, the Fleet
+  API and raw HTTPS against the live run, and fails at every step; in round 2 one
+  institution is killed (SIGKILL, its whole process tree) while it trains, and the run
+  completes with the other two.
+* ``resumed_run``: 2 rounds with a large backbone (a random-init ResNet-50 for 64 px images,
+  94 MB of weights: Flower chunks the arrays itself, so the whole backbone travels in one
+  Ferry message); round 1 ships it to every institution once, by hash; the whole server side
+  is killed (SIGKILL) right after round 1's checkpoint, ``ferry server --resume`` finishes
+  round 2 without shipping it again, and the ledger verifies and agrees with every
+  institution's own privacy accounting.
 
 Every process is started with a tag in its environment that all its descendants inherit;
 the fixtures stop them all (also when a test fails) and check with ``ps`` and ``/proc`` that
@@ -46,10 +52,13 @@ from ferry.common.deploy.child_processes import (
     tagged_pids,
 )
 from ferry.common.privacy.accounting import MechanismSegment, epsilon_for_history
-from ferry.common.serialization import save_artifact
+from ferry.common.serialization import load_artifact, save_artifact
+from ferry.server.backbone_import import import_backbone
 from ferry.server.certs import make_certs
 from ferry.server.ledger import read_ledger
 from ferry.server.pretrain import random_artifact
+
+import outsider
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +141,7 @@ def world(tmp_path_factory) -> dict:
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray((img[0] * 255).astype(np.uint8)).save(folder / f"{j:03d}.png")
     save_artifact(random_artifact("ferry-cnn", seed=0), root / "backbone")
+    kit = outsider.equip(root / "outsider", root / "certs", INSTITUTIONS[0])
     env = dict(os.environ)
     env.update(
         FERRY_HOME=str(root / "ferry-home"),
@@ -140,11 +150,24 @@ def world(tmp_path_factory) -> dict:
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         PYTHONPATH=str(Path(__file__).resolve().parents[1]),
     )
-    return {"root": root, "env": env, "certs": root / "certs"}
+    return {"root": root, "env": env, "certs": root / "certs", "outsider": kit}
 
 
-def write_server_config(world: dict, name: str, port: int) -> Path:
+def write_server_config(world: dict, name: str, port: int, **run: str) -> Path:
+    """``[run]`` as below, ``run``'s keys (as TOML values) added or replacing."""
     root, certs = world["root"], world["certs"]
+    settings = {
+        "rounds": str(ROUNDS),
+        "min-clients": "2",
+        "num-classes": "4",
+        "round-timeout": str(ROUND_TIMEOUT),
+        "connect-timeout": "300",
+        "weights": f'"{root / "backbone"}"',
+        "noise-multiplier": "1.5",
+        "epsilon": "30.0",
+        "delta": str(DELTA),
+        "out": f'"{root / name}-out"',
+    } | run
     keys = "\n".join(f'{i} = "{certs}/institutions/{i}.pub"' for i in INSTITUTIONS)
     path = root / f"{name}.toml"
     path.write_text(
@@ -157,16 +180,7 @@ state-dir = "{root / name}-state"
 {keys}
 
 [run]
-rounds = {ROUNDS}
-min-clients = 2
-num-classes = 4
-round-timeout = {ROUND_TIMEOUT}
-connect-timeout = 120
-weights = "{root / "backbone"}"
-noise-multiplier = 1.5
-epsilon = 30.0
-delta = {DELTA}
-out = "{root / name}-out"
+{chr(10).join(f"{key} = {value}" for key, value in settings.items())}
 """
     )
     return path
@@ -188,9 +202,9 @@ def client_argv(world: dict, inst: str, port: int, state: str, **override) -> li
     return [*FERRY, "client", *[x for kv in args.items() for x in kv]]
 
 
-def start_server(procs: Processes, world: dict, name: str, port: int, *extra: str):
-    config = write_server_config(world, name, port)
-    server = procs.start(name, [*FERRY, "server", "--config", str(config), *extra])
+def start_server(procs: Processes, world: dict, name: str, port: int, **run: str):
+    config = write_server_config(world, name, port, **run)
+    server = procs.start(name, [*FERRY, "server", "--config", str(config)])
     wait_for(
         lambda: server.poll() is not None or f"{INSTITUTIONS[-1]}: " in server.log_tail(200),
         90,
@@ -252,6 +266,30 @@ def dropout_run(world) -> dict:
         )
         for name, child in (("rogue", rogue), ("no_ca", no_ca), ("wrong_ca", wrong_ca)):
             result[name] = {"code": procs.wait(child, 90), "log": child.log_path.read_text()}
+        # The outsider, while the run is live and waits for its institutions (so every attempt
+        # is made during the run, however slow the machine).
+        operator = world["root"] / "dropout-state" / "flwr-home"  # ferry server's own view
+        run_id = wait_for(
+            lambda: outsider.live_run(operator, world["env"]), 120, "the run to be live", poll=0.5
+        )
+        kit, honest = world["outsider"], INSTITUTIONS[0]
+        own = procs.start("outsider-own", outsider.own_supernode_argv(kit, port, free_port()))
+        named = procs.start(
+            "outsider-named",
+            client_argv(
+                world, honest, port, "outsider", **{"--key": str(kit / "named" / f"{honest}.key")}
+            ),
+        )
+        result["outsider"] = outsider.control_attempts(
+            kit, port, world["env"], run_id, honest, operator
+        )
+        result["outsider"]["run_id"] = run_id
+        for name, child in (("own_supernode", own), ("named_client", named)):
+            result["outsider"][name] = {
+                "code": procs.wait(child, 120),
+                "log": child.log_path.read_text(),
+            }
+        result["outsider_done"] = time.monotonic() - t0
         clients = {
             inst: procs.start(f"dropout-{inst}", client_argv(world, inst, port, "dropout-clients"))
             for inst in INSTITUTIONS
@@ -281,13 +319,29 @@ def dropout_run(world) -> dict:
 
 
 @pytest.fixture(scope="module")
-def resumed_run(world) -> dict:
+def resnet50(world) -> dict:
+    """A random-init ResNet-50 for 3x64x64 images, written as a ``--weights`` directory."""
+    out = world["root"] / "resnet50"
+    import_backbone("resnet50", "random", 64, out, log=lambda *_: None)
+    return {"dir": out, "artifact": load_artifact(out)}
+
+
+@pytest.fixture(scope="module")
+def resumed_run(world, resnet50) -> dict:
     procs = Processes(world["root"], world["env"])
     port, result = free_port(), {}
     out = world["root"] / "resume-out"
     try:
         t0 = time.monotonic()
-        server = start_server(procs, world, "resume", port)
+        server = start_server(
+            procs,
+            world,
+            "resume",
+            port,
+            backbone='"resnet50"',
+            weights=f'"{resnet50["dir"]}"',
+            **{"round-timeout": "240"},  # no dropout here: a slow round 1 only waits longer
+        )
         clients = {
             inst: procs.start(f"resume-{inst}", client_argv(world, inst, port, "resume-clients"))
             for inst in INSTITUTIONS
@@ -390,6 +444,65 @@ def test_dropout_run_leaves_no_process_behind(dropout_run):
     assert dropout_run["leftovers"] == []
 
 
+# --- an outsider against the live run (before its institutions joined) ------------------------
+
+
+def test_outsider_cannot_list_runs(dropout_run):
+    attempts = dropout_run["outsider"]
+    outsider.refused(attempts["ls"], attempts["run_id"])
+    assert "runs" not in (attempts["ls"][0] or {})
+
+
+def test_outsider_cannot_register_a_key_of_its_own_or_a_copied_one(dropout_run):
+    attempts = dropout_run["outsider"]
+    outsider.refused(attempts["register"], attempts["run_id"])
+    outsider.refused(attempts["register_copy"], attempts["run_id"])
+    registered = json.loads((dropout_run["state"] / "institutions.json").read_text())
+    assert set(registered) == set(INSTITUTIONS)
+
+
+def test_outsider_cannot_submit_a_run(dropout_run):
+    attempts = dropout_run["outsider"]
+    outsider.refused(attempts["run"], attempts["run_id"])
+    assert attempts["operator_runs"] == [attempts["run_id"]]  # the SuperLink holds Ferry's only
+    fab_store = dropout_run["state"] / "flwr-home"
+    assert not any("evil" in p.name for p in fab_store.rglob("*")), "the outsider's app arrived"
+
+
+def test_outsider_cannot_stop_the_live_run(dropout_run):
+    attempts = dropout_run["outsider"]
+    assert attempts["still_live"], "the attempts must be made while the run is live"
+    outsider.refused(attempts["stop"], attempts["run_id"])
+    assert dropout_run["server_code"] == 0  # and the run went on to its end
+
+
+def test_control_runtime_docs_and_path_tricks_answer_404(dropout_run):
+    assert {k: v for k, v in dropout_run["outsider"]["raw"].items() if v != 404} == {}
+
+
+def test_fleet_route_without_a_node_signature_is_refused_by_the_superlink(dropout_run):
+    # forwarded by the proxy; Flower's node authentication says no
+    assert dropout_run["outsider"]["unsigned_fleet"] == 401
+
+
+def test_outsider_supernodes_cannot_join(dropout_run):
+    own, named = dropout_run["outsider"]["own_supernode"], dropout_run["outsider"]["named_client"]
+    assert own["code"] != 0 and "SuperNode ID" not in own["log"], own["log"][-2000:]
+    assert named["code"] == 2, named["log"][-2000:]
+    assert "not registered with the federation" in named["log"]
+    superlink_log = (dropout_run["state"] / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in superlink_log
+
+
+def test_the_run_holds_the_registered_institutions_only(dropout_run):
+    records = read_ledger(dropout_run["out"] / "ledger.jsonl").records
+    registered = json.loads((dropout_run["state"] / "institutions.json").read_text())
+    nodes = {r["node_id"] for r in records if "node_id" in r}
+    assert nodes <= {str(node) for node in registered.values()}
+    assert {r["institution"] for r in records if "institution" in r} <= set(INSTITUTIONS)
+    print(f"outsider's attempts done at {dropout_run['outsider_done']:.0f}s")
+
+
 # --- the server killed after round 1 and resumed --------------------------------------------
 
 
@@ -427,6 +540,27 @@ def test_resumed_ledger_verifies_and_matches_each_institutions_own_accounting(re
         assert epsilon_for_history(replay, DELTA) == pytest.approx(state.epsilon(DELTA)), inst
         # Same node id before and after the restart: the key identifies the institution.
         assert len({r["node_id"] for r in mine}) == 1, inst
+
+
+def test_resnet50_reached_every_institution_once_by_hash_and_not_again_after_the_restart(
+    resumed_run, resnet50
+):
+    artifact, out = resnet50["artifact"], resumed_run["out"]
+    assert artifact.nbytes > 90e6
+    shipped = _records(out, "backbone_shipped")
+    assert len(shipped) == len({r["node_id"] for r in shipped}) == len(INSTITUTIONS)
+    assert {(r["round"], r["backbone_sha256"], r["bytes"]) for r in shipped} == {
+        (1, artifact.sha256, artifact.nbytes)
+    }
+    first, second = json.loads((out / "summary.json").read_text())["bytes"]["per_round"]
+    assert first["backbones_shipped"] == len(INSTITUTIONS)
+    assert first["largest_message_arrays"] == artifact.nbytes  # one message, one whole copy
+    assert second["backbones_shipped"] == 0 and second["backbone_sent"] == 0
+    for inst in INSTITUTIONS:  # ferry client's cache: STATE_DIR/cache
+        cache = resumed_run["clients"] / inst / "cache" / "backbones"
+        assert sorted(p.name for p in cache.iterdir()) == [artifact.sha256], inst
+        stored = load_artifact(cache / artifact.sha256, artifact.sha256)  # verifies the hash
+        assert stored.nbytes == artifact.nbytes
 
 
 def test_resumed_run_leaves_no_process_behind(resumed_run):
