@@ -5,7 +5,7 @@ so the whole backbone travels in one Ferry message; these tests check that such 
 gets through in simulation (between real processes, with a server restart in the middle, it is
 ``tests/test_deploy.py``'s resumed run).
 
-* Simulation (3 virtual hospitals, 2 rounds, twice in one ``$FERRY_HOME``): round 1 ships one
+* Simulation (2 virtual hospitals, 2 rounds, twice in one ``$FERRY_HOME``): round 1 ships one
   copy per client (one ``backbone_shipped`` record each), round 2 ships nothing, and the
   second run ships nothing at all because every client's cache holds the hash. The first run
   is on Flower's Ray backend (the large message's trip); the second, which ships no backbone,
@@ -35,7 +35,7 @@ from inprocess_grid import empty_process_caches, simulate_in_process
 
 pytestmark = pytest.mark.slow
 
-CLIENTS, ROUNDS = 3, 2
+CLIENTS, ROUNDS = 2, 2
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
 from ferry.cli import main
-from ferry.simulations.bench import sim_bench
+from ferry.simulations.bench import sim_bench, task_start_bench
 
 CLIENTS = 20
 
@@ -40,3 +41,13 @@ def test_ferry_bench_quick_writes_every_benchmark(tmp_path, monkeypatch):
     assert all(r["peak_rss_bytes"] > 0 for r in results["simulation"]["runs"])
     for r in results["simulation"]["runs"]:
         assert math.isfinite(r["steady_round_s"]) and r["steady_round_s"] > 0
+
+
+@pytest.mark.slow
+def test_task_start_bench_compares_a_forked_task_with_a_fresh_process(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    task_start_bench.main(["--tasks", "1", "--markdown", str(out)])
+    text = out.read_text()
+    assert task_start_bench.HEADING in text
+    ratios = re.findall(r"\*\*(\d+)×\*\*", text)
+    assert len(ratios) == 2 and all(int(r) > 0 for r in ratios)
