@@ -148,7 +148,9 @@ def test_concurrent_rounds_in_processes_never_exceed_the_budget_nor_lose_a_spend
     settings = _settings(tmp_path, artifact, None)
     budget = _budget_for_two_rounds(_planned(settings, artifact))
     settings = dataclasses.replace(settings, budget=budget)
-    ctx = multiprocessing.get_context("spawn")
+    # Forked from a warm server, as a deployed institution's tasks are (client.task_launcher).
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["ferry.client.runtime"])
     barrier, results = ctx.Barrier(4), ctx.Queue()
     procs = [
         ctx.Process(
