@@ -13,4 +13,13 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "load_model"]
+
+
+def __getattr__(name: str):
+    """``ferry.load_model``, imported on first use: ``import ferry`` loads no torch."""
+    if name == "load_model":
+        from ferry.common.exported_model import load_model
+
+        return load_model
+    raise AttributeError(f"module 'ferry' has no attribute {name!r}")

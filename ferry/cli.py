@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from ferry.commands import audit, backbone, deployment, simulation
+from ferry.commands import audit, backbone, deployment, model, simulation
 from ferry.common.errors import FerryError
 
 # The subcommands, in the order `ferry --help` lists them; each module adds its own options
@@ -23,6 +23,8 @@ COMMANDS = (
     simulation.add_simulate,
     backbone.add_tune,
     audit.add_audit,
+    model.add_export,
+    model.add_predict,
     deployment.add_certs,
     deployment.add_server,
     deployment.add_client,

@@ -41,6 +41,7 @@ from ferry.server.checkpoint import (
     save_checkpoint,
 )
 from ferry.server.exchange import Traffic
+from ferry.server.final_model import write_final_model
 from ferry.server.ledger import Ledger
 from ferry.server.outputs import append_metrics, build_summary, write_summary
 from ferry.server.plan import FederationPlan, FederationState
@@ -259,5 +260,6 @@ def run_federation(grid: Grid, plan: FederationPlan) -> dict:
     summary = build_summary(plan, state, end_reason, time.perf_counter() - started)
     if plan.resume:
         summary["resumed"] = True
+    write_final_model(plan, state, end_reason)  # before the summary: a summary means both
     write_summary(plan.out, summary)
     return summary

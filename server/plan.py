@@ -39,8 +39,13 @@ class FederationPlan:
     # What a round does with its usable updates (server.aggregation.RoundAggregation: the
     # rule, a secure-aggregation decoder, post-aggregation steps); None: the run config's.
     aggregation: RoundAggregation | None = None
+    # The class names in class-id order (the data's in simulation; the run config's public
+    # list in a deployment): they go into the final model (server.final_model).
+    class_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not self.class_names:
+            self.class_names = tuple(self.cfg.names("classes"))
         # Every round asks for settled values: what the planner left out takes the rule's
         # (common.training_defaults), as every institution would take it.
         if any(getattr(self.cfg, k) is None for k in ("local_epochs", "rounds", "lr")):

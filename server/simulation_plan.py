@@ -107,4 +107,5 @@ def plan_simulation(
         run_id=out.name,
         log=log,
         training_source=source,
+        class_names=tuple(dataset.classes) if cfg.task == "classification" else (),
     )

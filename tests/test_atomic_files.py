@@ -88,6 +88,7 @@ def test_the_data_is_fsynced_before_the_rename_and_the_directory_after(tmp_path,
 _MOVES_A_DIRECTORY = {
     ("client/backbone_cache.py", "os.replace(self.path(sha256), corrupt)"),  # set aside
     ("simulations/bench/kcurve_plan.py", "partial.rename(data)"),  # a finished data folder
+    ("server/model_export.py", "os.rename(tmp, out)"),  # a finished model folder
 }
 _OWN_WRITE = re.compile(r"os\.replace\(|os\.rename\(|os\.link\(|NamedTemporaryFile|\.rename\(")
 

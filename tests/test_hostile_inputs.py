@@ -467,6 +467,19 @@ CASES = [
     Case(
         "audit-receipts-missing", _argv("audit", "{w}/run", "--no-plot", "--receipts", "{w}/none")
     ),
+    # --- ferry export / predict ---
+    Case("export-not-a-run", _argv("export", "{w}/empty-dir", "--out", "{w}/m"), "finished run"),
+    Case("export-missing", _argv("export", "{w}/nothing-here", "--out", "{w}/m"), "finished run"),
+    Case(
+        "predict-not-a-model",
+        _argv("predict", "{w}/empty-dir", "--data", "{w}/empty-dir", "--out", "{w}/p.csv"),
+        "not a Ferry model",
+    ),
+    Case(
+        "predict-binary-model",
+        _argv("predict", "{w}/binary.bin", "--data", "{w}/empty-dir", "--out", "{w}/p.csv"),
+        "not a Ferry model",
+    ),
     # --- ferry bench ---
     Case("bench-out-is-a-file", _argv("bench", "--quick", "--out", "{w}/a-file"), "a-file"),
 ]

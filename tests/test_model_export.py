@@ -1,0 +1,150 @@
+"""A run's model, exported and used: ``ferry export``, ``ferry predict``, ``ferry.load_model``.
+
+One federation (3 institutions holding an image folder's examples, 2 rounds, in this process:
+:func:`inprocess_grid.simulate_in_process` runs the real plan, round loop and clients), then:
+
+* the exported model, loaded with ``ferry.load_model``, predicts the institutions' pooled
+  held-out examples with exactly the accuracy the run's last federated evaluation reported;
+* ``ferry predict`` writes one row per example, the same predictions as ``ferry.load_model``;
+* bad input is a one-line error with exit 2, nothing overwritten: a run that did not finish,
+  an existing ``--out``, a model whose weights do not match its manifest, data that does not
+  fit the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ferry
+from ferry.cli import main
+from ferry.common.config import RunConfig
+from ferry.common.data.datasets import DataSpec, load_partition
+from ferry.common.data.synthetic import class_names, make_images
+from ferry.common.exported_model import predict
+from ferry.common.prediction import read_data
+
+from inprocess_grid import simulate_in_process
+
+CLIENTS, ROUNDS = 3, 2
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("export")
+    names = class_names("target")
+    images, labels = make_images("target", 240, seed=11)
+    for j, (img, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root / "data" / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img[0] * 255).astype(np.uint8)).save(folder / f"{j:03d}.png")
+    cfg = RunConfig(
+        clients=CLIENTS,
+        rounds=ROUNDS,
+        data=str(root / "data"),
+        partition="iid",
+        weights="random",
+        epsilon=8.0,
+        out=str(root / "run"),
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FERRY_HOME", str(root / "ferry-home"))
+        summary = simulate_in_process(cfg)
+        assert main(["export", str(root / "run"), "--out", str(root / "model")]) == 0
+    return {"root": root, "summary": summary, "run": root / "run", "model": root / "model"}
+
+
+def test_exported_model_reproduces_the_last_federated_evaluation(run):
+    model, preprocessing = ferry.load_model(run["model"])
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    record = json.loads((run["run"] / "model" / "model.json").read_text())
+    cfg = RunConfig.from_mapping(record["config"])
+    spec = replace(
+        DataSpec.from_run(cfg, CLIENTS, tuple(record["input_shape"])), task=record["task"]
+    )
+    held_out = [load_partition(spec, pid).test for pid in range(CLIENTS)]
+    x = np.concatenate([h.x for h in held_out])
+    y = np.concatenate([h.y for h in held_out])
+    predicted = predict(model, preprocessing, x).argmax(axis=1)
+    last = json.loads((run["run"] / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["round"] == ROUNDS and last["eval_examples"] == len(y)
+    assert float(np.mean(predicted == y)) == pytest.approx(last["accuracy"], abs=1e-12)
+
+
+def test_manifest_states_the_model_and_its_privacy(run):
+    manifest = json.loads((run["model"] / "manifest.json").read_text())
+    assert manifest["classes"] == sorted(class_names("target"))  # the folder's, sorted
+    assert manifest["backbone_sha256"] == run["summary"]["backbone"]["sha256"]
+    privacy = manifest["privacy"]
+    assert privacy["unit"] and privacy["accountant"] and privacy["not_covered"]
+    assert set(privacy["institutions"]) == set(run["summary"]["clients"])
+    for name, spent in privacy["institutions"].items():
+        assert spent["epsilon"] == run["summary"]["clients"][name]["epsilon"]
+        assert spent["delta"] == run["summary"]["clients"][name]["delta"]
+        assert spent["rounds"] == ROUNDS
+
+
+def test_ferry_predict_writes_what_load_model_predicts(run, tmp_path):
+    out = tmp_path / "preds.csv"
+    assert (
+        main(["predict", str(run["model"]), "--data", str(run["root"] / "data"), "--out", str(out)])
+        == 0
+    )
+    rows = list(csv.DictReader(out.open()))
+    model, preprocessing = ferry.load_model(run["model"])
+    data = read_data(run["model"], run["root"] / "data")
+    p = predict(model, preprocessing, data.x)
+    assert len(rows) == len(data) == 240
+    assert [r["prediction"] for r in rows] == [model.classes[i] for i in p.argmax(axis=1)]
+    assert [r["label"] for r in rows] == [model.classes[i] for i in data.y]
+    got = np.array([[float(r[f"p_{c}"]) for c in model.classes] for r in rows])
+    assert np.allclose(got, p, atol=1e-5)
+
+
+def _refused(capsys, argv: list[str], words: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ferry: error:") and words in err[0], err
+
+
+def test_bad_input_is_one_line_exit_2_and_nothing_is_overwritten(run, tmp_path, capsys):
+    # A run that did not finish: no final model.
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run["run"], unfinished)
+    shutil.rmtree(unfinished / "model")
+    _refused(capsys, ["export", str(unfinished), "--out", str(tmp_path / "m1")], "no finished run")
+    assert not (tmp_path / "m1").exists()
+    # An --out that holds something.
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    _refused(capsys, ["export", str(run["run"]), "--out", str(taken)], "already exists")
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    # Weights that do not match the manifest.
+    altered = tmp_path / "altered"
+    shutil.copytree(run["model"], altered)
+    weights = altered / "trainable.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1
+    weights.write_bytes(bytes(blob))
+    preds = tmp_path / "p.csv"
+    argv = ["predict", str(altered), "--data", str(run["root"] / "data"), "--out", str(preds)]
+    _refused(capsys, argv, "does not match its manifest")
+    assert not preds.exists()
+    # Data that does not fit the model (a table for an image model).
+    table = tmp_path / "table.csv"
+    table.write_text("a,b,label\n1,2,0\n3,4,1\n")
+    argv = ["predict", str(run["model"]), "--data", str(table), "--out", str(preds)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("ferry: error:") and not preds.exists()
+    # An existing prediction file.
+    preds.write_text("mine")
+    argv = ["predict", str(run["model"]), "--data", str(run["root"] / "data"), "--out", str(preds)]
+    _refused(capsys, argv, "already exists")
+    assert preds.read_text() == "mine"
