@@ -13,13 +13,13 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "load_model"]
+__all__ = ["__version__", "Run", "load_model", "simulate"]
 
 
 def __getattr__(name: str):
-    """``ferry.load_model``, imported on first use: ``import ferry`` loads no torch."""
-    if name == "load_model":
-        from ferry.common.exported_model import load_model
+    """The API (:mod:`ferry.api`), imported on first use: ``import ferry`` loads no torch."""
+    if name in ("Run", "load_model", "simulate"):
+        from ferry import api
 
-        return load_model
+        return getattr(api, name)
     raise AttributeError(f"module 'ferry' has no attribute {name!r}")

@@ -27,6 +27,7 @@ from ferry.cli import main
 from ferry.common.config import RunConfig
 from ferry.common.data.datasets import DataSpec, load_partition
 from ferry.common.data.synthetic import class_names, make_images
+from ferry.common.errors import FerryError
 from ferry.common.exported_model import predict
 from ferry.common.prediction import read_data
 
@@ -148,3 +149,33 @@ def test_bad_input_is_one_line_exit_2_and_nothing_is_overwritten(run, tmp_path, 
     argv = ["predict", str(run["model"]), "--data", str(run["root"] / "data"), "--out", str(preds)]
     _refused(capsys, argv, "already exists")
     assert preds.read_text() == "mine"
+
+
+def test_python_api_simulates_and_hands_back_the_run_and_its_model(tmp_path, without_ray):
+    data = tmp_path / "data"
+    names = class_names("target")
+    images, labels = make_images("target", 120, seed=5)
+    for j, (img, label) in enumerate(zip(images, labels, strict=True)):
+        folder = data / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img[0] * 255).astype(np.uint8)).save(folder / f"{j:03d}.png")
+    lines: list[str] = []
+    run = ferry.simulate(
+        clients=2,
+        rounds=1,
+        data=str(data),
+        partition="iid",
+        weights="random",
+        out=str(tmp_path / "run"),
+        log=lines.append,
+    )
+    assert isinstance(run, ferry.Run) and run.out == tmp_path / "run" and lines
+    assert [r["round"] for r in run.rounds] == [1]
+    assert set(run.privacy) == set(run.summary["clients"]) and len(run.privacy) == 2
+    assert all(0 < p["epsilon"] < float("inf") for p in run.privacy.values())
+    assert run.ledger.is_file()
+    model, preprocessing = run.model()
+    x = read_data(run.out / "exported", data).x
+    assert predict(model, preprocessing, x).shape == (120, 4)
+    with pytest.raises(FerryError, match="unknown setting 'rouns'"):
+        ferry.simulate(rouns=2)
