@@ -10,7 +10,6 @@ examples (images (n, c, h, w) in [0, 1], or table rows as Ferry's loaders read t
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from ferry.common.config import RunConfig
 from ferry.common.data.preprocess import check_preprocessing, preprocess
 from ferry.common.errors import FerryError
 from ferry.common.model import out_dim, split_for_run
-from ferry.common.serialization import BackboneArtifact, instantiate, verify
+from ferry.common.serialization import BackboneArtifact, file_sha256, instantiate, verify
 from ferry.common.trainable import load_trainable_state
 
 FORMAT = 1
@@ -72,14 +71,6 @@ class Preprocessing:
                 f"{self.input_shape}: give data like the data it was trained on"
             )
         return torch.from_numpy(preprocess(x, self.spec))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(folder: str | Path) -> dict:

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from ferry.common.config import RunConfig
 from ferry.common.exported_model import ExportedModel, Preprocessing, load_model
+from ferry.server.model_export import export_model
+from ferry.server.outputs import institution_privacy
+from ferry.simulations.runner import simulate as run_simulation
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,8 @@ class Run:
 
     @property
     def privacy(self) -> dict[str, dict]:
-        """Per institution: ε spent, δ, rounds trained (as its signed reports said)."""
-        return {
-            name: {k: c.get(k) for k in ("epsilon", "delta", "rounds")}
-            for name, c in self.summary["clients"].items()
-        }
+        """Per institution: ε spent, δ, rounds trained, budget ε (as its signed reports said)."""
+        return institution_privacy(self.summary)
 
     @property
     def ledger(self) -> Path:
@@ -47,8 +47,6 @@ class Run:
 
     def export(self, folder: str | Path) -> Path:
         """The final model as a self-contained folder (what ``ferry export`` writes)."""
-        from ferry.server.model_export import export_model
-
         return export_model(self.out, folder)
 
     def model(self) -> tuple[ExportedModel, Preprocessing]:
@@ -63,8 +61,6 @@ class Run:
 def simulate(*, log=print, **settings) -> Run:
     """Run a simulation with ``ferry simulate``'s settings; return the finished :class:`Run`.
     ``log`` receives the progress lines (``print`` by default)."""
-    from ferry.simulations.runner import simulate as run_simulation
-
     cfg = RunConfig.from_mapping(settings).validate()
     summary = run_simulation(cfg, log=log)
     return Run(Path(summary["run"]["out"]))

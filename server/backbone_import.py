@@ -25,7 +25,6 @@ same artifact sha256 on every server.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import time
@@ -38,7 +37,12 @@ from torch import nn
 from ferry.common.backbones.origins import Origin, image_preprocessing, key_map, origin_of
 from ferry.common.backbones.registry import backbone_spec
 from ferry.common.errors import FerryError
-from ferry.common.serialization import BackboneArtifact, make_artifact, save_artifact
+from ferry.common.serialization import (
+    BackboneArtifact,
+    file_sha256,
+    make_artifact,
+    save_artifact,
+)
 
 _HUB_HASH = re.compile(r"-([a-f0-9]{8,})\.")  # torch hub: <name>-<sha256 prefix>.<ext>
 
@@ -209,11 +213,7 @@ def _checkpoint_path(source: str) -> Path:
 
 def _sha256(path: Path, log) -> str:
     log(f"hashing {path}")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def _check_hub_hash(path: Path, digest: str) -> None:

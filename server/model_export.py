@@ -32,10 +32,10 @@ from ferry.common.exported_model import (
     MANIFEST_FILE,
     TRAINABLE_FILE,
     TRAINABLE_SETTINGS,
-    file_sha256,
 )
-from ferry.common.serialization import BackboneArtifact, load_artifact, verify
+from ferry.common.serialization import BackboneArtifact, file_sha256, load_artifact, verify
 from ferry.server.final_model import read_final_model
+from ferry.server.outputs import institution_privacy
 from ferry.server.pretrain import random_artifact
 
 
@@ -59,16 +59,9 @@ def _backbone(record: dict, weights: str | None) -> BackboneArtifact:
         ) from None
 
 
-def _privacy(run_dir: Path, record: dict) -> dict:
+def _privacy(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
-    statement = dict(summary.get("privacy", {}))
-    config = record["config"]
-    statement["institutions"] = {  # what each spent, as its signed reports said
-        name: {"delta": config["delta"]}
-        | {k: c[k] for k in ("epsilon", "delta", "rounds", "budget_epsilon") if k in c}
-        for name, c in sorted(summary.get("clients", {}).items())
-    }
-    return statement
+    return {**summary.get("privacy", {}), "institutions": institution_privacy(summary)}
 
 
 def export_model(run_dir: str | Path, out: str | Path, weights: str | None = None) -> Path:
@@ -102,7 +95,7 @@ def export_model(run_dir: str | Path, out: str | Path, weights: str | None = Non
         "classes": record["classes"],
         "rounds_completed": record["rounds_completed"],
         "run": str(run_dir.resolve()),
-        "privacy": _privacy(run_dir, record),
+        "privacy": _privacy(run_dir),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -65,6 +65,16 @@ def write_summary(out: Path, summary: dict) -> None:
     write_atomic(out / "summary.json", json.dumps(json_safe(summary), indent=2, sort_keys=True))
 
 
+def institution_privacy(summary: dict) -> dict[str, dict]:
+    """Per institution in ``summary.json``: ε spent, δ, rounds trained and its budget ε, as
+    its signed reports said (what an exported model and ``ferry.Run`` state)."""
+    keys = ("epsilon", "delta", "rounds", "budget_epsilon")
+    return {
+        name: {k: client[k] for k in keys if k in client}
+        for name, client in sorted(summary.get("clients", {}).items())
+    }
+
+
 def build_summary(plan, state, end_reason: str, wall_time_s: float) -> dict:
     """``summary.json``: final metrics, per-institution privacy, traffic, wall time, and the
     privacy statement (:func:`common.privacy.statement.privacy_statement`: what each release

@@ -29,11 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from ferry.common.data.synthetic import class_names, make_images
+from ferry.common.data.synthetic import write_image_folder
 from ferry.common.deploy.child_processes import ChildProcess, flower_bin, tagged_pids
 from ferry.common.serialization import save_artifact
 from ferry.server.pretrain import random_artifact
@@ -152,12 +150,7 @@ def flwr_run(app: Path, home: Path, env: dict) -> int:
 @pytest.fixture(scope="module")
 def attacked(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("code-bundle")
-    names = class_names("target")
-    images, labels = make_images("target", 60, seed=7)
-    for j, (img, label) in enumerate(zip(images, labels, strict=True)):
-        folder = root / "data" / names[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((img[0] * 255).astype(np.uint8)).save(folder / f"{j:03d}.png")
+    write_image_folder(root / "data", "target", 60, seed=7)
     save_artifact(random_artifact("ferry-cnn", seed=0), root / "backbone")
     operator_lib = root / "operator-lib"  # the operator's own machine: code it may run there
     operator_lib.mkdir()

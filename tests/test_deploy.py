@@ -37,12 +37,10 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from ferry.client.privacy_state import PrivacyState
-from ferry.common.data.synthetic import class_names, make_images
+from ferry.common.data.synthetic import write_image_folder
 from ferry.common.deploy.child_processes import (
     TAG_VAR,
     ChildProcess,
@@ -133,13 +131,8 @@ def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("deploy")
     make_certs(root / "certs", institutions=[*INSTITUTIONS, "rogue"])
     make_certs(root / "other-federation")
-    names = class_names("target")
     for i, inst in enumerate(INSTITUTIONS):
-        images, labels = make_images("target", 100, seed=100 + i)
-        for j, (img, label) in enumerate(zip(images, labels, strict=True)):
-            folder = root / "data" / inst / names[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((img[0] * 255).astype(np.uint8)).save(folder / f"{j:03d}.png")
+        write_image_folder(root / "data" / inst, "target", 100, seed=100 + i)
     save_artifact(random_artifact("ferry-cnn", seed=0), root / "backbone")
     kit = outsider.equip(root / "outsider", root / "certs", INSTITUTIONS[0])
     env = dict(os.environ)

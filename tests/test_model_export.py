@@ -20,13 +20,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import ferry
 from ferry.cli import main
 from ferry.common.config import RunConfig
 from ferry.common.data.datasets import DataSpec, load_partition
-from ferry.common.data.synthetic import class_names, make_images
+from ferry.common.data.synthetic import class_names, write_image_folder
 from ferry.common.errors import FerryError
 from ferry.common.exported_model import predict
 from ferry.common.prediction import read_data
@@ -39,12 +38,7 @@ CLIENTS, ROUNDS = 3, 2
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("export")
-    names = class_names("target")
-    images, labels = make_images("target", 240, seed=11)
-    for j, (img, label) in enumerate(zip(images, labels, strict=True)):
-        folder = root / "data" / names[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((img[0] * 255).astype(np.uint8)).save(folder / f"{j:03d}.png")
+    write_image_folder(root / "data", "target", 240, seed=11)
     cfg = RunConfig(
         clients=CLIENTS,
         rounds=ROUNDS,
@@ -152,13 +146,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_is_overwritten(run, tmp_path, 
 
 
 def test_python_api_simulates_and_hands_back_the_run_and_its_model(tmp_path, without_ray):
-    data = tmp_path / "data"
-    names = class_names("target")
-    images, labels = make_images("target", 120, seed=5)
-    for j, (img, label) in enumerate(zip(images, labels, strict=True)):
-        folder = data / names[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((img[0] * 255).astype(np.uint8)).save(folder / f"{j:03d}.png")
+    data = write_image_folder(tmp_path / "data", "target", 120, seed=5)
     lines: list[str] = []
     run = ferry.simulate(
         clients=2,

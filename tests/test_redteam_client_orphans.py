@@ -34,8 +34,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def children_of(pid: int) -> list[int]:
-    found = []
+def _live_processes() -> dict[int, list[str]]:
+    """Every live (non-zombie) process: pid -> its /proc stat fields after the name."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -43,9 +44,13 @@ def children_of(pid: int) -> list[int]:
             except OSError:
                 continue
             fields = stat[stat.rfind(")") + 2 :].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry.name))
+            if fields[0] != "Z":
+                found[int(entry.name)] = fields
     return found
+
+
+def children_of(pid: int) -> list[int]:
+    return [p for p, fields in _live_processes().items() if int(fields[1]) == pid]
 
 
 def alive(pid: int) -> bool:
@@ -58,17 +63,7 @@ def alive(pid: int) -> bool:
 
 def session_members(sid: int) -> list[int]:
     """Live processes in session ``sid`` (the launcher's fork server and its tasks stay in it)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if int(fields[3]) == sid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found
+    return [p for p, fields in _live_processes().items() if int(fields[3]) == sid]
 
 
 def cmdline(pid: int) -> str:

@@ -13,6 +13,8 @@ data fingerprint is the generator's parameters.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 SIZE = 32
@@ -81,3 +83,17 @@ def make_images(task: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def class_names(task: str) -> list[str]:
     return list(TASKS[task])
+
+
+def write_image_folder(folder: Path, task: str, n: int, seed: int) -> Path:
+    """``make_images(task, n, seed)`` written as an image folder, one subfolder per class
+    (``folder/<class>/<i>.png``, 8-bit grey): data as an institution would hold it."""
+    from PIL import Image  # as common.data.image_folder: not loaded for `ferry --help`
+
+    names = class_names(task)
+    images, labels = make_images(task, n, seed)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        target = folder / names[label]
+        target.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image[0] * 255).astype(np.uint8)).save(target / f"{i:03d}.png")
+    return folder
