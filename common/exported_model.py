@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ferry.common.backbones.own_module import register_module
+from ferry.common.backbones.registry import registered_backbones
 from ferry.common.config import RunConfig
 from ferry.common.data.preprocess import check_preprocessing, preprocess
 from ferry.common.errors import FerryError
@@ -88,8 +90,14 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def load_model(folder: str | Path) -> tuple[ExportedModel, Preprocessing]:
-    """The exported model in ``folder``, verified, in eval mode, and its preprocessing."""
+def load_model(
+    folder: str | Path, backbone: torch.nn.Module | None = None
+) -> tuple[ExportedModel, Preprocessing]:
+    """The exported model in ``folder``, verified, in eval mode, and its preprocessing.
+
+    A model whose backbone was the user's own ``nn.Module`` (``ferry.simulate(backbone=net,
+    split=...)``) needs that module's code: pass a fresh instance as ``backbone`` (its weights
+    are replaced by the model's, which are checked against their hash)."""
     from safetensors.numpy import load_file
 
     folder = Path(folder)
@@ -101,6 +109,7 @@ def load_model(folder: str | Path) -> tuple[ExportedModel, Preprocessing]:
                 "or damaged; export it again with `ferry export`"
             )
     backbone_manifest = manifest["backbone_manifest"]
+    _register_own_module(backbone_manifest, backbone)
     check_preprocessing(backbone_manifest["preprocessing"])
     artifact = BackboneArtifact(backbone_manifest, load_file(str(folder / BACKBONE_FILE)))
     verify(artifact, manifest["backbone_sha256"])
@@ -112,6 +121,32 @@ def load_model(folder: str | Path) -> tuple[ExportedModel, Preprocessing]:
     model.requires_grad_(False)
     shape = tuple(int(d) for d in manifest["input_shape"])
     return model, Preprocessing(backbone_manifest["preprocessing"], shape)
+
+
+def _register_own_module(backbone_manifest: dict, backbone: torch.nn.Module | None) -> None:
+    """Register the user's module for a model trained on one (see :func:`load_model`)."""
+    arch = str(backbone_manifest["architecture"])
+    own = backbone_manifest.get("pretraining", {})
+    if own.get("kind") != "own-module":
+        if backbone is not None:
+            raise FerryError(
+                f"this model's backbone is {arch}, not your own module: drop backbone="
+            )
+        return
+    if backbone is None:
+        if arch in registered_backbones():
+            return  # the process that trained it
+        raise FerryError(
+            f"this model's backbone is your own {own.get('class')} cut at {own.get('split')!r}: "
+            f"pass an instance, ferry.load_model(folder, backbone={own.get('class')}())"
+        )
+    shape = tuple(int(d) for d in backbone_manifest["input_shape"])
+    spec = register_module(backbone, str(own.get("split", "")), shape)
+    if spec.name != arch:
+        raise FerryError(
+            f"backbone={type(backbone).__name__}(...) is {spec.name}, but the model was trained "
+            f"on {arch}: build the module as it was built for training"
+        )
 
 
 def predict(

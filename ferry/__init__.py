@@ -13,7 +13,7 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "Run", "load_model", "simulate"]
+__all__ = ["__version__", "Run", "backbone", "load_model", "simulate"]
 
 
 def __getattr__(name: str):
@@ -22,4 +22,8 @@ def __getattr__(name: str):
         from ferry import api
 
         return getattr(api, name)
+    if name == "backbone":  # the decorator for a backbone named by import path
+        from ferry.common.backbones.registry import backbone
+
+        return backbone
     raise AttributeError(f"module 'ferry' has no attribute {name!r}")

@@ -5,16 +5,32 @@ names (``clients=3, rounds=2, epsilon=3.0, data="my-images/"``; every option of 
 simulate --help``), runs the same simulation (same checks, same DP-SGD, ledger and summary)
 and returns a :class:`Run`. Bad settings raise :class:`ferry.common.errors.FerryError` with
 the one-line message the command prints, before anything runs.
+
+It also takes the user's own objects: ``data`` as one ``(x, y)`` pair of arrays or one
+``torch.utils.data.Dataset`` per institution (a dict by name, or a list), and ``backbone``
+as any ``nn.Module`` with ``split``, the name of the module that Ferry's trainable head
+replaces (:mod:`common.backbones.own_module`). They go through the same machinery as files
+and zoo backbones: the arrays become one arrays file (:mod:`common.data.arrays`, each
+institution its own partition), the module's frozen trunk a hashed backbone artifact.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+
+from ferry.common.backbones.own_module import register_module, save_module
 from ferry.common.config import RunConfig
+from ferry.common.data.arrays import write_arrays
+from ferry.common.errors import FerryError
 from ferry.common.exported_model import ExportedModel, Preprocessing, load_model
+from ferry.common.paths import ferry_home
+from ferry.common.serialization import make_artifact, save_artifact
 from ferry.server.model_export import export_model
 from ferry.server.outputs import institution_privacy
 from ferry.simulations.runner import simulate as run_simulation
@@ -58,9 +74,100 @@ class Run:
         return load_model(folder)
 
 
-def simulate(*, log=print, **settings) -> Run:
+def simulate(
+    *,
+    data=None,
+    backbone: str | nn.Module | None = None,
+    split: str = "",
+    input_shape: tuple[int, ...] | None = None,
+    log=print,
+    **settings,
+) -> Run:
     """Run a simulation with ``ferry simulate``'s settings; return the finished :class:`Run`.
+
+    ``data``: a path (as ``--data``), or each institution's own examples: ``{name: (x, y)}``,
+    ``{name: Dataset}`` or a list of either (one institution each). ``backbone``: a name (zoo
+    or ``package.module:builder``), or an ``nn.Module`` cut at ``split`` (the module the
+    trainable head replaces); its input shape is the data's, or ``input_shape`` with a path.
     ``log`` receives the progress lines (``print`` by default)."""
+    if isinstance(data, str | os.PathLike):
+        settings["data"] = str(data)
+    elif data is not None:
+        institutions = _institutions(data)
+        settings["data"] = str(write_arrays(ferry_home() / "arrays", institutions))
+        settings.setdefault("partition", "natural")
+        settings.setdefault("partition_column", "institution")
+        if settings.get("clients", len(institutions)) != len(institutions):
+            raise FerryError(
+                f"clients={settings['clients']} but data holds {len(institutions)} "
+                "institutions: leave clients out (each institution is one client)"
+            )
+        settings["clients"] = len(institutions)
+        first = next(iter(institutions.values()))[0]
+        input_shape = input_shape or tuple(first.shape[1:])
+    own = None
+    if isinstance(backbone, nn.Module):
+        if input_shape is None:
+            raise FerryError(
+                "an nn.Module backbone needs the shape of one example: give data as arrays or "
+                "pass input_shape=(c, h, w)"
+            )
+        settings["backbone"], settings["weights"], own = _own_backbone(backbone, split, input_shape)
+    elif backbone is not None:
+        if split:
+            raise FerryError(
+                f"split={split!r} applies to an nn.Module backbone, not to {backbone!r}: drop it"
+            )
+        settings["backbone"] = str(backbone)
     cfg = RunConfig.from_mapping(settings).validate()
-    summary = run_simulation(cfg, log=log)
+    summary = run_simulation(cfg, log=log, own_module=own)
     return Run(Path(summary["run"]["out"]))
+
+
+def _institutions(data) -> dict[str, tuple]:
+    """``data`` as ``{name: (x, y)}`` (see :func:`simulate`)."""
+    if isinstance(data, Mapping):
+        items = [(str(name), value) for name, value in data.items()]
+    elif isinstance(data, list | tuple):
+        width = len(str(len(data)))
+        items = [(f"institution-{i + 1:0{width}d}", value) for i, value in enumerate(data)]
+    else:
+        raise FerryError(
+            f"data must be a path, a dict or a list of (x, y) per institution, not "
+            f"{type(data).__name__}"
+        )
+    return {name: _pair(name, value) for name, value in items}
+
+
+def _pair(name: str, value) -> tuple:
+    if isinstance(value, tuple | list) and len(value) == 2:
+        return tuple(value)
+    if hasattr(value, "__getitem__") and hasattr(value, "__len__"):  # a torch Dataset
+        import numpy as np
+
+        rows = [value[i] for i in range(len(value))]
+        if not rows:
+            raise FerryError(f"{name}'s Dataset is empty: give it examples")
+        x = np.stack([np.asarray(row[0]) for row in rows])
+        return x, np.asarray([np.asarray(row[1]).item() for row in rows])
+    raise FerryError(
+        f"{name}'s data must be (x, y) arrays or a torch Dataset of (x, y) pairs, not "
+        f"{type(value).__name__}"
+    )
+
+
+def _own_backbone(net: nn.Module, split: str, input_shape) -> tuple[str, str, tuple[str, str]]:
+    """Register ``net`` cut at ``split``, store its trunk as a backbone artifact and its code
+    for the workers; (name, weights folder, (folder, pickle sha256))."""
+    spec = register_module(net, split, tuple(input_shape))
+    manifest = {
+        "architecture": spec.name,
+        "feature_dim": spec.feature_dim,
+        "input_shape": list(spec.input_shape),
+        "preprocessing": spec.preprocessing,
+        "pretraining": {"kind": "own-module", "class": type(net).__name__, "split": split},
+    }
+    artifact = make_artifact(manifest, spec.builder(spec.input_shape))
+    folder = ferry_home() / "own-backbones" / artifact.sha256[:32]
+    save_artifact(artifact, folder)
+    return spec.name, str(folder), (str(folder), save_module(spec, folder))

@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 
 from ferry.client.app import app as ferry_client_app
+from ferry.common.backbones.own_module import register_saved_module
+from ferry.common.backbones.registry import is_import_path, trust_code
 from ferry.common.config import RunConfig
 from ferry.common.errors import FerryError
 from ferry.common.scenarios import get_scenario
@@ -28,6 +31,25 @@ def _trained_part(cfg: RunConfig) -> str:
     if cfg.trainable == "lora":
         return f"LoRA r={cfg.lora_rank} + {cfg.head} head"
     return f"{cfg.trainable} + {cfg.head} head"
+
+
+@dataclass(frozen=True)
+class WorkerApp:
+    """A ClientApp for the researcher's own Ray workers, carrying what the driver set up: the
+    backbone import path the researcher named (trusted in each worker as in the driver:
+    :mod:`common.backbones.registry`) and the researcher's own module, saved beside its
+    artifact (``(folder, sha256)``: :func:`common.backbones.own_module.register_saved_module`)."""
+
+    app: object
+    trusted: tuple[str, ...] = ()
+    own_module: tuple[str, str] | None = None
+
+    def __call__(self, message, context):
+        for path in self.trusted:
+            trust_code(path)
+        if self.own_module is not None:
+            register_saved_module(*self.own_module)
+        return self.app(message=message, context=context)
 
 
 def backend_config(cfg: RunConfig) -> dict:
@@ -57,12 +79,19 @@ def run_on_ray(plan: FederationPlan, client_app) -> None:
     )
 
 
-def simulate(cfg: RunConfig, log=print, client_app=None) -> dict:
+def simulate(
+    cfg: RunConfig, log=print, client_app=None, own_module: tuple[str, str] | None = None
+) -> dict:
     """Run a simulation to the end; return its summary (also in ``<out>/summary.json``).
 
-    ``client_app`` replaces Ferry's ClientApp (benchmarks use a no-op one)."""
+    ``client_app`` replaces Ferry's ClientApp (benchmarks use a no-op one). A backbone named
+    by import path is trusted here and in every worker: the researcher named it.
+    ``own_module``: the saved module of ``ferry.simulate(backbone=nn.Module)``."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    trusted = (cfg.backbone,) if is_import_path(cfg.backbone) else ()
+    for path in trusted:
+        trust_code(path)
     plan = plan_simulation(cfg, log=log)
     cfg = plan.cfg
     pre = plan.artifact.manifest.get("pretraining", {})
@@ -78,7 +107,10 @@ def simulate(cfg: RunConfig, log=print, client_app=None) -> dict:
         f"backbone {plan.artifact.manifest['architecture']} {plan.artifact.sha256[:12]} "
         f"({pre.get('kind', '?')}), trains {_trained_part(cfg)}, outputs in {plan.out}/"
     )
-    run_on_ray(plan, ferry_client_app if client_app is None else client_app)
+    app = ferry_client_app if client_app is None else client_app
+    if trusted or own_module:
+        app = WorkerApp(app, trusted, own_module)
+    run_on_ray(plan, app)
     summary_path = plan.out / "summary.json"
     if not summary_path.exists():
         raise FerryError(f"the simulation ended without a summary; see {plan.out}/metrics.jsonl")

@@ -1,13 +1,37 @@
-"""The backbone registry (see the package docstring)."""
+"""The backbone registry (see the package docstring).
+
+A backbone is named three ways:
+
+* a zoo name (``resnet18``), registered by this package's modules;
+* an **import path** ``package.module:builder`` to a builder decorated with
+  :func:`backbone`, in code the user installed. It resolves the same way in the server,
+  every Ray worker and every deployed client, each importing the module itself; the weights
+  still travel as a hashed artifact. Importing a module runs its code, so a process imports
+  only the paths it trusts (:func:`trusted_code`): those an installed distribution declares
+  in the ``ferry.backbones`` entry-point group, those listed in ``FERRY_BACKBONE_CODE``, and
+  those this process trusted itself (``ferry simulate --backbone PATH``: the researcher named
+  it). A deployed institution trusts only the first two, so an operator cannot make it
+  import an arbitrary installed module by naming it in a run config;
+* a name registered in this process (:func:`register_backbone`, or ``ferry.simulate`` with
+  an ``nn.Module``: :mod:`common.backbones.own_module`).
+"""
 
 from __future__ import annotations
 
+import importlib
+import os
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from importlib.metadata import entry_points
 
 from torch import nn
 
 from ferry.common.errors import FerryError
+
+ENTRY_POINT_GROUP = "ferry.backbones"
+TRUST_VAR = "FERRY_BACKBONE_CODE"
+_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 MODALITIES = ("image", "tabular", "series", "molecule")
 
@@ -42,6 +66,8 @@ class BackboneSpec:
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
+_ZOO: set[str] = set()  # names registered by register_backbone (Ferry's modules)
+_TRUSTED: set[str] = set()  # import paths this process was told to trust (trust_code)
 
 
 def register_backbone(
@@ -61,6 +87,7 @@ def register_backbone(
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"backbone {name!r} is registered twice")
+        _ZOO.add(name)
         _REGISTRY[name] = BackboneSpec(
             name,
             feature_dim,
@@ -77,17 +104,128 @@ def register_backbone(
     return decorator
 
 
+def backbone(
+    *,
+    feature_dim: int,
+    input_shape: tuple[int, ...],
+    preprocessing: dict | None = None,
+    modality: str = "image",
+    last_stage: str = "",
+    lora_targets: tuple[str, ...] = (),
+    description: str = "",
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Declare a builder as a Ferry backbone named by its import path (``ferry.backbone``).
+
+    The builder takes the input shape and returns an ``nn.Sequential`` of named stages
+    mapping a preprocessed batch to ``(n, feature_dim)`` features (see :class:`BackboneSpec`).
+    Nothing is registered at import: the path (``--backbone mypkg.models:build_net``) names
+    it wherever it is resolved."""
+    if modality not in MODALITIES:
+        raise ValueError(f"backbone modality {modality!r} not in {MODALITIES}")
+
+    def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        builder.ferry_backbone = BackboneSpec(  # type: ignore[attr-defined]
+            "",
+            feature_dim,
+            tuple(input_shape),
+            dict(preprocessing or {"kind": modality}),
+            builder,
+            modality,
+            last_stage,
+            tuple(lora_targets),
+            description,
+        )
+        return builder
+
+    return decorator
+
+
+def register_spec(spec: BackboneSpec) -> BackboneSpec:
+    """Register (or re-register) a spec built at run time: ``ferry.simulate``'s own module."""
+    if spec.name in _ZOO:
+        raise ValueError(f"backbone {spec.name!r} is one of Ferry's own")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
 def known_backbones() -> list[str]:
-    return sorted(_REGISTRY)
+    """Ferry's own backbones (the zoo)."""
+    return sorted(_ZOO)
+
+
+def registered_backbones() -> set[str]:
+    """Every name this process can build now (the zoo, resolved paths, own modules)."""
+    return set(_REGISTRY)
+
+
+def is_import_path(name: str) -> bool:
+    return ":" in name
+
+
+def trust_code(path: str) -> None:
+    """Let this process import backbone ``path`` (the person running it named it)."""
+    _TRUSTED.add(path)
+
+
+def declared_code() -> set[str]:
+    """Import paths that installed distributions declare as Ferry backbones."""
+    return {ep.value.replace(" ", "") for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def trusted_code(path: str) -> bool:
+    listed = {p.strip() for p in os.environ.get(TRUST_VAR, "").split(",") if p.strip()}
+    return path in _TRUSTED or path in listed or path in declared_code()
 
 
 def backbone_spec(name: str) -> BackboneSpec:
-    try:
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
+    if is_import_path(name):
+        _REGISTRY[name] = _imported(name)
+        return _REGISTRY[name]
+    raise FerryError(
+        f"unknown backbone {name!r}: choose one of {', '.join(known_backbones())}, or name "
+        "your own by its import path (package.module:builder)"
+    )
+
+
+def _imported(path: str) -> BackboneSpec:
+    """The spec of the decorated builder at import path ``path`` (see the module docstring)."""
+    if not _IMPORT_PATH.match(path):
+        raise FerryError(f"backbone {path!r} is not an import path: write package.module:builder")
+    module_name, attribute = path.split(":")
+    if not trusted_code(path):
         raise FerryError(
-            f"unknown backbone {name!r}: choose one of {', '.join(known_backbones())}"
+            f"backbone code {path!r} is not installed here as a Ferry backbone: install the "
+            f"package that provides {module_name} (it declares {path} in its "
+            f"{ENTRY_POINT_GROUP!r} entry points), or list it in {TRUST_VAR} to trust it"
+        )
+    try:
+        target: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise FerryError(
+            f"backbone {path!r} does not import here ({exc}): install the package that "
+            f"provides {module_name}, or put it on PYTHONPATH"
         ) from None
+    except Exception as exc:  # the user's module failed while importing
+        raise FerryError(
+            f"backbone {path!r}: importing {module_name} failed "
+            f"({type(exc).__name__}: {str(exc)[:200]}): fix that module"
+        ) from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise FerryError(
+                f"backbone {path!r}: {module_name} has no {attribute!r}: check the name after "
+                "the colon"
+            )
+        target = getattr(target, part)
+    spec = getattr(target, "ferry_backbone", None)
+    if not isinstance(spec, BackboneSpec):
+        raise FerryError(
+            f"backbone {path!r} is not a Ferry backbone: decorate its builder with "
+            "@ferry.backbone(feature_dim=..., input_shape=...)"
+        )
+    return replace(spec, name=path)
 
 
 def build_backbone(name: str, input_shape: tuple[int, ...] | None = None) -> nn.Module:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from ferry.common.data.arrays import is_arrays_file, load_arrays
 from ferry.common.data.dataset import Dataset, by_public_classes
 from ferry.common.data.partition import (
     cutoff_split,
@@ -129,7 +130,7 @@ def load_dataset(spec: DataSpec, split: str = "target") -> Dataset:
     data, synthetic only)."""
     scenario = get_scenario(spec.scenario)
     if spec.data and split == "target":
-        dataset = scenario.load(spec)
+        dataset = load_arrays(spec.data) if is_arrays_file(spec.data) else scenario.load(spec)
     else:
         dataset = scenario.synthetic(spec, split)
     if spec.task != "auto" and dataset.task != spec.task:
