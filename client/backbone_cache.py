@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from ferry.common.backbones.registry import backbone_spec
 from ferry.common.errors import FerryError
 from ferry.common.private_files import private_dir
 from ferry.common.serialization import (
@@ -58,6 +59,9 @@ class BackboneCache:
         """Verify a received backbone against ``sha256`` and store it; refuse it otherwise."""
         artifact = BackboneArtifact(manifest, tensors)
         verify(artifact, sha256)
+        # Its code must be here (a name by import path: installed and trusted), else refuse
+        # now, naming what to install, rather than at the first round.
+        backbone_spec(str(manifest.get("architecture", "")))
         save_artifact(artifact, private_dir(self.path(sha256)), private=True)
 
     def load(self, sha256: str) -> tuple[BackboneArtifact, nn.Module]:

@@ -142,7 +142,8 @@ def _institutions(data) -> dict[str, tuple]:
 def _pair(name: str, value) -> tuple:
     if isinstance(value, tuple | list) and len(value) == 2:
         return tuple(value)
-    if hasattr(value, "__getitem__") and hasattr(value, "__len__"):  # a torch Dataset
+    if hasattr(value, "__getitem__") and hasattr(value, "__len__") and not hasattr(value, "shape"):
+        # a torch Dataset of (x, y) pairs
         import numpy as np
 
         rows = [value[i] for i in range(len(value))]

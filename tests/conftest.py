@@ -38,6 +38,7 @@ LONGEST_FIRST = (
     "test_attack_budget_state.py",
     "test_attack_code_bundle.py",
     "test_scenarios.py",
+    "test_own_model.py",
     "test_flwr_run_defaults.py",
     "test_simulation_e2e.py",
     "test_kcurve_bench.py",

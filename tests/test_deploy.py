@@ -37,6 +37,7 @@ import time
 import uuid
 from pathlib import Path
 
+import installed_backbone
 import pytest
 
 from ferry.client.privacy_state import PrivacyState
@@ -134,6 +135,10 @@ def world(tmp_path_factory) -> dict:
     for i, inst in enumerate(INSTITUTIONS):
         write_image_folder(root / "data" / inst, "target", 100, seed=100 + i)
     save_artifact(random_artifact("ferry-cnn", seed=0), root / "backbone")
+    # The user's own backbone package, installed for the server and every institution.
+    site = installed_backbone.install(root / "site-packages")
+    sys.path.insert(0, str(site))  # this process builds its weights as the operator would
+    save_artifact(random_artifact(installed_backbone.PATH, seed=0), root / "own-backbone")
     kit = outsider.equip(root / "outsider", root / "certs", INSTITUTIONS[0])
     env = dict(os.environ)
     env.update(
@@ -141,7 +146,7 @@ def world(tmp_path_factory) -> dict:
         OMP_NUM_THREADS="1",  # three institutions share 2 cores
         FLWR_TELEMETRY_ENABLED="0",
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        PYTHONPATH=os.pathsep.join([str(site), str(Path(__file__).resolve().parents[1])]),
     )
     return {"root": root, "env": env, "certs": root / "certs", "outsider": kit}
 
@@ -230,7 +235,14 @@ def dropout_run(world) -> dict:
     out = world["root"] / "dropout-out"
     try:
         t0 = time.monotonic()
-        server = start_server(procs, world, "dropout", port)
+        server = start_server(
+            procs,
+            world,
+            "dropout",
+            port,
+            backbone=f'"{installed_backbone.PATH}"',
+            weights=f'"{world["root"] / "own-backbone"}"',
+        )
         # Turned away before any institution joins (these must not disturb the rounds).
         rogue = procs.start("rogue", client_argv(world, "rogue", port, "dropout-clients"))
         no_ca = procs.start(
@@ -389,6 +401,26 @@ def test_tls_federation_of_three_supernodes_finishes_all_rounds(dropout_run):
     registered = json.loads((dropout_run["state"] / "institutions.json").read_text())
     assert set(registered) == set(INSTITUTIONS)  # the rogue key was never registered
     print(f"dropout run: {dropout_run['seconds']:.0f}s")
+
+
+def test_a_backbone_named_by_import_path_ran_from_the_installed_package_everywhere(
+    dropout_run, world
+):
+    """The run's backbone is ``ferry_testnets:tiny_cnn``, a user's package installed (with
+    its ``ferry.backbones`` entry point) for the server and each institution: the server
+    built its round-1 arrays from it, each institution stored the shipped weights by hash
+    and built the trunk from its own installed code, and the final model names it."""
+    out = dropout_run["out"]
+    model = json.loads((out / "model" / "model.json").read_text())
+    assert model["architecture"] == installed_backbone.PATH
+    sha = model["backbone_sha256"]
+    assert sha == load_artifact(world["root"] / "own-backbone").sha256
+    for inst in INSTITUTIONS:
+        stored = world["root"] / "dropout-clients" / inst / "cache" / "backbones" / sha
+        assert load_artifact(stored, expected_sha256=sha).manifest["architecture"] == (
+            installed_backbone.PATH
+        )
+    assert _metrics(out)[0]["participants"] == len(INSTITUTIONS)
 
 
 def test_supernode_with_unregistered_key_is_refused(dropout_run):

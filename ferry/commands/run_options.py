@@ -76,7 +76,7 @@ HELP = {
     "lora_targets": "comma-separated Linear layer name patterns for LoRA (default: the backbone's)",
     "adapter_dim": "bottleneck width of conv adapters",
     "clipping": "per-example clipping: flat, or ghost (Opacus ghost clipping, less memory)",
-    "backbone": "backbone architecture (default: the scenario's)",
+    "backbone": "backbone: a zoo name or package.module:builder (default: the scenario's)",
     "label_column": "tabular / molecule data: the column to predict",
     "categorical": "tabular data: comma-separated columns to treat as categories",
     "task": "auto, classification or regression (auto: from the label column)",

@@ -1,0 +1,262 @@
+"""The user's own model and data: an ``nn.Module`` and per-institution arrays in
+``ferry.simulate``, and backbones named by import path.
+
+* The README's example (a user-defined ``nn.Module``, scikit-learn's digits as arrays for 3
+  hospitals) runs as a script, on Ray; its ledger audits clean and its model predicts, in the
+  script and in this process (``ferry.load_model(..., backbone=SmallNet())``).
+* The same with ``torch.utils.data.Dataset`` inputs, and an installed backbone named by
+  import path, run in this process (``without_ray``).
+* The operator names backbone code that no installed package declares: the institution
+  refuses it when it is shipped, without importing it.
+* Bad input (a split that names no module, a path that does not import, data that does not
+  fit the module, a model loaded without its module): one line, nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import installed_backbone
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import ferry
+from ferry.cli import main
+from ferry.client.backbone_cache import BackboneCache
+from ferry.common.errors import FerryError
+from ferry.common.serialization import make_artifact
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_MARK = "<!-- own-model-example -->"
+
+
+def readme_example() -> str:
+    """The Python block after the README's example mark, as it is."""
+    text = (ROOT / "README.md").read_text()
+    after = text.split(EXAMPLE_MARK, 1)[1]
+    return re.search(r"```python\n(.*?)```", after, re.S).group(1)
+
+
+def small_net_class() -> type:
+    """``SmallNet`` as the README defines it (the user's class, in the user's code)."""
+    scope: dict = {"__name__": "readme_example"}
+    exec(readme_example(), scope)  # noqa: S102  (the README's own code)
+    return scope["SmallNet"]
+
+
+@pytest.fixture(scope="module")
+def readme_run(tmp_path_factory) -> dict:
+    """The README example run as a user would run it: ``python example.py`` (Ray)."""
+    folder = tmp_path_factory.mktemp("own-model")
+    (folder / "example.py").write_text(readme_example())
+    env = dict(os.environ)
+    env.update(
+        FERRY_HOME=str(folder / "ferry-home"),
+        FLWR_TELEMETRY_ENABLED="0",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    )
+    done = subprocess.run(
+        [sys.executable, "example.py"], cwd=folder, env=env, capture_output=True, text=True
+    )
+    audit = subprocess.run(
+        [sys.executable, "-m", "ferry", "audit", "runs/digits"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    return {"folder": folder, "run": done, "audit": audit}
+
+
+@pytest.mark.slow
+def test_readme_example_trains_three_hospitals_on_ray_and_its_ledger_audits_clean(readme_run):
+    run, audit = readme_run["run"], readme_run["audit"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = readme_run["folder"] / "runs" / "digits"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 3 and len(summary["clients"]) == 3
+    manifest = json.loads((readme_run["folder"] / "models/digits/manifest.json").read_text())
+    assert manifest["backbone_manifest"]["pretraining"] == {
+        "kind": "own-module",
+        "class": "SmallNet",
+        "split": "fc",
+    }
+    assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
+    assert "PASS" in audit.stdout and "3 institutions replayed" in audit.stdout
+    for record in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()):
+        assert record["participants"] == 3
+
+
+@pytest.mark.slow
+def test_readme_models_predicts_in_the_script_and_after_loading_with_the_users_class(
+    readme_run,
+):
+    printed = re.search(r"accuracy on all 1797 digits: ([0-9.]+)", readme_run["run"].stdout)
+    assert printed, readme_run["run"].stdout[-2000:]
+    digits = load_digits()
+    x = (digits.images / 16.0).astype("float32")[:, None]
+    model, preprocess = ferry.load_model(
+        readme_run["folder"] / "models/digits", backbone=small_net_class()()
+    )
+    with torch.no_grad():
+        accuracy = (model(preprocess(x)).argmax(1).numpy() == digits.target).mean()
+    assert f"{accuracy:.3f}" == printed.group(1)
+    assert accuracy > 0.3  # ten classes: far above chance after 3 DP rounds
+
+
+@pytest.mark.slow
+def test_loading_a_model_of_an_own_module_without_or_with_another_module_is_refused(
+    readme_run,
+):
+    folder = readme_run["folder"] / "models/digits"
+    # A fresh process, which never saw SmallNet: the command line says what to do.
+    fresh = subprocess.run(
+        [sys.executable, "-m", "ferry", "predict", str(folder), "--data", "x", "--out", "p.csv"],
+        cwd=readme_run["folder"],
+        capture_output=True,
+        text=True,
+    )
+    assert fresh.returncode == 2 and len(fresh.stderr.strip().splitlines()) == 1, fresh.stderr
+    assert "your own SmallNet cut at 'fc': pass an instance, ferry.load_model(" in fresh.stderr
+    assert not (readme_run["folder"] / "p.csv").exists()
+
+    class Wider(small_net_class()):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(256, 10)
+            self.features[0] = nn.Conv2d(1, 32, 3, padding=1)
+
+    with pytest.raises(FerryError, match="build the module as it was built for training"):
+        ferry.load_model(folder, backbone=Wider())
+
+
+def _tensor_hospitals(n_per: int = 120) -> list[TensorDataset]:
+    digits = load_digits()
+    x = torch.from_numpy((digits.images / 16.0).astype("float32")[:, None])
+    y = torch.from_numpy(digits.target)
+    return [TensorDataset(x[i::3][:n_per], y[i::3][:n_per]) for i in range(3)]
+
+
+def test_datasets_and_an_own_module_run_with_the_same_privacy_machinery(tmp_path, without_ray):
+    SmallNet = small_net_class()
+    torch.manual_seed(1)
+    run = ferry.simulate(
+        data=_tensor_hospitals(),
+        backbone=SmallNet(),
+        split="features.3",  # the Flatten: its input (16 x 4 x 4) is the feature vector
+        rounds=1,
+        epsilon=4.0,
+        out=str(tmp_path / "run"),
+        log=lambda *_: None,
+    )
+    assert set(run.privacy) == {"hospital-000", "hospital-001", "hospital-002"}
+    assert all(0 < p["epsilon"] <= 4.0 for p in run.privacy.values())
+    events = [json.loads(line)["event"] for line in run.ledger.read_text().splitlines()]
+    assert events.count("client_trained") == 3
+    assert main(["audit", str(run.out)]) == 0
+    model, preprocess = run.model()
+    x = _tensor_hospitals()[0].tensors[0].numpy()[:16]
+    again, pre = ferry.load_model(run.out / "exported", backbone=SmallNet())
+    with torch.no_grad():
+        assert torch.equal(model(preprocess(x)), again(pre(x)))
+
+
+@pytest.mark.slow
+def test_a_backbone_by_import_path_from_an_installed_package(tmp_path, without_ray, monkeypatch):
+    site = installed_backbone.install(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(site))
+    out = tmp_path / "run"
+    argv = ["simulate", "--backbone", installed_backbone.PATH, "--weights", "random"]
+    argv += ["--clients", "2", "--rounds", "1", "--examples", "300", "--out", str(out)]
+    assert main(argv) == 0
+    model = json.loads((out / "model" / "model.json").read_text())
+    assert model["architecture"] == installed_backbone.PATH
+
+
+def test_the_operator_cannot_make_an_institution_import_undeclared_code(tmp_path, monkeypatch):
+    """A registered operator ships a backbone whose manifest names a module that is installed
+    at the institution but that no package declares as a Ferry backbone (its import has a side
+    effect). The institution refuses it at shipping, naming what to install, and never
+    imports it; a declared one it accepts."""
+    site = installed_backbone.install(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(site))
+    mark = tmp_path / "imported"
+    monkeypatch.setenv("FERRY_TEST_MARK", str(mark))
+    monkeypatch.delenv("FERRY_BACKBONE_CODE", raising=False)
+    import ferry_testnets
+
+    trunk = ferry_testnets.tiny_cnn()
+    manifest = {
+        "architecture": installed_backbone.UNDECLARED,
+        "feature_dim": 32,
+        "input_shape": [1, 32, 32],
+        "preprocessing": {"grayscale": True, "size": 32},
+    }
+    hostile = make_artifact(manifest, trunk)
+    cache = BackboneCache(tmp_path / "cache")
+    with pytest.raises(FerryError) as refused:
+        cache.store(hostile.manifest, hostile.tensors, hostile.sha256)
+    assert "install the package that provides ferry_testnets_side_effect" in str(refused.value)
+    assert not mark.exists() and "ferry_testnets_side_effect" not in sys.modules
+    assert not cache.path(hostile.sha256).exists()
+    declared = make_artifact({**manifest, "architecture": installed_backbone.PATH}, trunk)
+    cache.store(declared.manifest, declared.tensors, declared.sha256)
+    assert cache.has(declared.sha256)
+
+
+def _one_line_exit_2(capsys, argv: list[str], words: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err, err
+
+
+@pytest.mark.parametrize(
+    ("backbone", "words"),
+    [
+        ("nosuchpkg.models:build_net", "does not import here (No module named 'nosuchpkg')"),
+        ("ferry_testnets:nope", "ferry_testnets has no 'nope'"),
+        ("os:getcwd", "is not a Ferry backbone: decorate its builder with @ferry.backbone"),
+        ("not a path:x", "is not an import path"),
+    ],
+)
+def test_a_backbone_path_that_does_not_give_a_backbone_is_one_line_exit_2(
+    backbone, words, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(installed_backbone.install(tmp_path / "site")))
+    out = tmp_path / "run"
+    _one_line_exit_2(
+        capsys,
+        ["simulate", "--backbone", backbone, "--weights", "random", "--out", str(out)],
+        words,
+    )
+    assert not out.exists()
+
+
+def test_bad_own_module_input_is_a_clear_error_before_anything_is_written(tmp_path):
+    SmallNet = small_net_class()
+    data = [(np.zeros((20, 1, 8, 8), np.float32), np.arange(20) % 2)] * 3
+    out = tmp_path / "run"
+    cases = [
+        ({"backbone": SmallNet(), "split": "head"}, "split 'head' names no module of SmallNet"),
+        (
+            {"backbone": SmallNet(), "split": "fc", "data": [(np.zeros((20, 3)), np.zeros(20))]},
+            "SmallNet does not run on inputs of shape (3,)",
+        ),
+        ({"backbone": "ferry-cnn", "split": "fc"}, "applies to an nn.Module backbone"),
+        ({"backbone": SmallNet(), "split": "fc", "clients": 2}, "leave clients out"),
+        ({"data": {"a": np.zeros((4, 1, 8, 8))}}, "must be (x, y) arrays or a torch Dataset"),
+    ]
+    for settings, words in cases:
+        settings = {"data": data, "out": str(out), **settings}
+        with pytest.raises(FerryError, match=re.escape(words)):
+            ferry.simulate(log=lambda *_: None, **settings)
+        assert not out.exists()
