@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ferry.common.errors import FerryError
+from ferry.common.imports import IMPORT_PATH
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,12 @@ class RunConfig:
             raise bad("budget_delta", self.budget_delta, "use 0 < budget delta < 1")
         if not 1 <= self.min_clients <= self.clients:
             raise bad("min_clients", self.min_clients, f"use 1 to --clients ({self.clients})")
-        if self.aggregation not in AGGREGATION_RULES:
-            raise bad("aggregation", self.aggregation, f"use {', '.join(AGGREGATION_RULES)}")
+        if self.aggregation not in AGGREGATION_RULES and not IMPORT_PATH.match(self.aggregation):
+            raise bad(
+                "aggregation",
+                self.aggregation,
+                f"use {', '.join(AGGREGATION_RULES)}, or your own rule as package.module:function",
+            )
         if not (self.weight_cap >= 1 and math.isfinite(self.weight_cap)):
             raise bad("weight_cap", self.weight_cap, "use a finite cap >= 1 (e.g. 2)")
         if not (self.max_update_norm >= 0 and math.isfinite(self.max_update_norm)):

@@ -60,7 +60,9 @@ from flwr.server.strategy.aggregate import (
 )
 
 from ferry.common.config import ASSUMED_HOSTILE, RunConfig, updates_needed
+from ferry.common.errors import FerryError
 from ferry.common.evaluation_statistics import EvaluationStatistics, scale_statistics
+from ferry.common.imports import import_object, is_import_path
 
 Arrays = dict[str, np.ndarray]
 Update = tuple[str, Arrays, float]  # (institution, arrays, claimed example count)
@@ -90,8 +92,7 @@ class AggregationPolicy:
     hostile: int = ASSUMED_HOSTILE
 
     def __post_init__(self) -> None:
-        if self.rule not in _RULES:
-            raise ValueError(f"unknown aggregation rule {self.rule!r}: use {', '.join(_RULES)}")
+        rule_named(self.rule)
         if not self.weight_cap >= 1:
             raise ValueError(f"weight_cap {self.weight_cap!r} must be >= 1")
         if not self.max_update_norm >= 0:
@@ -233,7 +234,13 @@ def aggregate_updates(
             scale = bound / norm if norm > 0 else 0.0
             changes[i] = [c * scale for c in changes[i]]
     counts = {name: float(count) for name, _, count in updates}
-    combined, shares = _RULES[policy.rule](changes, names, counts, policy)
+    combined, shares = rule_named(policy.rule)(changes, names, counts, policy)
+    shapes = [np.shape(c) for c in changes[0]]
+    if len(combined) != len(keys) or [np.shape(c) for c in combined] != shapes:
+        raise ValueError(
+            f"aggregation rule {policy.rule!r} returned changes of shapes "
+            f"{[np.shape(c) for c in combined][:4]}, not the updates' {shapes[:4]}"
+        )
     arrays = {
         k: (current[k].astype(np.float64) + delta).astype(current[k].dtype)
         for k, delta in zip(keys, combined, strict=True)
@@ -260,6 +267,23 @@ def register_rule(name: str):
         return fn
 
     return decorator
+
+
+def rule_named(name: str) -> Rule:
+    """The rule ``name``: a registered one, or the operator's own function at import path
+    ``package.module:function`` (with :data:`Rule`'s signature), imported here, in the
+    operator's server, and nowhere else: institutions only pass the name along."""
+    if name not in _RULES and is_import_path(name):
+        fn = import_object(name, "aggregation rule")
+        if not callable(fn):
+            raise FerryError(
+                f"aggregation rule {name!r} is a {type(fn).__name__}, not a function: name a "
+                "function (changes, names, counts, policy) -> (combined change, shares)"
+            )
+        _RULES[name] = fn
+    if name not in _RULES:
+        raise ValueError(f"unknown aggregation rule {name!r}: use {', '.join(_RULES)}")
+    return _RULES[name]
 
 
 @register_rule("fedavg")

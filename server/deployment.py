@@ -26,6 +26,7 @@ from ferry.common.config import RunConfig
 from ferry.common.errors import FerryError
 from ferry.common.model import initial_trainable_arrays, out_dim
 from ferry.common.scenarios import with_scenario_defaults
+from ferry.server.aggregation import rule_named
 from ferry.server.backbone_source import choose_training, resolve_backbone
 from ferry.server.checkpoint import CHECKPOINT_FILE
 from ferry.server.federation import FederationPlan
@@ -79,6 +80,7 @@ def check_deployment(run_config: dict) -> DeploymentSettings:
         {k: v for k, v in run_config.items() if k not in DEPLOYMENT_KEYS}
     ).validate()
     cfg = with_scenario_defaults(cfg)
+    rule_named(cfg.aggregation)  # the operator's own rule must import here, before any run
     try:
         num_classes = int(run_config["num-classes"])
     except (KeyError, TypeError, ValueError):

@@ -24,6 +24,7 @@ from ferry.common.model import initial_trainable_arrays, out_dim
 from ferry.common.paths import ferry_home
 from ferry.common.scenarios import with_base_rates, with_scenario_defaults
 from ferry.common.training_defaults import check_feasible, trainable_size
+from ferry.server.aggregation import rule_named
 from ferry.server.backbone_source import choose_training, resolve_backbone
 from ferry.server.federation import FederationPlan
 from ferry.server.outputs import prepare_out_dir
@@ -38,6 +39,7 @@ def plan_simulation(
     if num_clients is not None:
         cfg = dataclasses.replace(cfg, clients=num_clients)
     cfg = with_scenario_defaults(cfg.validate())
+    rule_named(cfg.aggregation)  # an own rule (package.module:function) must import
     if not cfg.ray_address and (cfg.gpus_per_client > 0 or cfg.device.startswith("cuda")):
         if not torch.cuda.is_available():
             raise FerryError(

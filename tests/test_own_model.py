@@ -260,3 +260,55 @@ def test_bad_own_module_input_is_a_clear_error_before_anything_is_written(tmp_pa
         with pytest.raises(FerryError, match=re.escape(words)):
             ferry.simulate(log=lambda *_: None, **settings)
         assert not out.exists()
+
+
+RULE = '''
+import numpy as np
+
+
+def plain_mean(changes, names, counts, policy):
+    """Every institution's change counts the same, whatever it claims."""
+    shares = {n: 1 / len(names) for n in names}
+    return [np.mean([c[j] for c in changes], axis=0) for j in range(len(changes[0]))], shares
+'''
+
+
+@pytest.mark.slow
+def test_the_operators_own_aggregation_rule_by_import_path(tmp_path, without_ray, monkeypatch):
+    """``--aggregation myrules:plain_mean`` combines the rounds (after the usual bound) and
+    the ledger names it; institutions pass the name along and never import it."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "myrules.py").write_text(RULE)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    out = tmp_path / "run"
+    argv = ["simulate", "--aggregation", "myrules:plain_mean", "--weights", "random"]
+    argv += ["--clients", "3", "--rounds", "1", "--examples", "400", "--out", str(out)]
+    assert main(argv) == 0
+    (aggregated,) = (
+        r
+        for r in map(json.loads, (out / "ledger.jsonl").read_text().splitlines())
+        if r["event"] == "round_aggregated"
+    )
+    assert aggregated["rule"] == "myrules:plain_mean"
+    assert set(aggregated["weights"].values()) == {1 / 3}  # FedAvg's differ: Dirichlet sizes
+
+
+@pytest.mark.parametrize(
+    ("rule", "words"),
+    [
+        ("myrules:nope", "aggregation rule 'myrules:nope': myrules has no 'nope'"),
+        ("nosuchrules:mean", "aggregation rule 'nosuchrules:mean' does not import here"),
+        ("myrules:np", "is a module, not a function"),
+        ("mean-of-means", "use fedavg, trimmed-mean, median, krum, or your own rule"),
+    ],
+)
+def test_a_bad_aggregation_rule_is_one_line_exit_2_before_anything_is_written(
+    rule, words, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "myrules.py").write_text(RULE)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    out = tmp_path / "run"
+    argv = ["simulate", "--aggregation", rule, "--weights", "random", "--out", str(out)]
+    _one_line_exit_2(capsys, argv, words)
+    assert not out.exists()

@@ -18,9 +18,7 @@ A backbone is named three ways:
 
 from __future__ import annotations
 
-import importlib
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
@@ -28,10 +26,10 @@ from importlib.metadata import entry_points
 from torch import nn
 
 from ferry.common.errors import FerryError
+from ferry.common.imports import IMPORT_PATH, import_object, is_import_path
 
 ENTRY_POINT_GROUP = "ferry.backbones"
 TRUST_VAR = "FERRY_BACKBONE_CODE"
-_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 MODALITIES = ("image", "tabular", "series", "molecule")
 
@@ -158,10 +156,6 @@ def registered_backbones() -> set[str]:
     return set(_REGISTRY)
 
 
-def is_import_path(name: str) -> bool:
-    return ":" in name
-
-
 def trust_code(path: str) -> None:
     """Let this process import backbone ``path`` (the person running it named it)."""
     _TRUSTED.add(path)
@@ -191,35 +185,16 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 def _imported(path: str) -> BackboneSpec:
     """The spec of the decorated builder at import path ``path`` (see the module docstring)."""
-    if not _IMPORT_PATH.match(path):
+    if not IMPORT_PATH.match(path):
         raise FerryError(f"backbone {path!r} is not an import path: write package.module:builder")
-    module_name, attribute = path.split(":")
     if not trusted_code(path):
+        module_name = path.split(":")[0]
         raise FerryError(
             f"backbone code {path!r} is not installed here as a Ferry backbone: install the "
             f"package that provides {module_name} (it declares {path} in its "
             f"{ENTRY_POINT_GROUP!r} entry points), or list it in {TRUST_VAR} to trust it"
         )
-    try:
-        target: object = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise FerryError(
-            f"backbone {path!r} does not import here ({exc}): install the package that "
-            f"provides {module_name}, or put it on PYTHONPATH"
-        ) from None
-    except Exception as exc:  # the user's module failed while importing
-        raise FerryError(
-            f"backbone {path!r}: importing {module_name} failed "
-            f"({type(exc).__name__}: {str(exc)[:200]}): fix that module"
-        ) from None
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise FerryError(
-                f"backbone {path!r}: {module_name} has no {attribute!r}: check the name after "
-                "the colon"
-            )
-        target = getattr(target, part)
-    spec = getattr(target, "ferry_backbone", None)
+    spec = getattr(import_object(path, "backbone"), "ferry_backbone", None)
     if not isinstance(spec, BackboneSpec):
         raise FerryError(
             f"backbone {path!r} is not a Ferry backbone: decorate its builder with "
