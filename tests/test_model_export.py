@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from sklearn.datasets import load_breast_cancer
 
 import ferry
 from ferry.cli import main
@@ -102,6 +103,31 @@ def test_ferry_predict_writes_what_load_model_predicts(run, tmp_path):
     assert np.allclose(got, p, atol=1e-5)
 
 
+def test_ferry_predict_on_unlabelled_images_gives_each_file_its_labelled_prediction(run, tmp_path):
+    """The same 240 images, copied into one flat folder (no labels): each file gets the row
+    it got when read with its label, named by the file."""
+    labelled, flat = tmp_path / "labelled.csv", tmp_path / "flat"
+    data = run["root"] / "data"
+    assert main(["predict", str(run["model"]), "--data", str(data), "--out", str(labelled)]) == 0
+    flat.mkdir()
+    names = []  # the labelled reader's order: classes sorted, then files sorted
+    for folder in sorted(d for d in data.iterdir() if d.is_dir()):
+        for image in sorted(folder.iterdir()):
+            names.append(f"{folder.name}__{image.name}")
+            shutil.copy(image, flat / names[-1])
+    unlabelled = tmp_path / "unlabelled.csv"
+    assert main(["predict", str(run["model"]), "--data", str(flat), "--out", str(unlabelled)]) == 0
+    by_file = {r["example"]: r for r in csv.DictReader(unlabelled.open())}
+    rows = list(csv.DictReader(labelled.open()))
+    assert len(by_file) == len(rows) == 240 and all(r["label"] == "" for r in by_file.values())
+    probabilities = [key for key in rows[0] if key.startswith("p_")]
+    assert len(probabilities) == 4
+    for name, row in zip(names, rows, strict=True):
+        assert by_file[name]["prediction"] == row["prediction"]
+        for key in probabilities:
+            assert abs(float(by_file[name][key]) - float(row[key])) < 1e-5
+
+
 def _refused(capsys, argv: list[str], words: str) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -167,3 +193,37 @@ def test_python_api_simulates_and_hands_back_the_run_and_its_model(tmp_path, wit
     assert predict(model, preprocessing, x).shape == (120, 4)
     with pytest.raises(FerryError, match="unknown setting 'rouns'"):
         ferry.simulate(rouns=2)
+
+
+def test_ferry_predict_on_a_table_without_its_label_column(tmp_path):
+    """A tabular model predicts for rows whose label column is absent, as for the same rows
+    with it (the run's reader lays out the features; the label stays empty)."""
+    table = load_breast_cancer(as_frame=True).frame.rename(columns={"target": "malignant"})
+    table.to_csv(tmp_path / "train.csv", index=False)
+    cfg = RunConfig(
+        scenario="hospital-tabular",
+        clients=2,
+        rounds=1,
+        data=str(tmp_path / "train.csv"),
+        label_column="malignant",
+        partition="iid",
+        weights="random",
+        epsilon=8.0,
+        out=str(tmp_path / "run"),
+    )
+    simulate_in_process(cfg)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "model")]) == 0
+    new = table.sample(50, random_state=0)
+    new.to_csv(tmp_path / "labelled.csv", index=False)
+    new.drop(columns=["malignant"]).to_csv(tmp_path / "new.csv", index=False)
+    outs = {}
+    for name in ("labelled", "new"):
+        outs[name] = tmp_path / f"{name}-preds.csv"
+        argv = ["predict", str(tmp_path / "model"), "--data", str(tmp_path / f"{name}.csv")]
+        assert main([*argv, "--out", str(outs[name])]) == 0
+    labelled = list(csv.DictReader(outs["labelled"].open()))
+    unlabelled = list(csv.DictReader(outs["new"].open()))
+    assert len(unlabelled) == 50 and all(r["label"] == "" for r in unlabelled)
+    assert [r["label"] for r in labelled] == [str(v) for v in new["malignant"]]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "label"} for r in rows]  # noqa: E731
+    assert strip(unlabelled) == strip(labelled)

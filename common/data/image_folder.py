@@ -77,6 +77,12 @@ def _to_example(arr: np.ndarray, channels: int, height: int, width: int) -> np.n
     return np.clip(np.stack(resized), 0.0, 1.0)
 
 
+def read_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """One image file as one example of ``shape`` (channels, height, width), as the folder
+    loader reads it."""
+    return _to_example(_read_picture(path), *shape)
+
+
 def _visible_files(folder: Path) -> list[Path]:
     return sorted(
         p
