@@ -31,6 +31,7 @@ from flwr.clientapp import ClientApp
 
 from ferry.client import institution_settings, runtime
 from ferry.common.errors import FerryError
+from ferry.common.imports import CodeFailed
 from ferry.common.messages import EvaluationReply, Refusal, TrainRequest
 from ferry.common.privacy.report import REPLY_BODY, REPLY_SIGNATURE
 from ferry.common.train_reply import ModelUpdate, PrivacyReply, TrainReply
@@ -73,12 +74,26 @@ def _refuse(msg: Message, exc: FerryError, context: Context | None = None) -> Me
     return Message(Refusal.of(exc).to_content(), reply_to=msg)
 
 
+def _backbone_refusal(msg: Message, exc: FerryError, context: Context) -> Message:
+    """A refused backbone: in a deployed client its own log keeps the details, and the server
+    learns them only when they name nothing of the institution's (a module that fails while
+    importing may quote its paths and settings: the server gets one generic line)."""
+    if _deployed(context) and isinstance(exc, CodeFailed):
+        print(f"ferry: refused a backbone: {exc}", file=sys.stderr)
+        exc = FerryError(
+            "this institution could not load the backbone's code: details in its own log"
+        )
+    return _refuse(msg, exc, context)
+
+
 @app.query("backbone_offer")
 def backbone_offer(msg: Message, context: Context) -> Message:
     try:
         has = runtime.has_backbone(_settings(msg, context), str(msg.content["run"]["sha256"]))
     except FerryError as exc:
-        return _refuse(msg, exc)
+        return _backbone_refusal(msg, exc, context)
+    except Exception as exc:
+        return _failed(msg, context, exc)
     return Message(RecordDict({"reply": ConfigRecord({"has": has})}), reply_to=msg)
 
 
@@ -93,7 +108,9 @@ def backbone_ship(msg: Message, context: Context) -> Message:
             str(run["sha256"]),
         )
     except FerryError as exc:
-        return _refuse(msg, exc)
+        return _backbone_refusal(msg, exc, context)
+    except Exception as exc:
+        return _failed(msg, context, exc)
     return Message(RecordDict({"reply": ConfigRecord({"stored": True})}), reply_to=msg)
 
 

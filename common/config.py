@@ -153,7 +153,8 @@ class RunConfig:
             raise bad("budget_delta", self.budget_delta, "use 0 < budget delta < 1")
         if not 1 <= self.min_clients <= self.clients:
             raise bad("min_clients", self.min_clients, f"use 1 to --clients ({self.clients})")
-        if self.aggregation not in AGGREGATION_RULES and not IMPORT_PATH.match(self.aggregation):
+        own_rule = IMPORT_PATH.fullmatch(self.aggregation)
+        if self.aggregation not in AGGREGATION_RULES and not own_rule:
             raise bad(
                 "aggregation",
                 self.aggregation,

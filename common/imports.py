@@ -13,7 +13,13 @@ import re
 
 from ferry.common.errors import FerryError
 
-IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+# Matched whole (fullmatch): no trailing newline or space slips through.
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+class CodeFailed(FerryError):
+    """The named code is missing or broke while importing. Its message may quote the
+    module's own error (paths, settings): a deployed institution keeps it in its own log."""
 
 
 def is_import_path(name: str) -> bool:
@@ -23,18 +29,18 @@ def is_import_path(name: str) -> bool:
 def import_object(path: str, what: str) -> object:
     """The object at ``path``; a one-line :class:`FerryError` saying what to fix if the path
     is malformed, its module does not import, or it names nothing. ``what``: "backbone", ..."""
-    if not IMPORT_PATH.match(path):
+    if not IMPORT_PATH.fullmatch(str(path)):
         raise FerryError(f"{what} {path!r} is not an import path: write package.module:name")
     module_name, attribute = path.split(":")
     try:
         target: object = importlib.import_module(module_name)
     except ImportError as exc:
-        raise FerryError(
+        raise CodeFailed(
             f"{what} {path!r} does not import here ({exc}): install the package that provides "
             f"{module_name}, or put it on PYTHONPATH"
         ) from None
     except Exception as exc:  # the user's module failed while importing
-        raise FerryError(
+        raise CodeFailed(
             f"{what} {path!r}: importing {module_name} failed "
             f"({type(exc).__name__}: {str(exc)[:200]}): fix that module"
         ) from None

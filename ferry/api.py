@@ -24,12 +24,13 @@ from pathlib import Path
 
 from torch import nn
 
-from ferry.common.backbones.own_module import register_module, save_module
+from ferry.common.backbones.own_module import code_digest, pickled, register_module, save_module
 from ferry.common.config import RunConfig
 from ferry.common.data.arrays import write_arrays
 from ferry.common.errors import FerryError
 from ferry.common.exported_model import ExportedModel, Preprocessing, load_model
 from ferry.common.paths import ferry_home
+from ferry.common.private_files import private_dir
 from ferry.common.serialization import make_artifact, save_artifact
 from ferry.server.model_export import export_model
 from ferry.server.outputs import institution_privacy
@@ -166,9 +167,14 @@ def _own_backbone(net: nn.Module, split: str, input_shape) -> tuple[str, str, tu
         "feature_dim": spec.feature_dim,
         "input_shape": list(spec.input_shape),
         "preprocessing": spec.preprocessing,
-        "pretraining": {"kind": "own-module", "class": type(net).__name__, "split": split},
+        "pretraining": {
+            "kind": "own-module",
+            "class": type(net).__name__,
+            "split": split,
+            "code_sha256": code_digest(net),
+        },
     }
     artifact = make_artifact(manifest, spec.builder(spec.input_shape))
     folder = ferry_home() / "own-backbones" / artifact.sha256[:32]
-    save_artifact(artifact, folder)
-    return spec.name, str(folder), (str(folder), save_module(spec, folder))
+    save_artifact(artifact, private_dir(folder), private=True)  # the user's own weights
+    return spec.name, str(folder), (str(folder), save_module(pickled(spec), folder))

@@ -74,5 +74,6 @@ def resolve_backbone(
         raise FerryError(
             f"weights at {path} are for architecture {arch!r}, not {backbone!r}: "
             f"pass --backbone {arch}"
+            + (" (naming an import path trusts its code)" if ":" in str(arch) else "")
         )
     return artifact

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -85,11 +86,13 @@ def test_readme_example_trains_three_hospitals_on_ray_and_its_ledger_audits_clea
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 3 and len(summary["clients"]) == 3
     manifest = json.loads((readme_run["folder"] / "models/digits/manifest.json").read_text())
-    assert manifest["backbone_manifest"]["pretraining"] == {
+    own = manifest["backbone_manifest"]["pretraining"]
+    assert {k: own[k] for k in ("kind", "class", "split")} == {
         "kind": "own-module",
         "class": "SmallNet",
         "split": "fc",
     }
+    assert len(own["code_sha256"]) == 64
     assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
     assert "PASS" in audit.stdout and "3 institutions replayed" in audit.stdout
     for record in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()):
@@ -312,3 +315,102 @@ def test_a_bad_aggregation_rule_is_one_line_exit_2_before_anything_is_written(
     argv = ["simulate", "--aggregation", rule, "--weights", "random", "--out", str(out)]
     _one_line_exit_2(capsys, argv, words)
     assert not out.exists()
+
+
+BROKEN = """
+import ferry_testnets
+
+raise RuntimeError("cannot read /home/hospital/secret.yaml: patient_id=12345")
+"""
+
+
+def test_a_backbone_whose_code_fails_to_import_tells_the_operator_nothing_of_the_institution(
+    tmp_path, monkeypatch, capsys
+):
+    """The operator ships a backbone naming code the institution trusts but whose import fails
+    with a message quoting local paths and settings: the server's refusal is one generic line,
+    the details stay in the institution's own log."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    import ferry.client.app as client_app
+
+    from inprocess_grid import act_as_server_app
+
+    site = installed_backbone.install(tmp_path / "site")
+    (site / "ferry_testnets_broken.py").write_text(BROKEN)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("FERRY_BACKBONE_CODE", "ferry_testnets_broken:tiny_cnn")
+    act_as_server_app(monkeypatch)
+    import ferry_testnets
+
+    manifest = {"architecture": "ferry_testnets_broken:tiny_cnn", "feature_dim": 32}
+    art = make_artifact({**manifest, "input_shape": [1, 32, 32]}, ferry_testnets.tiny_cnn())
+    content = RecordDict(
+        {
+            "run": ConfigRecord({"sha256": art.sha256, "manifest": json.dumps(art.manifest)}),
+            "backbone": ArrayRecord({k: Array(v) for k, v in art.tensors.items()}),
+        }
+    )
+    deployed = {
+        "institution": "hospital-a",
+        "data-path": str(tmp_path / "data.csv"),
+        "state-dir": str(tmp_path / "state"),
+        "cache-dir": str(tmp_path / "cache"),
+        "budget-epsilon": 3.0,
+        "budget-delta": 1e-5,
+    }
+    context = Context(run_id=1, node_id=1, node_config=deployed, state=RecordDict(), run_config={})
+    msg = Message(content, dst_node_id=1, message_type="query.backbone_ship")
+    reply = client_app.backbone_ship(msg, context)
+    reason = str(reply.content["refusal"]["reason"])
+    assert "could not load the backbone's code: details in its own log" in reason
+    assert "patient_id" not in reason and "secret" not in reason
+    assert "patient_id=12345" in capsys.readouterr().err  # the institution's own log
+
+
+NET = """
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc({body})
+"""
+
+
+def test_editing_forward_makes_a_new_backbone_hash(tmp_path, monkeypatch):
+    """Same class name, layout and weights, another forward pass (the user edited it): another
+    backbone hash, so features cached for the old one are not reused."""
+    from ferry.api import _own_backbone
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    built = []
+    for module, body in (("net_a", "self.body(x)"), ("net_b", "self.body(x) * 2")):
+        (tmp_path / f"{module}.py").write_text(NET.format(body=body))
+        torch.manual_seed(0)
+        built.append(_own_backbone(importlib.import_module(module).Net(), "fc", (4,)))
+    (name_a, folder_a, _), (name_b, folder_b, _) = built
+    assert name_a == name_b  # the architecture's name: class, split, layout
+    assert folder_a != folder_b  # the backbone: weights and manifest, with the code's digest
+
+
+def test_the_institutions_arrays_and_the_module_pickle_are_private_files(tmp_path, without_ray):
+    run = ferry.simulate(
+        data=_tensor_hospitals(40),
+        backbone=small_net_class()(),
+        split="fc",
+        rounds=1,
+        epsilon=8.0,
+        out=str(tmp_path / "run"),
+        log=lambda *_: None,
+    )
+    arrays = Path(run.summary["run"]["data"])
+    pickle = Path(run.summary["run"]["weights"]) / "module.pickle"
+    for path in (arrays, pickle):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+        assert path.parent.stat().st_mode & 0o077 == 0, path.parent

@@ -24,6 +24,7 @@ from torch import nn
 
 from ferry.common.backbones.registry import BackboneSpec, register_spec
 from ferry.common.errors import FerryError
+from ferry.common.private_files import write_private
 
 MODULE_FILE = "module.pickle"
 PREFIX = "own/"
@@ -80,7 +81,7 @@ def own_name(net: nn.Module, split: str) -> str:
 def trunk_of(net: nn.Module, split: str, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
     """The frozen trunk (one named stage, as :func:`common.trainable.split_model` expects) and
     its feature width, found by running it once on zeros of ``input_shape``."""
-    trunk = nn.Sequential(OrderedDict(trunk=UpTo(copy.deepcopy(net), split)))
+    trunk = nn.Sequential(OrderedDict(trunk=UpTo(copy.deepcopy(net).cpu(), split)))
     trunk.requires_grad_(False).eval()
     try:
         with torch.no_grad():
@@ -127,13 +128,31 @@ def register_module(net: nn.Module, split: str, input_shape: tuple[int, ...]) ->
     return register_spec(spec)
 
 
-def save_module(spec: BackboneSpec, folder: Path) -> str:
-    """Pickle ``spec``'s trunk for the researcher's own Ray workers; the pickle's sha256."""
+def pickled(spec: BackboneSpec) -> bytes:
+    """``spec`` (its trunk, code and weights) for the researcher's own Ray workers."""
     import cloudpickle  # the user's class may live in __main__: pickled by value
 
-    data = cloudpickle.dumps(spec)
-    path = Path(folder) / MODULE_FILE
-    path.write_bytes(data)
+    return cloudpickle.dumps(spec)
+
+
+def code_digest(net: nn.Module) -> str:
+    """sha256 of what ``net`` computes beyond its weights: its class's source (else the
+    class pickled by value) and its module tree. In the manifest, so editing ``forward``
+    makes a new backbone hash (and new cached features), not a stale reuse."""
+    import inspect
+
+    import cloudpickle
+
+    try:
+        code = inspect.getsource(type(net)).encode()
+    except (OSError, TypeError):  # e.g. a class typed into a notebook
+        code = cloudpickle.dumps(type(net))
+    return hashlib.sha256(code + repr(net).encode()).hexdigest()
+
+
+def save_module(data: bytes, folder: Path) -> str:
+    """Write :func:`pickled`'s bytes beside the artifact (0600); their sha256."""
+    write_private(Path(folder) / MODULE_FILE, data)
     return hashlib.sha256(data).hexdigest()
 
 

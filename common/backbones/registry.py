@@ -185,7 +185,7 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 def _imported(path: str) -> BackboneSpec:
     """The spec of the decorated builder at import path ``path`` (see the module docstring)."""
-    if not IMPORT_PATH.match(path):
+    if not IMPORT_PATH.fullmatch(path):
         raise FerryError(f"backbone {path!r} is not an import path: write package.module:builder")
     if not trusted_code(path):
         module_name = path.split(":")[0]

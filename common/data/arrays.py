@@ -18,6 +18,7 @@ import numpy as np
 from ferry.common.atomic_files import atomic_path
 from ferry.common.data.dataset import Dataset
 from ferry.common.errors import FerryError
+from ferry.common.private_files import PRIVATE_FILE, private_dir
 
 SUFFIX = ".npz"
 KEYS = ("x", "y", "institution")
@@ -69,9 +70,9 @@ def write_arrays(folder: str | os.PathLike, institutions: dict[str, tuple]) -> P
         digest.update(str((array.dtype.str, array.shape)).encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     path = Path(folder) / f"{digest.hexdigest()[:32]}{SUFFIX}"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    if not path.exists():  # every institution's raw examples: 0600 in a 0700 folder
+        private_dir(path.parent)
+        with atomic_path(path, mode=PRIVATE_FILE) as tmp, open(tmp, "wb") as f:
             np.savez(f, x=x, y=y, institution=names.astype("U"))
     return path
 
