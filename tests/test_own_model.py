@@ -37,6 +37,19 @@ from ferry.common.errors import FerryError
 from ferry.common.serialization import make_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def own_registries(monkeypatch):
+    """Backbones and rules resolved by a test stay that test's (the registries are copied)."""
+    from ferry.common.backbones import registry
+    from ferry.server import aggregation
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_TRUSTED", set(registry._TRUSTED))
+    monkeypatch.setattr(aggregation, "_RULES", dict(aggregation._RULES))
+
+
 EXAMPLE_MARK = "<!-- own-model-example -->"
 
 
