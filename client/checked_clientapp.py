@@ -125,4 +125,19 @@ def run_forked_task(runtime_api_address: str, token: str, parent_pid: int) -> No
     OS); the global one is reseeded from the OS here all the same, so that no two tasks share a
     stream."""
     np.random.seed()
+    _log_progress_to_stderr()
     run_task(runtime_api_address, token, parent_pid)
+
+
+def _log_progress_to_stderr() -> None:
+    """Ferry's progress lines (feature extraction: :mod:`common.progress`) into the
+    institution's own log, which keeps this task's stderr."""
+    import logging
+
+    logger = logging.getLogger("ferry")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("ferry: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

@@ -35,6 +35,7 @@ from torch import nn
 from ferry.common.atomic_files import atomic_path
 from ferry.common.data.preprocess import check_preprocessing, preprocess
 from ferry.common.private_files import PRIVATE_FILE, private_dir
+from ferry.common.progress import Progress
 
 MMAP_BYTES = 64 * 2**20
 _MEMORY: dict[str, dict[str, np.ndarray]] = {}
@@ -68,6 +69,7 @@ def extract(
         batch *= 8  # large batches keep a GPU busy; outputs come back to host memory
     trunk = trunk.to(device)
     out: np.ndarray | None = None
+    progress = Progress("extracting features", n)
     with torch.no_grad():
         for i in range(0, n, batch):
             chunk = torch.from_numpy(preprocess(examples[i : i + batch], preprocessing))
@@ -80,6 +82,8 @@ def extract(
                 else:
                     out = np.empty(shape, np.float32)
             out[i : i + len(y)] = y
+            progress.update(i + len(y))
+    progress.finish()
     trunk.to("cpu")
     trunk_examples += n
     if out is None:

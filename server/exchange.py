@@ -12,6 +12,7 @@ are *stragglers*; nodes whose reply is a transport error (node offline, reply lo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,7 @@ TRANSPORT_ERRORS = {
 
 
 POLL_SECONDS = 0.5
+PROGRESS_SECONDS = 5.0  # while replies are awaited, say how many came at most this often
 
 
 @dataclass
@@ -87,9 +89,14 @@ def payload_bytes(content: RecordDict) -> int:
 
 
 def exchange(
-    grid: Grid, messages: list[Message], traffic: Traffic, timeout: float | None
+    grid: Grid,
+    messages: list[Message],
+    traffic: Traffic,
+    timeout: float | None,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> Exchange:
-    """Send ``messages`` (one per node), collect replies for at most ``timeout`` seconds."""
+    """Send ``messages`` (one per node), collect replies for at most ``timeout`` seconds;
+    ``progress(replied, sent, seconds)`` every :data:`PROGRESS_SECONDS` while waiting."""
     result = Exchange()
     if not messages:
         return result
@@ -103,7 +110,7 @@ def exchange(
     for message_id, node in node_of.items():
         if message_id not in pushed:
             result.unavailable[node] = "the SuperLink did not accept the message"
-    replies = _pull(grid, pushed, timeout)
+    replies = _pull(grid, pushed, timeout, progress)
     answered = set(result.unavailable)
     for reply in replies:
         node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
@@ -121,15 +128,41 @@ def exchange(
     return result
 
 
-def _pull(grid: Grid, pending: set[str], timeout: float | None) -> list[Message]:
+def waiting_note(log, rnd: int, stage: str) -> Callable[[int, int, float], None]:
+    """The ``progress`` of one exchange as a log line: how many of the institutions answered."""
+
+    def note(replied: int, sent: int, seconds: float) -> None:
+        what = {"train": "trained", "evaluate": "evaluated"}.get(stage, "answered")
+        first = " (round 1 includes receiving the backbone and extracting features)"
+        log(
+            f"  round {rnd} {stage}: {replied}/{sent} institutions {what} after {seconds:.0f}s"
+            + (first if rnd == 1 and stage == "train" else "")
+        )
+
+    return note
+
+
+def _pull(
+    grid: Grid,
+    pending: set[str],
+    timeout: float | None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[Message]:
     """Replies to the ``pending`` message ids, until all came or ``timeout`` passed."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    next_note = started + PROGRESS_SECONDS
+    total = len(pending)
     replies: list[Message] = []
     while pending:
         got = list(grid.pull_messages(pending))
         replies += got
         pending = pending - {m.metadata.reply_to_message_id for m in got}
-        if not pending or (deadline is not None and time.monotonic() >= deadline):
+        now = time.monotonic()
+        if not pending or (deadline is not None and now >= deadline):
             break
+        if progress is not None and now >= next_note:
+            progress(total - len(pending), total, now - started)
+            next_note = now + PROGRESS_SECONDS
         time.sleep(POLL_SECONDS)
     return replies

@@ -44,7 +44,7 @@ from ferry.server.aggregation import (
     capped_weights,
 )
 from ferry.server.client_reports import ledger_trained, update_client_summary
-from ferry.server.exchange import Traffic, array_record, exchange
+from ferry.server.exchange import Traffic, array_record, exchange, waiting_note
 from ferry.server.plan import FederationPlan, FederationState
 
 
@@ -114,7 +114,9 @@ def _exchange(
 ) -> list[tuple[int, Message]]:
     """One exchange; stragglers and unreachable nodes are dropped from the round, in the
     ledger (``client_dropped``) and the log."""
-    result = exchange(grid, messages, traffic, plan.round_timeout)
+
+    note = waiting_note(plan.log, rnd, stage)
+    result = exchange(grid, messages, traffic, plan.round_timeout, note)
     lost = {
         n: f"no reply within the round timeout ({plan.round_timeout:g}s)" for n in result.stragglers
     }
@@ -179,6 +181,8 @@ def ensure_backbone(
     )
     content = RecordDict({"backbone": array_record(plan.artifact.tensors), "run": ship_cfg})
     before = traffic.sent_arrays
+    mb, sha = plan.artifact.nbytes / 1e6, plan.artifact.sha256[:12]
+    plan.log(f"  round {rnd}: shipping the backbone ({mb:.1f} MB, {sha}) to {len(need)} node(s)")
     messages = _messages(need, content, "query.backbone_ship", rnd)
     replies = _exchange(grid, plan, state, messages, rnd, "backbone shipping", traffic)
     traffic.backbone_sent += traffic.sent_arrays - before

@@ -42,9 +42,28 @@ TUNE_OPTIONS = DATA_OPTIONS + (
 )
 
 
-# One line of help per RunConfig field (each command shows its own default after it).
+# The choices `--help` lists without importing them (torch, pandas): tests/test_cli_help.py
+# checks them against the registries.
+SCENARIOS = ("bank-credit", "bank-stocks", "drug-activity", "hospital-imaging", "hospital-tabular")
+BACKBONES = (
+    "convnext_tiny",
+    "efficientnet_b0",
+    "efficientnet_lite0",
+    "ferry-cnn",
+    "mobilenet_v3_large",
+    "molecule-mlp",
+    "resnet18",
+    "resnet50",
+    "series-cnn",
+    "series-gru",
+    "tabular-mlp",
+    "vit_b_16",
+)
+
+# One line of help per RunConfig field (each command shows its own default after it, unless
+# the line says it).
 HELP = {
-    "scenario": "scenario preset",
+    "scenario": f"scenario preset: {', '.join(SCENARIOS)}",
     "data": "your data file or folder (format per scenario); default: the scenario's "
     "synthetic data",
     "clients": "number of virtual institutions",
@@ -76,7 +95,8 @@ HELP = {
     "lora_targets": "comma-separated Linear layer name patterns for LoRA (default: the backbone's)",
     "adapter_dim": "bottleneck width of conv adapters",
     "clipping": "per-example clipping: flat, or ghost (Opacus ghost clipping, less memory)",
-    "backbone": "backbone: a zoo name or package.module:builder (default: the scenario's)",
+    "backbone": f"backbone: {', '.join(BACKBONES)}, or your own as package.module:builder "
+    "(default: the scenario's)",
     "label_column": "tabular / molecule data: the column to predict",
     "categorical": "tabular data: comma-separated columns to treat as categories",
     "task": "auto, classification or regression (auto: from the label column)",
@@ -126,12 +146,14 @@ def add_run_options(p: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> N
             kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(
                 f.type, str
             )
+            shown = default if default not in ("", None) else "-"
+            text = HELP[f.name]
             p.add_argument(
                 flag,
                 type=kind,
                 default=None,
                 metavar=f.name.upper(),
-                help=f"{HELP[f.name]} (default: {default if default not in ('', None) else '-'})",
+                help=text if "default" in text else f"{text} (default: {shown})",
             )
 
 
