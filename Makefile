@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ferry-installed
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install nginx demo test test-fast lint clean
+.PHONY: install nginx chromium demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,15 +25,21 @@ nginx:
 		(apt-get update -qq && apt-get install -y -qq nginx) || \
 		(echo "nginx is not installed: apt-get install nginx (as root)" >&2; exit 1)
 
+# Every run writes report.html; tests/test_run_report.py checks it in a headless Chromium.
+chromium:
+	@command -v chromium >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) || \
+		(echo "chromium is not installed: apt-get install chromium (as root)" >&2; exit 1)
+
 # Two pytest-xdist workers, one test file at a time each, the longest files first
 # (tests/conftest.py): half of the suite's time is spent waiting on other processes.
 XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 
-test: $(STAMP) nginx
+test: $(STAMP) nginx chromium
 	$(PY) -m pytest -q -ra $(XDIST) --durations=25
 
 # The tests not marked `slow` (no Ray start-up, no real deployment); every module is imported.
-test-fast: $(STAMP) nginx
+test-fast: $(STAMP) nginx chromium
 	$(PY) -m pytest -q -ra $(XDIST) -m "not slow"
 
 lint: $(STAMP)

@@ -50,6 +50,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ferry.common.errors import FerryError
 from ferry.server import audit_signatures as sigs
 from ferry.server.audit_checks import (
     MALFORMED,
@@ -60,6 +61,11 @@ from ferry.server.audit_checks import (
     trained_record,
 )
 from ferry.server.audit_input import AuditInputError, ledger_file, read_verified
+from ferry.server.audit_institution import (
+    check_target,
+    institution_audit,
+    write_institution_report,
+)
 from ferry.server.audit_presence import REPORT_MISSING, missing_reports
 from ferry.server.audit_render import render, write_plot
 from ferry.server.audit_replay import PLD_INTERVAL, ReplayFailure, replay_all
@@ -237,13 +243,26 @@ def run_audit(
     plot: bool = True,
     keys: list[str] | None = None,
     receipts: list[str] | None = None,
+    institution: str = "",
+    institution_report: str = "",
 ) -> int:
-    """``ferry audit``: print the report (table or one JSON object); return the exit code."""
+    """``ferry audit``: print the report (table or one JSON object); return the exit code.
+    ``institution`` and ``institution_report``: also write that institution's privacy
+    report (:mod:`server.audit_institution`)."""
+    if institution_report:
+        if not institution:
+            raise FerryError("--report needs --institution NAME: the report is one institution's")
+        check_target(institution_report)
     try:
         report = audit_ledger(path, keys=keys, receipts=receipts)
     except AuditInputError as exc:
         print(f"ferry: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    if institution:
+        institution_audit(report, institution)  # an unknown name: one line, before output
+    if institution_report and not report.tampered:
+        written = write_institution_report(report, institution, Path(institution_report))
+        print(f"privacy report: {written}")
     if report.tampered:
         print(json.dumps(report.to_json(), indent=2) if as_json else report.verdict())
         return report.exit_code

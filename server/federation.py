@@ -53,6 +53,7 @@ from ferry.server.rounds import (
     sample_nodes,
     train_round,
 )
+from ferry.server.run_report import write_report
 
 __all__ = ["FederationPlan", "FederationState", "run_federation", "wait_for_nodes"]
 
@@ -262,4 +263,11 @@ def run_federation(grid: Grid, plan: FederationPlan) -> dict:
         summary["resumed"] = True
     write_final_model(plan, state, end_reason)  # before the summary: a summary means both
     write_summary(plan.out, summary)
+    try:
+        plan.log(f"report: {write_report(plan.out)}")
+    except Exception as exc:  # the run's files are complete; only the page is missing
+        plan.log(
+            f"report.html not written ({type(exc).__name__}: {exc}); the run's files are "
+            f"complete: redraw it with `ferry report {plan.out}`"
+        )
     return summary

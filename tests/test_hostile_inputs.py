@@ -470,6 +470,9 @@ CASES = [
     # --- ferry export / predict ---
     Case("export-not-a-run", _argv("export", "{w}/empty-dir", "--out", "{w}/m"), "finished run"),
     Case("export-missing", _argv("export", "{w}/nothing-here", "--out", "{w}/m"), "finished run"),
+    Case("report-not-a-run", _argv("report", "{w}/empty-dir"), "holds no summary.json"),
+    Case("report-missing", _argv("report", "{w}/nothing-here"), "holds no summary.json"),
+    Case("report-a-file", _argv("report", "{w}/binary.bin"), "holds no summary.json"),
     Case(
         "predict-not-a-model",
         _argv("predict", "{w}/empty-dir", "--data", "{w}/empty-dir", "--out", "{w}/p.csv"),

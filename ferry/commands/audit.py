@@ -30,6 +30,19 @@ def add_audit(sub) -> None:
         help="institutions' state directories (or their root): cross-check their receipt "
         "chains with the ledger",
     )
+    p.add_argument(
+        "--institution",
+        default="",
+        metavar="NAME",
+        help="with --report: the institution whose privacy report to write",
+    )
+    p.add_argument(
+        "--report",
+        default="",
+        metavar="FILE",
+        help="write the institution's privacy report for its DPO (.html or .md): every round "
+        "it trained, its ε against its budget, what was released outside ε, the verdict",
+    )
     p.set_defaults(func=cmd_audit)
 
 
@@ -42,4 +55,29 @@ def cmd_audit(args: argparse.Namespace) -> int:
         plot=not args.no_plot,
         keys=args.keys,
         receipts=args.receipts,
+        institution=args.institution,
+        institution_report=args.report,
     )
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser(
+        "report", help="(re)draw a run's report.html from its files: curves, institutions, privacy"
+    )
+    p.add_argument("run", help="run directory (holding summary.json and metrics.jsonl)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ferry.common.errors import FerryError
+    from ferry.server.run_report import write_report
+
+    run = Path(args.run)
+    if not (run / "summary.json").is_file():
+        raise FerryError(
+            f"{run} holds no summary.json: give the directory of a finished run (its --out)"
+        )
+    print(f"report: {write_report(run)}")
+    return 0
