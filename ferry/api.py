@@ -81,6 +81,7 @@ def simulate(
     backbone: str | nn.Module | None = None,
     split: str = "",
     input_shape: tuple[int, ...] | None = None,
+    baseline: str = "",
     log=print,
     **settings,
 ) -> Run:
@@ -90,6 +91,7 @@ def simulate(
     ``{name: Dataset}`` or a list of either (one institution each). ``backbone``: a name (zoo
     or ``package.module:builder``), or an ``nn.Module`` cut at ``split`` (the module the
     trainable head replaces); its input shape is the data's, or ``input_shape`` with a path.
+    ``baseline="local"``: also each institution alone (``summary["baseline"]``).
     ``log`` receives the progress lines (``print`` by default)."""
     if isinstance(data, str | os.PathLike):
         settings["data"] = str(data)
@@ -121,7 +123,7 @@ def simulate(
             )
         settings["backbone"] = str(backbone)
     cfg = RunConfig.from_mapping(settings).validate()
-    summary = run_simulation(cfg, log=log, own_module=own)
+    summary = run_simulation(cfg, log=log, own_module=own, baseline=baseline)
     return Run(Path(summary["run"]["out"]))
 
 

@@ -22,7 +22,9 @@ from ferry.common.scenarios import get_scenario
 from ferry.server.app import build_server_app
 from ferry.server.federation import FederationPlan
 from ferry.server.outputs import FINAL_METRICS
+from ferry.server.run_report import write_report
 from ferry.server.simulation_plan import plan_simulation
+from ferry.simulations.local_baseline import check_baseline, local_baseline
 
 
 def _trained_part(cfg: RunConfig) -> str:
@@ -80,20 +82,27 @@ def run_on_ray(plan: FederationPlan, client_app) -> None:
 
 
 def simulate(
-    cfg: RunConfig, log=print, client_app=None, own_module: tuple[str, str] | None = None
+    cfg: RunConfig,
+    log=print,
+    client_app=None,
+    own_module: tuple[str, str] | None = None,
+    baseline: str = "",
 ) -> dict:
     """Run a simulation to the end; return its summary (also in ``<out>/summary.json``).
 
     ``client_app`` replaces Ferry's ClientApp (benchmarks use a no-op one). A backbone named
     by import path is trusted here and in every worker: the researcher named it.
-    ``own_module``: the saved module of ``ferry.simulate(backbone=nn.Module)``."""
+    ``own_module``: the saved module of ``ferry.simulate(backbone=nn.Module)``.
+    ``baseline`` "local": then each institution alone (:mod:`simulations.local_baseline`)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    check_baseline(baseline, cfg)
     trusted = (cfg.backbone,) if is_import_path(cfg.backbone) else ()
     for path in trusted:
         trust_code(path)
     plan = plan_simulation(cfg, log=log)
     cfg = plan.cfg
+    check_baseline(baseline, cfg)  # the task is known now
     pre = plan.artifact.manifest.get("pretraining", {})
     privacy = (
         "NON-PRIVATE run (no DP guarantee)"
@@ -128,6 +137,10 @@ def simulate(
     log(
         f"done in {summary['wall_time_s']:.0f}s: federated {headline or 'no evaluation'} "
         f"after {final['round']} rounds, max ε {max_eps}\n"
-        f"outputs: {plan.out}/metrics.jsonl, {plan.out}/summary.json"
+        f"outputs: {plan.out}/metrics.jsonl, {plan.out}/summary.json, {plan.out}/report.html"
     )
+    if baseline:
+        rounds = [json.loads(x) for x in (plan.out / "metrics.jsonl").read_text().splitlines()]
+        local_baseline(plan, summary, rounds, log)
+        write_report(plan.out)  # with the baseline column
     return summary
