@@ -160,7 +160,8 @@ class InProcessGrid:
 
 @pytest.fixture
 def federation(tmp_path, artifact):
-    """One round over three institutions; the run's outputs and the plan."""
+    """One round over three institutions under strong label skew (Dirichlet α = 0.1: where a
+    mean of per-institution AUCs is furthest from the pooled one); the run's outputs, plan."""
     from ferry.server.federation import run_federation
 
     from inprocess_grid import grid_plan
@@ -169,6 +170,7 @@ def federation(tmp_path, artifact):
     cfg = RunConfig(
         examples=600,
         clients=PARTITIONS,
+        alpha=0.1,
         rounds=1,
         min_clients=PARTITIONS,
         noise_multiplier=1.0,
@@ -215,14 +217,14 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 def _sklearn(y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     probs, pred = _softmax(scores), scores.argmax(1)
     present = [c for c in range(4) if 0 < (y == c).sum() < len(y)]
+    auc = [skm.roc_auc_score(y == c, probs[:, c]) for c in present]
     return {
         "accuracy": skm.accuracy_score(y, pred),
         "balanced_accuracy": skm.balanced_accuracy_score(y, pred),
         "macro_f1": skm.f1_score(y, pred, average="macro"),
-        "roc_auc": float(np.mean([skm.roc_auc_score(y == c, probs[:, c]) for c in present])),
         "loss": skm.log_loss(y, probs, labels=range(4)),
         "eval_examples": len(y),
-    }
+    } | ({"roc_auc": float(np.mean(auc))} if auc else {})  # one class held out: no AUC
 
 
 def _assert_matches(got: dict, want: dict, where: str) -> None:
@@ -234,6 +236,9 @@ def _assert_matches(got: dict, want: dict, where: str) -> None:
     # The stated bound, from the histograms alone, holds. Its size depends on how the one-round
     # model's scores spread over the bins (about 0.07 typically; 0 when one class is absent
     # from an institution's held-out split, 0.27 was seen for a near-constant model).
+    if "roc_auc" not in want:  # an institution whose held-out split holds one class
+        assert "roc_auc" not in got, where
+        return
     assert 0 <= got["roc_auc_bin_error"] < 0.5, where
     assert abs(got["roc_auc"] - want["roc_auc"]) <= got["roc_auc_bin_error"] + 1e-12, where
 
