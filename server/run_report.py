@@ -145,7 +145,12 @@ def _institution_rows(summary: dict, rounds: list[dict], task: str) -> list[str]
         over = isinstance(eps, float) and isinstance(budget, float) and eps > budget * (1 + 1e-9)
         held = last_eval.get(name, {})
         alone = summary.get("baseline", {}).get("institutions", {}).get(name, {}).get("local", {})
-        local_cell = f"<td>{_num(alone.get(metric))}</td>" if "baseline" in summary else ""
+        local_cell = (
+            f"<td>{_num(alone.get(metric))} / {_num(alone.get('balanced_accuracy'))}</td>"
+            f"<td>{_num(held.get('balanced_accuracy'))}</td>"
+            if "baseline" in summary
+            else ""
+        )
         rows.append(
             "<tr>"
             f'<td class="name">{_e(name)}</td>'
@@ -161,7 +166,11 @@ def _institution_rows(summary: dict, rounds: list[dict], task: str) -> list[str]
         '<tr><th class="name">institution</th><th>training examples</th><th>rounds trained</th>'
         "<th>refused</th><th>dropped</th><th>rejected</th><th>ε spent</th><th>budget ε</th>"
         f"<th>δ</th><th>held-out examples</th><th>federated {_e(metric)} (its held-out)</th>"
-        + (f"<th>alone, same ε ({_e(metric)})</th>" if "baseline" in summary else "")
+        + (
+            f"<th>alone, same ε ({_e(metric)} / balanced)</th><th>federated balanced</th>"
+            if "baseline" in summary
+            else ""
+        )
         + "</tr>"
     )
     return [header, *rows]

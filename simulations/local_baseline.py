@@ -95,10 +95,22 @@ def local_baseline(plan: FederationPlan, summary: dict, rounds: list[dict], log=
 
 
 def table(section: dict) -> str:
-    """The printed comparison, one institution per line."""
-    lines = [f"{'institution':<14} {'held-out':>8}  {'alone':>7}  {'federated':>9}  (accuracy)"]
+    """The printed comparison, one institution per line: accuracy and balanced accuracy
+    (under label skew a model alone learns its own prior, which accuracy rewards and balanced
+    accuracy does not)."""
+    lines = [
+        f"{'institution':<14} {'held-out':>8}  {'accuracy':>17}  {'balanced accuracy':>17}",
+        f"{'':<14} {'':>8}  {'alone':>7} {'federated':>9}  {'alone':>7} {'federated':>9}",
+    ]
+
+    def cell(value, width: int) -> str:
+        return f"{value:{width}.3f}" if isinstance(value, float) else f"{'–':>{width}}"
+
     for name, row in section["institutions"].items():
-        local, fed = row["local"].get("accuracy"), row["federated"].get("accuracy")
-        fed_text = f"{fed:9.3f}" if isinstance(fed, float) else f"{'–':>9}"
-        lines.append(f"{name:<14} {row['held_out_examples']:>8}  {local:7.3f}  {fed_text}")
+        local, fed = row["local"], row["federated"]
+        lines.append(
+            f"{name:<14} {row['held_out_examples']:>8}  {cell(local.get('accuracy'), 7)} "
+            f"{cell(fed.get('accuracy'), 9)}  {cell(local.get('balanced_accuracy'), 7)} "
+            f"{cell(fed.get('balanced_accuracy'), 9)}"
+        )
     return "\n".join(lines)

@@ -30,7 +30,8 @@ def test_each_institution_alone_beside_the_federated_model_on_its_held_out_split
         assert row["federated"]["accuracy"] == held["accuracy"]
         assert 0.0 <= row["local"]["accuracy"] <= 1.0
         assert f"{row['local']['accuracy']:7.3f}" in printed
-    assert "alone, same ε (accuracy)" in (out / "report.html").read_text()
+        assert row["federated"]["balanced_accuracy"] == held["balanced_accuracy"]
+    assert "alone, same ε (accuracy / balanced)" in (out / "report.html").read_text()
 
 
 @pytest.mark.parametrize(
