@@ -82,6 +82,7 @@ def simulate(
     split: str = "",
     input_shape: tuple[int, ...] | None = None,
     baseline: str = "",
+    log_to: str = "",
     log=print,
     **settings,
 ) -> Run:
@@ -92,6 +93,7 @@ def simulate(
     or ``package.module:builder``), or an ``nn.Module`` cut at ``split`` (the module the
     trainable head replaces); its input shape is the data's, or ``input_shape`` with a path.
     ``baseline="local"``: also each institution alone (``summary["baseline"]``).
+    ``log_to="tensorboard:DIR"``: every round's metrics and ε in TensorBoard too.
     ``log`` receives the progress lines (``print`` by default)."""
     if isinstance(data, str | os.PathLike):
         settings["data"] = str(data)
@@ -123,7 +125,7 @@ def simulate(
             )
         settings["backbone"] = str(backbone)
     cfg = RunConfig.from_mapping(settings).validate()
-    summary = run_simulation(cfg, log=log, own_module=own, baseline=baseline)
+    summary = run_simulation(cfg, log=log, own_module=own, baseline=baseline, log_to=log_to)
     return Run(Path(summary["run"]["out"]))
 
 

@@ -245,6 +245,8 @@ def run_federation(grid: Grid, plan: FederationPlan) -> dict:
         }
         state.rounds.append(record)
         append_metrics(plan.out, record)
+        for sink in plan.round_sinks:
+            sink(record)
         _checkpoint(plan, state, rng, rnd)
         backbone = (
             f" (backbone {_fmt_bytes(traffic.backbone_sent)})" if traffic.backbone_sent else ""

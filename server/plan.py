@@ -42,6 +42,8 @@ class FederationPlan:
     # The class names in class-id order (the data's in simulation; the run config's public
     # list in a deployment): they go into the final model (server.final_model).
     class_names: tuple[str, ...] = ()
+    # Called with every round's record as the round ends (server.metric_sinks: TensorBoard).
+    round_sinks: tuple[Callable[[dict], None], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.class_names:

@@ -21,6 +21,7 @@ from ferry.common.errors import FerryError
 from ferry.common.scenarios import get_scenario
 from ferry.server.app import build_server_app
 from ferry.server.federation import FederationPlan
+from ferry.server.metric_sinks import check_log_to, sink_for
 from ferry.server.outputs import FINAL_METRICS
 from ferry.server.run_report import write_report
 from ferry.server.simulation_plan import plan_simulation
@@ -87,22 +88,27 @@ def simulate(
     client_app=None,
     own_module: tuple[str, str] | None = None,
     baseline: str = "",
+    log_to: str = "",
 ) -> dict:
     """Run a simulation to the end; return its summary (also in ``<out>/summary.json``).
 
     ``client_app`` replaces Ferry's ClientApp (benchmarks use a no-op one). A backbone named
     by import path is trusted here and in every worker: the researcher named it.
     ``own_module``: the saved module of ``ferry.simulate(backbone=nn.Module)``.
-    ``baseline`` "local": then each institution alone (:mod:`simulations.local_baseline`)."""
+    ``baseline`` "local": then each institution alone (:mod:`simulations.local_baseline`).
+    ``log_to`` ``tensorboard:DIR``: every round's metrics there too (:mod:`server.metric_sinks`)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     check_baseline(baseline, cfg)
+    if log_to:
+        check_log_to(log_to)
     trusted = (cfg.backbone,) if is_import_path(cfg.backbone) else ()
     for path in trusted:
         trust_code(path)
     plan = plan_simulation(cfg, log=log)
     cfg = plan.cfg
     check_baseline(baseline, cfg)  # the task is known now
+    plan.round_sinks = (sink_for(log_to),) if log_to else ()
     pre = plan.artifact.manifest.get("pretraining", {})
     privacy = (
         "NON-PRIVATE run (no DP guarantee)"

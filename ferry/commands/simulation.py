@@ -22,6 +22,12 @@ def add_simulate(sub) -> None:
         help="local: after the run, train each institution alone at the same ε and δ and "
         "report its accuracy beside the federated model's, on its own held-out split",
     )
+    p.add_argument(
+        "--log-to",
+        default="",
+        metavar="tensorboard:DIR",
+        help="also log every round's metrics and ε to TensorBoard event files in DIR",
+    )
     add_run_options(p)
     p.set_defaults(func=cmd_simulate)
 
@@ -31,7 +37,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from ferry.simulations.runner import simulate
 
-    simulate(run_config(args), log=logging.getLogger("ferry").info, baseline=args.baseline)
+    log = logging.getLogger("ferry").info
+    simulate(run_config(args), log=log, baseline=args.baseline, log_to=args.log_to)
     return 0
 
 
