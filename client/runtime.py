@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -55,6 +57,7 @@ from ferry.common.training_defaults import (
 )
 
 ACCOUNTANT = "prv"
+PROGRESS = logging.getLogger("ferry.progress")
 
 
 def request_from_record(record: dict) -> RoundRequest:
@@ -207,7 +210,11 @@ def noise_for(
             cache = {}  # a damaged cache is only a lost speed-up
     if key in cache:
         return float(cache[key])
-    sigma = noise_multiplier_for_target(run.epsilon, run.delta, q, steps * run.rounds, ACCOUNTANT)
+    total = steps * run.rounds
+    started = time.monotonic()
+    PROGRESS.info("deriving σ for ε=%g over %d steps at q=%.4g (PRV)", run.epsilon, total, q)
+    sigma = noise_multiplier_for_target(run.epsilon, run.delta, q, total, ACCOUNTANT)
+    PROGRESS.info("σ = %.4f (derived in %.1fs)", sigma, time.monotonic() - started)
     if cache_file:
         cache[key] = sigma
         write_private(cache_file, json.dumps(cache).encode())  # it holds q, so n: 0600
