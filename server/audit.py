@@ -260,7 +260,9 @@ def run_audit(
         return exc.exit_code
     if institution:
         institution_audit(report, institution)  # an unknown name: one line, before output
-    if institution_report and not report.tampered:
+    if institution_report and report.tampered:
+        print(f"privacy report not written: the ledger is not trusted ({report.tampered})")
+    elif institution_report:
         written = write_institution_report(report, institution, Path(institution_report))
         print(f"privacy report: {written}")
     if report.tampered:

@@ -2,12 +2,14 @@
 its data-protection officer.
 
 Made from the audit alone (:func:`server.audit.audit_ledger`: authentic signed reports,
-replayed by an independent accountant), never from the server's own numbers: every round the
-institution trained with its mechanism (σ, q, steps), its ε after each round as it reported
-it and as the audit replayed it, against its budget; the releases outside ε; and the audit's
-verdict with its caveats. ``.html`` (one self-contained page: its chart is a ``data:`` URI,
-no script, a Content-Security-Policy that loads nothing) or ``.md`` (Markdown, the chart
-written beside it).
+replayed by an independent accountant), never from the server's own numbers or words: every
+round the institution trained with its mechanism (σ, q, steps), its ε after each round as it
+reported it and as the audit replayed it, against its budget; the releases outside ε as
+Ferry's own code states them (:func:`common.privacy.statement.privacy_statement`, not the
+operator's ``summary.json``); and the audit's verdict with its caveats. Every name and value
+is escaped (HTML) or set as literal text (Markdown). ``.html`` (one self-contained page: its
+chart is a ``data:`` URI, no script, a Content-Security-Policy that loads nothing) or ``.md``
+(Markdown, the chart written beside it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from pathlib import Path
 
@@ -95,24 +96,27 @@ def _chart(inst: InstitutionAudit) -> bytes:
     return buffer.getvalue()
 
 
-def _statement(report: AuditReport, inst: InstitutionAudit) -> dict:
-    """The run's privacy statement (its summary's), else the one Ferry states for its δ."""
-    summary = report.ledger.with_name("summary.json")
-    if summary.is_file():
-        try:
-            return json.loads(summary.read_text())["privacy"]
-        except (ValueError, KeyError):
-            pass
-    return privacy_statement(inst.delta or 0.0)
+def _no_guarantee(inst: InstitutionAudit) -> bool:
+    """No finite ε to state: no replayable report, noise-free rounds, or no reported ε."""
+    return (
+        not inst.records
+        or any(r.segment.noise_multiplier == 0 for r in inst.records)
+        or not math.isfinite(inst.epsilon_replayed)
+    )
 
 
 def check_target(path: str | Path) -> Path:
-    """``path`` if a report may be written there; else a one-line FerryError."""
+    """``path`` if a report may be written there (and, for Markdown, its chart beside it);
+    else a one-line FerryError."""
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise FerryError(f"--report {path} must end in .html or .md")
-    if path.exists():
-        raise FerryError(f"{path} already exists: choose a new --report (nothing overwritten)")
+    files = [path, path.with_suffix(".png")] if path.suffix.lower() == ".md" else [path]
+    for target in files:
+        if target.exists():
+            raise FerryError(
+                f"{target} already exists: choose a new --report (nothing overwritten)"
+            )
     return path
 
 
@@ -131,9 +135,16 @@ def write_institution_report(report: AuditReport, name: str, path: Path) -> Path
     FerryError for an unknown institution, another format or an existing file."""
     path = check_target(path)
     inst = institution_audit(report, name)
-    statement = _statement(report, inst)
+    bare = _no_guarantee(inst)
+    statement = privacy_statement(inst.delta or 0.0, non_private=bare)
     verdict = report.verdict()
     status = inst.status
+    banner = (
+        "NO DP GUARANTEE for this institution's releases: its reports carry no finite ε (a "
+        "non-private run, or reports the audit could not replay: see the findings)"
+        if bare
+        else ""
+    )
     facts = [
         ("institution", inst.institution),
         ("ledger", str(report.ledger)),
@@ -159,17 +170,29 @@ def write_institution_report(report: AuditReport, name: str, path: Path) -> Path
     ]
     chart = _chart(inst)
     if path.suffix.lower() == ".md":
-        text = _markdown(inst, facts, statement, outside, report, path)
-        path.with_suffix(".png").write_bytes(chart)
+        text = _markdown(inst, facts, statement, outside, report, path, banner)
+        write_atomic(path.with_suffix(".png"), chart, exclusive=True)
     else:
-        text = _html(inst, facts, statement, outside, report, chart)
+        text = _html(inst, facts, statement, outside, report, chart, banner)
     write_atomic(path, text, exclusive=True)
     return path
 
 
-def _markdown(inst, facts, statement, outside, report, path: Path) -> str:
-    cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+MARKDOWN_SPECIAL = "\\`*_{}[]()<>#+!|~"
+
+
+def literal(text: object) -> str:
+    """``text`` as literal Markdown: one line, every character Markdown could act on escaped
+    (a name cannot become a link, an image, an HTML tag or a table cell)."""
+    flat = " ".join(str(text).split())
+    return "".join(f"\\{c}" if c in MARKDOWN_SPECIAL else c for c in flat)
+
+
+def _markdown(inst, facts, statement, outside, report, path: Path, banner: str) -> str:
+    cell = literal
     lines = [f"# Privacy report: {cell(inst.institution)}", ""]
+    if banner:
+        lines += [f"**{cell(banner)}**", ""]
     lines += ["| | |", "|---|---|", *(f"| {cell(k)} | {cell(v)} |" for k, v in facts), ""]
     lines += [f"Mechanism: {cell(statement.get('mechanism', ''))}", ""]
     lines += [f"Covered by ε: {cell(statement.get('covered', ''))}", ""]
@@ -179,13 +202,12 @@ def _markdown(inst, facts, statement, outside, report, path: Path) -> str:
     lines += ["", f"![ε over the run]({path.with_suffix('.png').name})", ""]
     lines += ["## Released outside ε", ""]
     lines += [f"- **{cell(r)}**: {cell(w)}" for r, w in outside]
-    lines += ["", "## Findings", ""]
-    lines += [f"- {cell(d)}" for d in inst.details] or ["- none"]
-    lines += [f"- {cell(c)}" for c in report.caveats()]
+    lines += ["", "## Findings and caveats", ""]
+    lines += [f"- {cell(d)}" for d in [*inst.details, *report.caveats()]] or ["- none"]
     return "\n".join(lines) + "\n"
 
 
-def _html(inst, facts, statement, outside, report, chart: bytes) -> str:
+def _html(inst, facts, statement, outside, report, chart: bytes, banner: str) -> str:
     e = lambda s: html.escape(str(s), quote=True)  # noqa: E731
     fact_rows = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts)
     head = "".join(f"<th>{e(h)}</th>" for h in HEADER)
@@ -208,6 +230,7 @@ padding: 0.25em 0.6em; text-align: left; }} th {{ background: #f2f2f2; }}
 img {{ max-width: 100%; }}</style></head>
 <body>
 <h1>Privacy report: {e(inst.institution)} <small>({ok})</small></h1>
+{f'<p style="padding:0.6em;background:#fde2e1"><b>{e(banner)}</b></p>' if banner else ""}
 <table id="facts">{fact_rows}</table>
 <p><b>Mechanism:</b> {e(statement.get("mechanism", ""))}</p>
 <p><b>Covered by ε:</b> {e(statement.get("covered", ""))}</p>

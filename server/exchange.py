@@ -133,7 +133,7 @@ def waiting_note(log, rnd: int, stage: str) -> Callable[[int, int, float], None]
 
     def note(replied: int, sent: int, seconds: float) -> None:
         what = {"train": "trained", "evaluate": "evaluated"}.get(stage, "answered")
-        first = " (round 1 includes receiving the backbone and extracting features)"
+        first = " (round 1 includes extracting features and deriving σ)"
         log(
             f"  round {rnd} {stage}: {replied}/{sent} institutions {what} after {seconds:.0f}s"
             + (first if rnd == 1 and stage == "train" else "")

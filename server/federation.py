@@ -245,9 +245,14 @@ def run_federation(grid: Grid, plan: FederationPlan) -> dict:
         }
         state.rounds.append(record)
         append_metrics(plan.out, record)
-        for sink in plan.round_sinks:
-            sink(record)
         _checkpoint(plan, state, rng, rnd)
+        for sink in plan.round_sinks:  # extra copies of the record: a failure costs only them
+            try:
+                sink(record)
+            except Exception as exc:
+                plan.log(
+                    f"  round {rnd}: metrics not logged to a sink ({type(exc).__name__}: {exc})"
+                )
         backbone = (
             f" (backbone {_fmt_bytes(traffic.backbone_sent)})" if traffic.backbone_sent else ""
         )

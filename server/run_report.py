@@ -64,19 +64,34 @@ def _delta(value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else _num(value)
 
 
-def epsilon_by_institution(out: Path) -> dict[str, list[tuple[int, float]]]:
-    """Each institution's cumulative ε after every round it trained (its signed reports, as
-    the ledger recorded them)."""
+COUNTED = {
+    "client_refused": "refused",
+    "client_dropped": "dropped",
+    "update_rejected": "rejected",
+    "evaluation_rejected": "rejected",
+}
+
+
+def ledger_view(out: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, dict]]:
+    """From the ledger: each institution's cumulative ε after every round it trained (as the
+    server recorded its signed reports; None for a non-private run's) and, per institution,
+    the rounds it refused, was dropped from, or had a reply rejected in."""
     path = out / LEDGER_FILE
-    if not path.exists():
-        return {}
     spent: dict[str, list[tuple[int, float]]] = {}
+    rounds: dict[str, dict[str, set]] = {}
+    if not path.exists():
+        return {}, {}
     for record in read_ledger(path, check_head=False).records:
-        if record.get("event") == "client_trained":
-            spent.setdefault(str(record["institution"]), []).append(
-                (int(record["round"]), float(record["epsilon_spent"]))
-            )
-    return spent
+        event, name = record.get("event"), str(record.get("institution") or "")
+        if event == "client_trained" and name:
+            eps = record.get("epsilon_spent", record.get("epsilon_reported"))
+            if isinstance(eps, int | float) and math.isfinite(eps):
+                spent.setdefault(name, []).append((int(record["round"]), float(eps)))
+        elif event in COUNTED and name:
+            kinds = rounds.setdefault(name, {k: set() for k in set(COUNTED.values())})
+            kinds[COUNTED[event]].add(record.get("round"))
+    counts = {name: {k: len(v) for k, v in kinds.items()} for name, kinds in rounds.items()}
+    return spent, counts
 
 
 def _charts(out: Path, rounds: list[dict], task: str, spent: dict, budgets: set) -> list:
@@ -126,7 +141,9 @@ def _charts(out: Path, rounds: list[dict], task: str, spent: dict, budgets: set)
     return charts
 
 
-def _institution_rows(summary: dict, rounds: list[dict], task: str) -> list[str]:
+def _institution_rows(
+    summary: dict, rounds: list[dict], task: str, counted: dict[str, dict]
+) -> list[str]:
     metric = "accuracy" if task == "classification" else "rmse"
     last_eval = next(
         (r["per_institution"] for r in reversed(rounds) if r.get("per_institution")), {}
@@ -137,10 +154,7 @@ def _institution_rows(summary: dict, rounds: list[dict], task: str) -> list[str]
     rows = []
     for name in names:
         client = summary.get("clients", {}).get(name, {})
-        count = {
-            kind: sum(1 for r in rounds if name in (r.get(kind) or {}))
-            for kind in ("refused", "dropped", "rejected")
-        }
+        count = {"refused": 0, "dropped": 0, "rejected": 0} | counted.get(name, {})
         eps, budget = client.get("epsilon"), client.get("budget_epsilon")
         over = isinstance(eps, float) and isinstance(budget, float) and eps > budget * (1 + 1e-9)
         held = last_eval.get(name, {})
@@ -207,7 +221,7 @@ def render(out: Path) -> tuple[str, list]:
         summary.get("final", {}),
     )
     task = str(final.get("task") or run.get("task") or "classification")
-    spent = epsilon_by_institution(out)
+    spent, counted = ledger_view(out)
     budgets = {
         c["budget_epsilon"]
         for c in summary.get("clients", {}).values()
@@ -254,16 +268,17 @@ def render(out: Path) -> tuple[str, list]:
 <h1>Ferry run <code>{_e(run.get("run_id", out.name))}</code></h1>
 <p class=muted>{about}</p>
 {banner}
-<p><b>Final federated model</b> (round {_num(final.get("round"))}, pooled held-out splits):
+<p><b>Final federated model</b> (round {_num(final.get("round"))}, the institutions' held-out
+splits pooled, each counted at most weight-cap times the median's):
 {headline or "no evaluation"}. Max ε spent by any institution: {_num(privacy.get("max_epsilon"))}
 (δ = {_e(privacy.get("delta", "–"))}).</p>
 <h2>Per round</h2>
 {images}
 <h2>Per institution</h2>
-<table id="institutions">{"".join(_institution_rows(summary, rounds, task))}</table>
-<p class=muted>ε spent and budget as each institution's signed reports said; refused, dropped
-and rejected count rounds; the federated metric is the final model's on that institution's
-own held-out split.</p>
+<table id="institutions">{"".join(_institution_rows(summary, rounds, task, counted))}</table>
+<p class=muted>ε spent and budget as the server recorded them from each institution's signed
+reports (<code>ferry audit</code> verifies them); refused, dropped and rejected count rounds;
+the federated metric is the final model's on that institution's own held-out split.</p>
 <h2>Privacy statement</h2>
 {_statement({**privacy, "run": str(out)})}
 <h2>Identity</h2>

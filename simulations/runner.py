@@ -23,7 +23,7 @@ from ferry.server.app import build_server_app
 from ferry.server.federation import FederationPlan
 from ferry.server.metric_sinks import check_log_to, sink_for
 from ferry.server.outputs import FINAL_METRICS
-from ferry.server.run_report import write_report
+from ferry.server.run_report import REPORT_FILE, write_report
 from ferry.server.simulation_plan import plan_simulation
 from ferry.simulations.local_baseline import check_baseline, local_baseline
 
@@ -143,10 +143,14 @@ def simulate(
     log(
         f"done in {summary['wall_time_s']:.0f}s: federated {headline or 'no evaluation'} "
         f"after {final['round']} rounds, max ε {max_eps}\n"
-        f"outputs: {plan.out}/metrics.jsonl, {plan.out}/summary.json, {plan.out}/report.html"
+        f"outputs: {plan.out}/metrics.jsonl, {plan.out}/summary.json"
+        + (f", {plan.out}/report.html" if (plan.out / REPORT_FILE).exists() else "")
     )
     if baseline:
         rounds = [json.loads(x) for x in (plan.out / "metrics.jsonl").read_text().splitlines()]
         local_baseline(plan, summary, rounds, log)
-        write_report(plan.out)  # with the baseline column
+        try:
+            write_report(plan.out)  # with the baseline column
+        except Exception as exc:  # summary.json holds the baseline; only the page is missing
+            log(f"report.html not redrawn ({type(exc).__name__}: {exc}): `ferry report {plan.out}`")
     return summary

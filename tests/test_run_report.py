@@ -139,7 +139,7 @@ def test_an_institutions_privacy_report_for_its_dpo_renders_from_the_audit(run, 
     assert f"<td>{client['epsilon']:.3f}</td>" in rounds  # its last report, as it signed it
     assert "PASS" in dom and "Released outside ε" in dom and "held-out split" in dom
     text = notes.read_text()
-    assert f"# Privacy report: {name}" in text and text.count("| PoissonSampled(") == 2
+    assert f"# Privacy report: {name}" in text and text.count("| PoissonSampled\\(") == 2
     assert (tmp_path / "dpo.png").is_file()
 
 
@@ -165,3 +165,84 @@ def test_a_privacy_report_never_overwrites_a_file(run, tmp_path, capsys):
     argv = ["audit", str(run), "--institution", "hospital-000", "--report", str(target)]
     assert main(argv) == 2 and target.read_text() == "the DPO's notes"
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_table_counts_each_institutions_refused_dropped_and_rejected_rounds(run, tmp_path):
+    """The counts come from the ledger's records, which name the institution (the round
+    records in metrics.jsonl key them by node id)."""
+    from ferry.server.ledger import Ledger
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    names = sorted(json.loads((copy / "summary.json").read_text())["clients"])
+    ledger = Ledger(copy)
+    for event, name, rnd in (
+        ("client_refused", names[0], 1),
+        ("client_refused", names[0], 2),
+        ("client_dropped", names[1], 2),
+        ("update_rejected", names[2], 1),
+        ("evaluation_rejected", names[2], 1),  # the same round: counted once
+    ):
+        ledger.append(event, run_id="r", round=rnd, institution=name, node_id="1", reason="x")
+    text = write_report(copy).read_text()
+    rows = {name: re.search(rf">{name}</td>(.*?)</tr>", text, re.S).group(1) for name in names}
+    cells = {name: re.findall(r"<td[^>]*>([^<]*)</td>", row) for name, row in rows.items()}
+    # training examples, rounds trained, refused, dropped, rejected, ...
+    assert [cells[n][2:5] for n in names] == [["2", "0", "0"], ["0", "1", "0"], ["0", "0", "1"]]
+
+
+def test_a_non_private_run_gets_its_report_and_says_it_has_no_guarantee(tmp_path):
+    cfg = RunConfig(
+        clients=2,
+        rounds=1,
+        examples=300,
+        weights="random",
+        non_private=True,
+        noise_multiplier=0.0,
+        out=str(tmp_path / "run"),
+    )
+    simulate_in_process(cfg)
+    text = (tmp_path / "run" / REPORT_FILE).read_text()
+    assert "NON-PRIVATE run" in text
+    target = tmp_path / "np.md"
+    assert main(
+        [
+            "audit",
+            str(tmp_path / "run"),
+            "--institution",
+            "hospital-000",
+            "--report",
+            str(target),
+            "--no-plot",
+        ]
+    ) in (0, 1)
+    assert "NO DP GUARANTEE" in target.read_text()
+
+
+def test_the_dpo_report_states_ferrys_own_privacy_terms_as_literal_text(run, tmp_path):
+    """The operator rewrites summary.json's privacy statement with a false unit of privacy
+    and a tracking image: the DPO's report states Ferry's own terms, and no name or value
+    becomes Markdown markup."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["privacy"]["unit"] = "one patient ![t](https://tracker.example/p.png)"
+    (copy / "summary.json").write_text(json.dumps(summary))
+    target = tmp_path / "dpo.md"
+    argv = ["audit", str(copy), "--institution", "hospital-000", "--report", str(target)]
+    assert main([*argv, "--no-plot"]) == 0
+    text = target.read_text()
+    assert "tracker.example" not in text and "one patient" not in text
+    assert "one example \\(record\\) at one institution" in text
+    from ferry.server.audit_institution import literal
+
+    assert literal("![t](http://x/y.png) <img src=z>") == (
+        "\\!\\[t\\]\\(http://x/y.png\\) \\<img src=z\\>"
+    )
+
+
+def test_a_markdown_report_never_overwrites_the_chart_beside_it(run, tmp_path, capsys):
+    (tmp_path / "r.png").write_bytes(b"precious")
+    argv = ["audit", str(run), "--institution", "hospital-000", "--report", str(tmp_path / "r.md")]
+    assert main(argv) == 2 and (tmp_path / "r.png").read_bytes() == b"precious"
+    assert not (tmp_path / "r.md").exists() and "r.png already exists" in capsys.readouterr().err
