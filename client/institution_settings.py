@@ -12,6 +12,7 @@ from pathlib import Path
 from ferry.client.budget_guard import Budget
 from ferry.client.held_out import HeldOutSplit, pin_split
 from ferry.common.errors import FerryError
+from ferry.common.message_fields import institution_names
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,10 @@ def settings_for_simulation(node_config: dict, run: dict) -> ClientSettings:
     """A virtual institution's settings: partition from the node config, its state and cache
     under the simulation's roots, its budget from the simulation's per-institution setting."""
     pid = int(node_config["partition-id"])
-    institution = f"{str(run['scenario']).split('-')[0]}-{pid:03d}"
+    names = institution_names(run.get("institution-names", ""))
+    institution = (
+        names[pid] if pid < len(names) else f"{str(run['scenario']).split('-')[0]}-{pid:03d}"
+    )
     budget = None
     if "budget-epsilon" in run or not run.get("non-private", False):
         budget = Budget(

@@ -6,7 +6,9 @@ field and the problem (one line; untrusted text is clipped and escaped first).
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -121,3 +123,27 @@ def decoded(arr: Array, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> n
 
 
 _NPY_HEADER = 4_096  # numpy pads a .npy header to a multiple of 64 bytes; real ones are 128
+
+
+# A virtual institution's name, as simulation takes it from the data (it names folders).
+INSTITUTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_INSTITUTIONS = 100_000
+
+
+def institution_names(value: object) -> tuple[str, ...]:
+    """A JSON list of institution names (simulation: the names a natural split gives each
+    partition), each a plain name usable as a folder; "" for none. MessageRejected else."""
+    if value in ("", None):
+        return ()
+    try:
+        names = json.loads(text(value, "institution-names", 64 * MAX_INSTITUTIONS))
+    except ValueError:
+        raise MessageRejected("institution-names is not a JSON list") from None
+    if not isinstance(names, list) or len(names) > MAX_INSTITUTIONS:
+        raise MessageRejected("institution-names is not a list of at most 100,000 names")
+    for name in names:
+        if not isinstance(name, str) or not INSTITUTION_NAME.fullmatch(name):
+            raise MessageRejected(f"institution name {_shown(name)} is not a plain name")
+    if len(set(names)) != len(names):
+        raise MessageRejected("institution-names repeats a name")
+    return tuple(names)

@@ -29,6 +29,7 @@ target, ``epsilon_reported`` for the spend) are still read.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields
 
@@ -53,6 +54,7 @@ from ferry.common.message_fields import (
     clipped,
     count,
     decoded,
+    institution_names,
     one_line,
     only_keys,
     record,
@@ -109,6 +111,8 @@ class RoundRequest:
     run_id: str = ""
     state_root: str = ""
     cache_root: str = ""
+    # Simulation: each partition's institution name, from the data's natural split.
+    institution_names: tuple[str, ...] = ()
 
     @property
     def task(self) -> str:
@@ -138,6 +142,8 @@ class RoundRequest:
         """The ``run`` record (a Flower ConfigRecord's values); ``extra`` adds the keys of a
         backbone message (``sha256``, ``manifest``)."""
         roots = {"state-root": self.state_root, "cache-root": self.cache_root}
+        if self.institution_names:
+            roots["institution-names"] = json.dumps(list(self.institution_names))
         return {
             **run_record(self.run),
             "round": self.round,
@@ -164,6 +170,7 @@ class RoundRequest:
                 text(rec.get("run-id", ""), "run-id", empty=True),
                 text(rec.get("state-root", ""), "state-root", 4096, empty=True),
                 text(rec.get("cache-root", ""), "cache-root", 4096, empty=True),
+                institution_names(rec.get("institution-names", "")),
             )
         except MessageRejected as exc:
             raise MessageRejected(f"the server's message is malformed ({exc})") from None

@@ -42,6 +42,10 @@ class FederationPlan:
     # The class names in class-id order (the data's in simulation; the run config's public
     # list in a deployment): they go into the final model (server.final_model).
     class_names: tuple[str, ...] = ()
+    # Simulation: each partition's institution name when the data's natural split names them
+    # (the groups of --partition natural, e.g. ferry.simulate(data={name: ...})); () = the
+    # scenario's "hospital-000" names.
+    institution_names: tuple[str, ...] = ()
     # Called with every round's record as the round ends (server.metric_sinks: TensorBoard).
     round_sinks: tuple[Callable[[dict], None], ...] = ()
 

@@ -63,14 +63,10 @@ def _problem(reply: Message, *records: str) -> str | None:
 
 def round_request(plan: FederationPlan, rnd: int) -> RoundRequest:
     """What every institution is asked in round ``rnd`` (:class:`RoundRequest`)."""
+    where = (str(plan.client_state_root or ""), str(plan.client_cache_root or ""))
+    simulated = (*where, plan.institution_names)  # the virtual institutions' roots and names
     return RoundRequest(
-        plan.cfg,
-        rnd,
-        plan.artifact.sha256,
-        plan.num_classes,
-        plan.run_id,
-        str(plan.client_state_root or ""),
-        str(plan.client_cache_root or ""),
+        plan.cfg, rnd, plan.artifact.sha256, plan.num_classes, plan.run_id, *simulated
     )
 
 

@@ -14,12 +14,14 @@ import dataclasses
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ferry.common.backbones.registry import backbone_spec
 from ferry.common.config import RunConfig
 from ferry.common.data.datasets import DataSpec, load_dataset, partition_sizes
 from ferry.common.errors import FerryError
+from ferry.common.message_fields import INSTITUTION_NAME
 from ferry.common.model import initial_trainable_arrays, out_dim
 from ferry.common.paths import ferry_home
 from ferry.common.scenarios import with_base_rates, with_scenario_defaults
@@ -110,4 +112,17 @@ def plan_simulation(
         log=log,
         training_source=source,
         class_names=tuple(dataset.classes) if cfg.task == "classification" else (),
+        institution_names=_group_names(spec, dataset, log),
     )
+
+
+def _group_names(spec: DataSpec, dataset, log) -> tuple[str, ...]:
+    """A natural split's group values, in partition order, as the institutions' names, when
+    each is a plain name (one usable as a folder); () otherwise (the scenario's names)."""
+    if spec.partition != "natural" or dataset.groups is None:
+        return ()
+    names = tuple(str(g) for g in np.unique(np.asarray(dataset.groups).astype(str)))
+    if all(INSTITUTION_NAME.fullmatch(n) for n in names):
+        return names
+    log("institutions named by partition number: a group value is not a plain name")
+    return ()

@@ -45,9 +45,11 @@ def check_baseline(baseline: str, cfg: RunConfig) -> None:
         )
 
 
-def institution_name(scenario: str, partition: int) -> str:
+def institution_name(plan: FederationPlan, partition: int) -> str:
     """A virtual institution's name (as :mod:`client.institution_settings` names it)."""
-    return f"{scenario.split('-')[0]}-{partition:03d}"
+    if partition < len(plan.institution_names):
+        return plan.institution_names[partition]
+    return f"{plan.cfg.scenario.split('-')[0]}-{partition:03d}"
 
 
 def local_baseline(plan: FederationPlan, summary: dict, rounds: list[dict], log=print) -> dict:
@@ -66,7 +68,7 @@ def local_baseline(plan: FederationPlan, summary: dict, rounds: list[dict], log=
     federated = evaluated[-1] if evaluated else {}
     institutions = {}
     for i, split in enumerate(splits):
-        name = institution_name(cfg.scenario, i)
+        name = institution_name(plan, i)
         local = run_federation(
             features,
             [split],

@@ -97,7 +97,8 @@ def test_readme_example_trains_three_hospitals_on_ray_and_its_ledger_audits_clea
     assert run.returncode == 0, run.stderr[-3000:]
     out = readme_run["folder"] / "runs" / "digits"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds_completed"] == 3 and len(summary["clients"]) == 3
+    assert summary["rounds_completed"] == 3
+    assert set(summary["clients"]) == {"north", "south", "west"}  # the names in the data
     manifest = json.loads((readme_run["folder"] / "models/digits/manifest.json").read_text())
     own = manifest["backbone_manifest"]["pretraining"]
     assert {k: own[k] for k in ("kind", "class", "split")} == {
@@ -174,7 +175,7 @@ def test_datasets_and_an_own_module_run_with_the_same_privacy_machinery(tmp_path
         out=str(tmp_path / "run"),
         log=lambda *_: None,
     )
-    assert set(run.privacy) == {"hospital-000", "hospital-001", "hospital-002"}
+    assert set(run.privacy) == {"institution-1", "institution-2", "institution-3"}  # the data's
     assert all(0 < p["epsilon"] <= 4.0 for p in run.privacy.values())
     events = [json.loads(line)["event"] for line in run.ledger.read_text().splitlines()]
     assert events.count("client_trained") == 3
@@ -427,3 +428,16 @@ def test_the_institutions_arrays_and_the_module_pickle_are_private_files(tmp_pat
     for path in (arrays, pickle):
         assert path.stat().st_mode & 0o777 == 0o600, path
         assert path.parent.stat().st_mode & 0o077 == 0, path.parent
+
+
+@pytest.mark.parametrize(
+    "names", ['["../../escape"]', '["north", "north"]', "not json", "[1]", '{"a": 1}', '[""]']
+)
+def test_institution_names_in_a_run_record_must_be_plain_distinct_names(names):
+    """The names travel in the run record (simulation): a value that could name a folder
+    outside the state root, or repeat one, is refused where the record is parsed."""
+    from ferry.common.message_fields import MessageRejected, institution_names
+
+    with pytest.raises(MessageRejected):
+        institution_names(names)
+    assert institution_names('["north", "st-marys.2"]') == ("north", "st-marys.2")
