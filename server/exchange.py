@@ -100,6 +100,7 @@ def exchange(
     result = Exchange()
     if not messages:
         return result
+    started = time.monotonic()  # progress counts from here: a long push is waiting too
     traffic.sent += sum(payload_bytes(m.content) for m in messages)
     sizes = [array_bytes(m.content) for m in messages]
     traffic.sent_arrays += sum(sizes)
@@ -110,7 +111,7 @@ def exchange(
     for message_id, node in node_of.items():
         if message_id not in pushed:
             result.unavailable[node] = "the SuperLink did not accept the message"
-    replies = _pull(grid, pushed, timeout, progress)
+    replies = _pull(grid, pushed, timeout, progress, started)
     answered = set(result.unavailable)
     for reply in replies:
         node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
@@ -147,11 +148,14 @@ def _pull(
     pending: set[str],
     timeout: float | None,
     progress: Callable[[int, int, float], None] | None = None,
+    sent_at: float | None = None,
 ) -> list[Message]:
-    """Replies to the ``pending`` message ids, until all came or ``timeout`` passed."""
+    """Replies to the ``pending`` message ids, until all came or ``timeout`` passed;
+    ``progress`` counts seconds from ``sent_at`` (when the push began; default: now)."""
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
-    next_note = started + PROGRESS_SECONDS
+    sent_at = started if sent_at is None else sent_at
+    next_note = sent_at + PROGRESS_SECONDS
     total = len(pending)
     replies: list[Message] = []
     while pending:
@@ -162,7 +166,7 @@ def _pull(
         if not pending or (deadline is not None and now >= deadline):
             break
         if progress is not None and now >= next_note:
-            progress(total - len(pending), total, now - started)
+            progress(total - len(pending), total, now - sent_at)
             next_note = now + PROGRESS_SECONDS
         time.sleep(POLL_SECONDS)
     return replies
