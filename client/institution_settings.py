@@ -32,14 +32,20 @@ class ClientSettings:
     held_out: HeldOutSplit | None = None
 
 
+def simulated_institution(scenario: str, partition: int, names: tuple[str, ...] = ()) -> str:
+    """A virtual institution's name: the data's (a natural split's group) when the run
+    names them, else the scenario's kind of institution and the partition number."""
+    if partition < len(names):
+        return names[partition]
+    return f"{scenario.split('-')[0]}-{partition:03d}"
+
+
 def settings_for_simulation(node_config: dict, run: dict) -> ClientSettings:
     """A virtual institution's settings: partition from the node config, its state and cache
     under the simulation's roots, its budget from the simulation's per-institution setting."""
     pid = int(node_config["partition-id"])
     names = institution_names(run.get("institution-names", ""))
-    institution = (
-        names[pid] if pid < len(names) else f"{str(run['scenario']).split('-')[0]}-{pid:03d}"
-    )
+    institution = simulated_institution(str(run["scenario"]), pid, names)
     budget = None
     if "budget-epsilon" in run or not run.get("non-private", False):
         budget = Budget(

@@ -69,7 +69,7 @@ def read_examples(model_dir: str | Path, data: str | Path) -> Examples:
     if path.is_dir() and not any(d.is_dir() and not d.name.startswith(".") for d in path.iterdir()):
         return _flat_images(path, shape)
     label = manifest["data"].get("label-column", "")
-    if path.is_file() and label and not is_arrays_file(str(path)):
+    if path.is_file() and label:
         frame, origin = read_frame(path)
         if label not in [str(c).strip() for c in frame.columns]:
             return _unlabelled_table(frame, origin, manifest)

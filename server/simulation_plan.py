@@ -14,12 +14,12 @@ import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ferry.common.backbones.registry import backbone_spec
 from ferry.common.config import RunConfig
 from ferry.common.data.datasets import DataSpec, load_dataset, partition_sizes
+from ferry.common.data.partition import natural_groups
 from ferry.common.errors import FerryError
 from ferry.common.message_fields import INSTITUTION_NAME
 from ferry.common.model import initial_trainable_arrays, out_dim
@@ -121,7 +121,7 @@ def _group_names(spec: DataSpec, dataset, log) -> tuple[str, ...]:
     each is a plain name (one usable as a folder); () otherwise (the scenario's names)."""
     if spec.partition != "natural" or dataset.groups is None:
         return ()
-    names = tuple(str(g) for g in np.unique(np.asarray(dataset.groups).astype(str)))
+    names = tuple(natural_groups(dataset.groups))
     if all(INSTITUTION_NAME.fullmatch(n) for n in names):
         return names
     log("institutions named by partition number: a group value is not a plain name")

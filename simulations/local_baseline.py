@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ferry.client.institution_settings import simulated_institution
 from ferry.common.config import RunConfig
 from ferry.common.errors import FerryError
 from ferry.common.training_defaults import rule_batch_size
@@ -45,13 +46,6 @@ def check_baseline(baseline: str, cfg: RunConfig) -> None:
         )
 
 
-def institution_name(plan: FederationPlan, partition: int) -> str:
-    """A virtual institution's name (as :mod:`client.institution_settings` names it)."""
-    if partition < len(plan.institution_names):
-        return plan.institution_names[partition]
-    return f"{plan.cfg.scenario.split('-')[0]}-{partition:03d}"
-
-
 def local_baseline(plan: FederationPlan, summary: dict, rounds: list[dict], log=print) -> dict:
     """Train each institution alone (see the module docstring); the ``baseline`` section,
     also written into ``summary.json``."""
@@ -68,7 +62,7 @@ def local_baseline(plan: FederationPlan, summary: dict, rounds: list[dict], log=
     federated = evaluated[-1] if evaluated else {}
     institutions = {}
     for i, split in enumerate(splits):
-        name = institution_name(plan, i)
+        name = simulated_institution(cfg.scenario, i, plan.institution_names)
         local = run_federation(
             features,
             [split],

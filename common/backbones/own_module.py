@@ -110,8 +110,7 @@ def register_module(net: nn.Module, split: str, input_shape: tuple[int, ...]) ->
             f"examples of shape {input_shape} are neither images (c, h, w) nor table "
             "rows (d,): reshape the arrays"
         )
-    trunk, width = trunk_of(net, split, input_shape)
-    template = copy.deepcopy(trunk)
+    template, width = trunk_of(net, split, input_shape)  # a copy: later edits to net miss it
 
     def build(_shape: tuple[int, ...] = input_shape) -> nn.Module:
         return copy.deepcopy(template)

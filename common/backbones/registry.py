@@ -79,24 +79,24 @@ def register_backbone(
     lora_targets: tuple[str, ...] = (),
     description: str = "",
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    if modality not in MODALITIES:
-        raise ValueError(f"backbone {name!r}: modality {modality!r} not in {MODALITIES}")
+    """Register one of Ferry's own backbones by ``name`` (the zoo): :func:`backbone`'s
+    declaration, under a name instead of an import path."""
+    declare = backbone(
+        feature_dim=feature_dim,
+        input_shape=input_shape,
+        preprocessing=preprocessing,
+        modality=modality,
+        last_stage=last_stage,
+        lora_targets=lora_targets,
+        description=description,
+    )
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"backbone {name!r} is registered twice")
+        declare(builder)
         _ZOO.add(name)
-        _REGISTRY[name] = BackboneSpec(
-            name,
-            feature_dim,
-            tuple(input_shape),
-            preprocessing,
-            builder,
-            modality,
-            last_stage,
-            tuple(lora_targets),
-            description,
-        )
+        _REGISTRY[name] = replace(builder.ferry_backbone, name=name)  # type: ignore[attr-defined]
         return builder
 
     return decorator

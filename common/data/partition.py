@@ -138,10 +138,15 @@ def quantity_skew(
     return [np.sort(p).astype(np.int64) for p in np.split(perm, np.cumsum(sizes)[:-1])]
 
 
+def natural_groups(groups: np.ndarray) -> list[str]:
+    """The distinct group values of a natural split, in partition order (sorted as text)."""
+    return [str(g) for g in np.unique(np.asarray(groups).astype(str))]
+
+
 def natural(groups: np.ndarray, num_partitions: int) -> list[np.ndarray]:
     """One partition per distinct group value (a hospital, a branch), in sorted order."""
     keys = np.asarray(groups).astype(str)
-    names = np.unique(keys)
+    names = natural_groups(groups)
     if len(names) != num_partitions:
         shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
         raise FerryError(
